@@ -1,0 +1,99 @@
+"""Self-describing checkpoints: weights + training state + ``meta.json``.
+
+``meta.json`` carries what predict needs to rebuild the model from the checkpoint alone
+(architecture, image size, normalisation, class map) plus the epoch, metrics, metric history
+and the config hash.  Everything loads with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+
+import torch
+from torch import nn
+
+from catdog.data import CLASS_NAMES
+from catdog.models import META_FILE, MODEL_FILE, InitError, build_model
+from catdog.presets import MEAN, STD, EvalPreset
+from catdog.storage import Storage, join
+
+TRAIN_STATE_FILE = "train_state.pt"
+METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "val_acc", "val_log_loss", "images_per_s", "train_seconds",
+                  "train_images", "val_images", "lr")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used, phrased as one line."""
+
+
+def save_checkpoint(folder: str, model: nn.Module, optimizer: torch.optim.Optimizer, *, cfg: dict, epoch: int,
+                    step: int, history: list[dict]) -> dict:
+    """Write a checkpoint into ``folder`` and return its metadata."""
+    net = getattr(model, "module", model)
+    meta = {
+        "arch": cfg["arch"],
+        "image_size": cfg["image_size"],
+        "crop_fraction": EvalPreset(cfg["image_size"]).crop_fraction,
+        "mean": list(MEAN),
+        "std": list(STD),
+        "class_map": {str(i): name for i, name in enumerate(CLASS_NAMES)},
+        "epoch": epoch,
+        "metrics": history[-1],
+        "history": history,
+        "config_hash": cfg["config_hash"],
+        "run_name": cfg["run_name"],
+    }
+    torch.save(net.state_dict(), os.path.join(folder, MODEL_FILE))
+    torch.save({"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch},
+               os.path.join(folder, TRAIN_STATE_FILE))
+    with open(os.path.join(folder, META_FILE), "w") as handle:
+        json.dump(meta, handle, indent=2)
+    return meta
+
+
+def load_checkpoint(folder: str) -> dict:
+    """Everything a resumed worker needs: ``model`` state, ``train_state`` and ``meta``."""
+    with open(os.path.join(folder, META_FILE)) as handle:
+        meta = json.load(handle)
+    return {
+        "meta": meta,
+        "model": torch.load(os.path.join(folder, MODEL_FILE), map_location="cpu", weights_only=True),
+        "train_state": torch.load(os.path.join(folder, TRAIN_STATE_FILE), map_location="cpu", weights_only=True),
+    }
+
+
+def read_meta(storage: Storage, checkpoint_uri: str) -> dict:
+    try:
+        return json.loads(storage.read_text(join(checkpoint_uri, META_FILE)))
+    except FileNotFoundError:
+        raise CheckpointError(f"{checkpoint_uri}: not a catdog checkpoint (no {META_FILE})") from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{checkpoint_uri}: cannot read {META_FILE} ({exc})") from None
+
+
+def load_model(storage: Storage, checkpoint_uri: str) -> tuple[nn.Module, dict]:
+    """Rebuild a model in eval mode from a checkpoint's own metadata and weights."""
+    meta = read_meta(storage, checkpoint_uri)
+    model = build_model(meta["arch"], "scratch")
+    uri = join(checkpoint_uri, MODEL_FILE)
+    try:
+        state = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{uri}: refused to load weights ({str(exc).splitlines()[0][:200] if str(exc) else exc!r})") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise InitError(f"{uri}: weights do not fit {meta['arch']} ({str(exc).splitlines()[0]})") from None
+    return model.eval(), meta
+
+
+def metrics_csv(history: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()})
+    return out.getvalue()

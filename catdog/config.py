@@ -1,0 +1,232 @@
+"""Job configuration: one pydantic model, loaded from YAML plus ``--set key=value`` overrides.
+
+Every job (train, predict, evaluate) reads the same file, so a run folder's ``config.yaml``
+reproduces all of them.  Errors are turned into a single line that names the file and the
+dotted key, because a pydantic traceback tells a user nothing about which line to fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ARCHITECTURES = ("mobilenet_v2", "resnet18", "sequential_cnn")
+Architecture = Literal["mobilenet_v2", "resnet18", "sequential_cnn"]
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class ConfigError(Exception):
+    """A configuration problem, already phrased as the one line a user should see."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageConfig(_Section):
+    root: str = "runs"
+    endpoint_url: str | None = None
+    region: str | None = None
+
+
+class DataConfig(_Section):
+    train: str = "../shared/data/dogs-vs-cats/train"
+    test: str = "../shared/data/dogs-vs-cats/test1"
+    image_size: PositiveInt = 128
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    seed: int = 0
+    limit: PositiveInt | None = None
+    # Images decoded per Ray Data task; large batches amortise per-task overhead.
+    decode_batch_size: PositiveInt = 64
+
+
+class ModelSpec(_Section):
+    """One architecture to train, with optional per-architecture overrides of ``train``."""
+
+    arch: Architecture
+    image_size: PositiveInt | None = None
+    epochs: PositiveInt | None = None
+    batch_size: PositiveInt | None = None
+    lr: PositiveFloat | None = None
+    init: str | None = None
+
+
+class TrainConfig(_Section):
+    epochs: PositiveInt = 3
+    batch_size: PositiveInt = 64
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: PositiveFloat = 2e-3
+    weight_decay: float = Field(0.05, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    warmup_fraction: float = Field(0.1, ge=0, lt=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    num_workers: PositiveInt = 1
+    use_gpu: bool = False
+    amp: bool = True
+    cpus_per_worker: PositiveFloat = 1
+    max_failures: int = Field(2, ge=-1)
+    init: str = "scratch"
+    freeze_backbone_epochs: int = Field(0, ge=0)
+    backbone_lr_mult: float = Field(0.1, gt=0, le=1)
+    keep_checkpoints: PositiveInt = 2
+    torch_threads: PositiveInt | None = None
+
+
+class PredictConfig(_Section):
+    batch_size: PositiveInt = 64
+    concurrency: PositiveInt = 1
+    threshold: float = Field(0.5, gt=0, lt=1)
+    unreadable_label: Literal[0, 1] = 1
+    num_gpus: float = Field(0, ge=0)
+    cpus_per_actor: PositiveFloat = 1
+
+
+class RayConfig(_Section):
+    # Logical CPUs of an embedded local Ray.  More than the physical cores on purpose:
+    # Train workers hold their CPUs for the whole run and Ray Data needs slots left over.
+    num_cpus: PositiveInt | None = None
+    object_store_memory_mb: PositiveInt | None = None
+
+
+class CatdogConfig(_Section):
+    run_name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    storage: StorageConfig = StorageConfig()
+    data: DataConfig = DataConfig()
+    models: list[ModelSpec] = Field(default_factory=lambda: [ModelSpec(arch="resnet18")], min_length=1)
+    train: TrainConfig = TrainConfig()
+    predict: PredictConfig = PredictConfig()
+    ray: RayConfig = RayConfig()
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _arch_names_as_specs(cls, value: Any) -> Any:
+        # ``models: [resnet18, mobilenet_v2]`` is the common case; a mapping adds overrides.
+        if isinstance(value, list):
+            return [{"arch": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @model_validator(mode="after")
+    def _check_models(self) -> CatdogConfig:
+        seen = set()
+        for index, spec in enumerate(self.models):
+            if spec.arch in seen:
+                raise ValueError(f"models.{index}: architecture {spec.arch!r} is listed twice")
+            seen.add(spec.arch)
+            if spec.arch == "sequential_cnn" and self.init_for(spec) == "imagenet":
+                raise ValueError(
+                    f"models.{index}: sequential_cnn has no ImageNet weights; use init: scratch or a checkpoint path"
+                )
+        return self
+
+    def init_for(self, spec: ModelSpec) -> str:
+        return spec.init or self.train.init
+
+    @property
+    def run_uri(self) -> str:
+        return self.storage.root.rstrip("/") + "/" + self.run_name
+
+    def hash(self) -> str:
+        """Short, stable digest of the resolved config, stored in every checkpoint."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
+    parts = dotted.split(".")
+    container: Any = tree
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        if isinstance(container, list):
+            if not part.isdigit() or int(part) >= len(container):
+                where = ".".join(parts[:depth])
+                raise ConfigError(f"{source}: --set {dotted}: {where} has no item {part!r}")
+            key: Any = int(part)
+            if not last and isinstance(container[key], str):
+                container[key] = {"arch": container[key]}
+        elif isinstance(container, dict):
+            key = part
+            if not last and container.get(key) is None:
+                container[key] = {}
+        else:
+            raise ConfigError(f"{source}: --set {dotted}: {'.'.join(parts[:depth])} is not a section")
+        if last:
+            container[key] = value
+        else:
+            container = container[key]
+
+
+def parse_override(text: str, source: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"{source}: --set {text!r}: expected key=value, e.g. train.epochs=3")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _describe(error: dict) -> str:
+    key = ".".join(str(p) for p in error["loc"]) or "<top level>"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return f"{key}: unknown key"
+    if kind == "missing":
+        return f"{key}: required key is missing"
+    got = error.get("input")
+    got_text = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+    message = error["msg"]
+    if kind == "value_error":
+        message = message.removeprefix("Value error, ")
+        # Model-level checks name their own key.
+        if not error["loc"]:
+            return message
+    if kind == "literal_error":
+        message = message.replace("Input should be", "expected")
+    return f"{key}: {message}{got_text}"
+
+
+def validate_config(raw: Any, source: str) -> CatdogConfig:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    try:
+        return CatdogConfig.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise ConfigError(f"{source}: {_describe(first)}{more}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> CatdogConfig:
+    """Read ``path`` and apply ``key=value`` overrides; raise ConfigError with a one-line message."""
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read config file: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{source}:{where} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level")
+    for item in overrides:
+        key, value = parse_override(item, source)
+        _set_dotted(raw, key, value, source)
+    return validate_config(raw, source)

@@ -1,0 +1,243 @@
+"""Ray Data image ingestion: list, label, split and decode image folders.
+
+Listing and labelling happen on the driver from file *names* only (cheap, and lets a job fail
+before starting workers when a folder is unusable).  Reading and decoding happen in Ray Data
+tasks, one task per block of files, so no image bytes ever pass through the driver.
+
+Stock ``ray.data.read_images`` fails the whole read on one corrupt file; here a file that cannot
+be decoded becomes a row with an ``error`` message that the caller drops (training) or keeps
+(predict, evaluate).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import math
+import posixpath
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from catdog.presets import EvalPreset, TrainPreset
+from catdog.storage import Storage
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+CLASS_NAMES = ("cat", "dog")  # index = label: 0 = cat, 1 = dog
+_FOLDER_LABELS = {"cat": 0, "cats": 0, "dog": 1, "dogs": 1}
+_KAGGLE_NAME = re.compile(r"^(cat|dog)\.[^/]*$", re.IGNORECASE)
+_ID_NAME = re.compile(r"^(\d+)\.[^.]+$")
+# Decoded images bigger than this are reduced while decoding (JPEG draft / PIL reduce).
+MAX_DECODE_PIXELS = 4096 * 4096
+
+
+class DataError(Exception):
+    """A data folder that cannot be used, phrased as one line."""
+
+
+def is_image_name(name: str) -> bool:
+    base = posixpath.basename(name)
+    return not base.startswith(".") and base.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def label_from_path(path: str) -> int | None:
+    """0 = cat, 1 = dog, from a Kaggle name (``cat.12.jpg``) or a class folder (``dogs/x.jpg``)."""
+    base = posixpath.basename(path)
+    match = _KAGGLE_NAME.match(base)
+    if match:
+        return CLASS_NAMES.index(match.group(1).lower())
+    folder = posixpath.basename(posixpath.dirname(path)).lower()
+    return _FOLDER_LABELS.get(folder)
+
+
+def id_from_path(path: str) -> int | None:
+    """The numeric Kaggle id of ``test1/123.jpg``, or None for other names."""
+    match = _ID_NAME.match(posixpath.basename(path))
+    return int(match.group(1)) if match else None
+
+
+def list_images(storage: Storage, uri: str) -> list[str]:
+    """Image file URIs under ``uri`` (recursively), sorted; hidden and non-image files are ignored."""
+    if not storage.is_dir(uri):
+        raise DataError(f"{uri}: image folder not found")
+    _, root = storage.resolve(uri)
+    paths = []
+    for info in storage.list_files(uri):
+        relative = info.path[len(root) :].lstrip("/")
+        if any(part.startswith(".") for part in relative.split("/")):
+            continue
+        if is_image_name(info.path):
+            paths.append(storage.uri_of(uri, info.path))
+    return sorted(paths)
+
+
+def split_key(name: str, seed: int) -> str:
+    """Order of a file within its class for the split: a seeded hash of its name only."""
+    return hashlib.sha256(f"{seed}:{posixpath.basename(name)}".encode()).hexdigest()
+
+
+@dataclass
+class Split:
+    """Labelled rows (``{"path", "label"}``) for training and validation, plus what was skipped."""
+
+    train: list[dict]
+    val: list[dict]
+    unlabeled: list[str] = field(default_factory=list)
+
+    def class_counts(self, rows: list[dict]) -> dict[str, int]:
+        counts = {name: 0 for name in CLASS_NAMES}
+        for row in rows:
+            counts[CLASS_NAMES[row["label"]]] += 1
+        return counts
+
+
+def split_rows(paths: list[str], val_fraction: float, seed: int, limit: int | None = None) -> Split:
+    """Deterministic, stratified split: in each class, files ordered by hashed name; the first
+    ``val_fraction`` go to validation.  Listing order and worker count do not matter."""
+    by_class: dict[int, list[str]] = {0: [], 1: []}
+    unlabeled = []
+    for path in paths:
+        label = label_from_path(path)
+        if label is None:
+            unlabeled.append(path)
+        else:
+            by_class[label].append(path)
+    train, val = [], []
+    for label, members in by_class.items():
+        members.sort(key=lambda p: split_key(p, seed))
+        if limit is not None:
+            members = members[: math.ceil(limit / 2)]
+        n_val = round(len(members) * val_fraction)
+        val += [{"path": p, "label": label} for p in members[:n_val]]
+        train += [{"path": p, "label": label} for p in members[n_val:]]
+    return Split(train=train, val=val, unlabeled=unlabeled)
+
+
+def load_split(storage: Storage, uri: str, val_fraction: float, seed: int, limit: int | None = None) -> Split:
+    """List a labelled folder and split it; fail with one line when it cannot train a classifier."""
+    split = split_rows(list_images(storage, uri), val_fraction, seed, limit)
+    if split.unlabeled:
+        shown = ", ".join(posixpath.basename(p) for p in split.unlabeled[:10])
+        more = f" and {len(split.unlabeled) - 10} more" if len(split.unlabeled) > 10 else ""
+        logger.warning("%s: skipped %d files whose names carry no label: %s%s", uri, len(split.unlabeled), shown, more)
+    counts = split.class_counts(split.train + split.val)
+    missing = [name for name, n in counts.items() if n == 0]
+    if missing:
+        found = ", ".join(f"{n} {name}" for name, n in counts.items())
+        raise DataError(f"{uri}: no labelled {' or '.join(missing)} images found ({found}); "
+                        "expected cat.N.jpg / dog.N.jpg names or cat(s)/ dog(s)/ folders")
+    if not split.train or not split.val:
+        raise DataError(f"{uri}: too few images to split ({len(split.train)} train, {len(split.val)} val)")
+    return split
+
+
+def decode_rgb(data: bytes, source_size: int) -> Image.Image:
+    """Bytes → upright RGB image, at least ``source_size`` on its short side where the source allows.
+    Raises on anything that is not a usable image."""
+    if not data:
+        raise ValueError("empty file")
+    image = Image.open(io.BytesIO(data))
+    # JPEG draft decodes at 1/2, 1/4 or 1/8 scale directly: big photos never hit full size.
+    if image.format == "JPEG":
+        image.draft("RGB", (source_size, source_size))
+    image = ImageOps.exif_transpose(image)
+    if image.width * image.height > MAX_DECODE_PIXELS or min(image.size) >= 4 * source_size:
+        image = image.reduce(max(1, min(image.size) // (2 * source_size)))
+    return to_rgb(image)
+
+
+def decode_image(data: bytes, preset: TrainPreset | EvalPreset, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Bytes → uint8 HWC array through ``preset``."""
+    return preset(decode_rgb(data, preset.source_size), rng)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit greyscale: scale to 8 bits instead of clipping everything to white.
+        array = np.asarray(image, dtype=np.float32)
+        peak = float(array.max()) or 1.0
+        image = Image.fromarray((array * (255.0 / peak)).astype(np.uint8), mode="L")
+    elif image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+_FILESYSTEMS: dict = {}
+
+
+def read_uri(storage: Storage, uri: str) -> bytes:
+    """Read a file in a Ray Data task; the filesystem is built once per process and storage."""
+    key = (storage, uri.startswith("s3://"))
+    if key not in _FILESYSTEMS:
+        _FILESYSTEMS[key] = storage.resolve(uri)[0]
+    fs_path = uri[len("s3://") :] if uri.startswith("s3://") else uri
+    with _FILESYSTEMS[key].open_input_stream(fs_path) as stream:
+        return stream.read()
+
+
+Presets = dict[str, TrainPreset | EvalPreset]
+
+
+def decode_batch(batch: dict[str, np.ndarray], storage: Storage, presets: Presets,
+                 drop_errors: bool = False) -> dict[str, np.ndarray]:
+    """Ray Data ``map_batches`` function: read and decode the files named in ``path``.
+
+    Each file is decoded once and put through every preset in ``presets`` (column name → preset),
+    giving uint8 N×S×S×3 columns, plus ``error``: why the file is unusable, or "" (a string either
+    way, so the column keeps one Arrow type in every block).
+    With ``drop_errors`` unusable rows are removed; either way they are logged by name.
+    """
+    paths = batch["path"]
+    rng = np.random.default_rng()
+    source_size = max(p.source_size for p in presets.values())
+    images = {col: np.zeros((len(paths), p.size, p.size, 3), dtype=np.uint8) for col, p in presets.items()}
+    errors = np.full(len(paths), "", dtype=object)
+    for i, path in enumerate(paths):
+        try:
+            rgb = decode_rgb(read_uri(storage, path), source_size)
+            for col, preset in presets.items():
+                images[col][i] = preset(rgb, rng)
+        except Exception as exc:  # an undecodable file becomes an error row, never a failed job
+            errors[i] = f"{type(exc).__name__}: {exc}"[:300]
+    out = {**batch, **images, "error": errors}
+    bad = errors != ""
+    if bad.any():
+        logger.warning("%d unreadable images: %s", int(bad.sum()),
+                       "; ".join(f"{paths[i]} ({errors[i]})" for i in np.flatnonzero(bad)))
+        if drop_errors:
+            out = {key: value[~bad] for key, value in out.items()}
+    return out
+
+
+def image_dataset(storage: Storage, rows: list[dict], presets: Presets | TrainPreset | EvalPreset, *,
+                  batch_size: int = 64, drop_errors: bool = False, num_cpus: float = 1):
+    """A Ray Dataset of decoded images from rows that each name a file URI in ``path``.
+
+    A single preset gives an ``image`` column.  One block per ``batch_size`` files, decoded by one
+    task: large enough to amortise task overhead, small enough that several tasks run side by side.
+    """
+    import ray.data
+
+    if not rows:
+        raise DataError("no images to read")
+    if not isinstance(presets, dict):
+        presets = {"image": presets}
+    blocks = max(1, math.ceil(len(rows) / batch_size))
+    return ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
+        decode_batch,
+        fn_args=(storage, presets, drop_errors),
+        batch_size=batch_size,
+        batch_format="numpy",
+        num_cpus=num_cpus,
+    )

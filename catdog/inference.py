@@ -1,0 +1,258 @@
+"""Batch inference with Ray Data: predict over an image folder, and evaluate on a labelled one.
+
+Pipeline: list files (driver, names only) → decode with each model's eval preset (CPU tasks) →
+``map_batches(Predictor)`` in an actor pool (model loaded once per actor) → Parquet, written
+under a temporary name and moved into place.  ``submission.csv`` and ``metrics.json`` are built
+from the Parquet columns they need, never from whole rows pulled through the driver.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import torch
+
+from catdog.checkpoints import CheckpointError, load_model, read_meta
+from catdog.config import CatdogConfig
+from catdog.data import DataError, id_from_path, image_dataset, label_from_path, list_images
+from catdog.presets import EvalPreset
+from catdog.runtime import init_ray
+from catdog.storage import Storage, basename, join
+from catdog.training import CLIP, to_model_input
+
+logger = logging.getLogger(__name__)
+
+PREDICTION_SCHEMA = pa.schema([
+    ("id", pa.int64()),
+    ("path", pa.string()),
+    ("prob_dog", pa.float32()),
+    ("label", pa.int8()),
+    ("model", pa.string()),
+    ("error", pa.string()),
+])
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A checkpoint to predict with, and the decoded-image column its eval preset produces."""
+
+    checkpoint: str
+    arch: str
+    image_size: int
+    crop_fraction: float
+
+    @property
+    def column(self) -> str:
+        return f"image_{self.image_size}_{int(self.crop_fraction * 1000)}"
+
+    @property
+    def preset(self) -> EvalPreset:
+        return EvalPreset(self.image_size, self.crop_fraction)
+
+    @property
+    def name(self) -> str:
+        return f"{self.arch}:{basename(self.checkpoint)}"
+
+
+def model_ref(storage: Storage, checkpoint_uri: str) -> ModelRef:
+    meta = read_meta(storage, checkpoint_uri)
+    return ModelRef(checkpoint_uri, meta["arch"], meta["image_size"], meta.get("crop_fraction", 0.875))
+
+
+def resolve_models(storage: Storage, cfg: CatdogConfig, model_uri: str | None, ensemble: bool) -> list[ModelRef]:
+    """``--model`` may name a ``best.json`` (default: the run's) or a checkpoint folder.
+    With ``ensemble`` every checkpoint on the run's leaderboard is used."""
+    model_uri = model_uri or join(cfg.run_uri, "best.json")
+    if model_uri.endswith(".json"):
+        if not storage.exists(model_uri):
+            raise CheckpointError(f"{model_uri}: not found; train first (make train) or pass --model")
+        best = json.loads(storage.read_text(model_uri))
+        if ensemble:
+            board = join(model_uri.rsplit("/", 1)[0], "leaderboard.csv")
+            rows = list(csv.DictReader(io.StringIO(storage.read_text(board))))
+            return [model_ref(storage, row["checkpoint"]) for row in rows]
+        return [model_ref(storage, best["checkpoint"])]
+    if ensemble:
+        raise CheckpointError(f"{model_uri}: --ensemble needs a best.json next to a leaderboard.csv")
+    return [model_ref(storage, model_uri)]
+
+
+class Predictor:
+    """Ray Data actor: loads its models once, then scores batches under ``inference_mode``."""
+
+    def __init__(self, storage: Storage, models: list[ModelRef], threshold: float, tta: bool, use_gpu: bool):
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.models = [(ref, load_model(storage, ref.checkpoint)[0].to(self.device)) for ref in models]
+        self.threshold, self.tta = threshold, tta
+        self.name = "+".join(ref.name for ref in models) + ("+tta" if tta else "")
+
+    @torch.inference_mode()
+    def prob_dog(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        probs = []
+        for ref, model in self.models:
+            x = to_model_input(torch.from_numpy(np.ascontiguousarray(batch[ref.column])), self.device)
+            p = torch.softmax(model(x).float(), dim=1)[:, 1]
+            if self.tta:
+                p = (p + torch.softmax(model(torch.flip(x, dims=[3])).float(), dim=1)[:, 1]) / 2
+            probs.append(p)
+        return torch.stack(probs).mean(0).cpu().numpy().astype(np.float32)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        bad = np.array([bool(e) for e in batch["error"]], dtype=bool)
+        prob = self.prob_dog(batch)
+        label = (prob >= self.threshold).astype(np.int8)
+        columns = {
+            "id": pa.array(batch["id"], type=pa.int64()),
+            "path": pa.array(batch["path"], type=pa.string()),
+            "prob_dog": pa.array(prob, mask=bad, type=pa.float32()),
+            "label": pa.array(label, mask=bad, type=pa.int8()),
+            "model": pa.array([self.name] * len(prob), type=pa.string()),
+            "error": pa.array([e or None for e in batch["error"]], type=pa.string()),
+        }
+        if "truth" in batch:
+            columns["truth"] = pa.array(batch["truth"], type=pa.int8())
+        return pa.table(columns)
+
+
+def predictions_dataset(cfg: CatdogConfig, storage: Storage, rows: list[dict], models: list[ModelRef], tta: bool):
+    """Decode once per file, with each model's own eval preset, then score in an actor pool."""
+    import ray.data
+
+    presets = {ref.column: ref.preset for ref in models}
+    use_gpu = cfg.predict.num_gpus > 0
+    decoded = image_dataset(storage, rows, presets, batch_size=cfg.data.decode_batch_size)
+    return decoded.map_batches(
+        Predictor,
+        fn_constructor_args=(storage, models, cfg.predict.threshold, tta, use_gpu),
+        batch_size=cfg.predict.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=cfg.predict.concurrency),
+        num_gpus=cfg.predict.num_gpus if use_gpu else None,
+        num_cpus=cfg.predict.cpus_per_actor,
+    )
+
+
+def write_parquet_atomically(ds, storage: Storage, uri: str) -> None:
+    """Write to a temporary folder beside ``uri``, then move it into place (replacing old outputs)."""
+    tmp = f"{uri.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
+    fs, tmp_path = storage.resolve(tmp)
+    try:
+        ds.write_parquet(tmp_path, filesystem=fs)
+        storage.replace_dir(tmp, uri)
+    finally:
+        storage.delete_dir(tmp)
+
+
+def read_columns(storage: Storage, uri: str, columns: list[str]):
+    """Stream record batches of a few columns from a Parquet folder."""
+    fs, path = storage.resolve(uri)
+    return pads.dataset(path, filesystem=fs, format="parquet").to_batches(columns=columns)
+
+
+def submission_csv(storage: Storage, predictions_uri: str, cfg: CatdogConfig, proba: bool) -> tuple[str, list]:
+    """Kaggle ``id,label`` rows sorted by id; unreadable images get ``predict.unreadable_label``."""
+    ids, values, unreadable, no_id = [], [], [], []
+    for batch in read_columns(storage, predictions_uri, ["id", "prob_dog", "label", "error", "path"]):
+        data = batch.to_pydict()
+        for id_, prob, label, error, path in zip(data["id"], data["prob_dog"], data["label"], data["error"],
+                                                  data["path"]):
+            if id_ is None:
+                no_id.append(path)
+                continue
+            if error is not None:
+                unreadable.append(id_)
+                value = float(cfg.predict.unreadable_label) if proba else cfg.predict.unreadable_label
+            else:
+                value = min(max(prob, CLIP[0]), CLIP[1]) if proba else label
+            ids.append(id_)
+            values.append(value)
+    if no_id:
+        logger.warning("%d files have no numeric id in their name and are left out of the submission: %s",
+                       len(no_id), ", ".join(basename(p) for p in no_id[:20]))
+    order = np.argsort(np.asarray(ids, dtype=np.int64), kind="stable")
+    lines = ["id,label"] + [f"{ids[i]},{values[i]:.6f}" if proba else f"{ids[i]},{values[i]}" for i in order]
+    return "\n".join(lines) + "\n", sorted(unreadable)
+
+
+def run_predict(cfg: CatdogConfig, model_uri: str | None = None, input_uri: str | None = None,
+                output_uri: str | None = None, tta: bool = False, ensemble: bool = False, proba: bool = False) -> str:
+    """Score every image under ``input_uri``; return the URI of ``submission.csv``."""
+    storage = Storage.from_config(cfg.storage)
+    input_uri, output_uri = input_uri or cfg.data.test, output_uri or cfg.run_uri
+    models = resolve_models(storage, cfg, model_uri, ensemble)
+    rows = [{"path": path, "id": id_from_path(path)} for path in list_images(storage, input_uri)]
+    if not rows:
+        raise DataError(f"{input_uri}: no .jpg/.jpeg/.png images found")
+    init_ray(cfg)
+    logger.info("predicting %d images from %s with %s", len(rows), input_uri, ", ".join(m.name for m in models))
+    predictions_uri = join(output_uri, "predictions")
+    write_parquet_atomically(predictions_dataset(cfg, storage, rows, models, tta), storage, predictions_uri)
+    text, unreadable = submission_csv(storage, predictions_uri, cfg, proba)
+    if unreadable:
+        logger.warning("%d unreadable images were given label %d in the submission: ids %s", len(unreadable),
+                       cfg.predict.unreadable_label, ", ".join(map(str, unreadable[:50])))
+    submission_uri = join(output_uri, "submission.csv")
+    storage.write_text(submission_uri, text)
+    logger.info("wrote %s (%d rows) and %s", submission_uri, text.count("\n") - 1, predictions_uri)
+    return submission_uri
+
+
+def classification_metrics(storage: Storage, predictions_uri: str) -> dict:
+    """Accuracy, clipped log loss and the 2×2 confusion matrix (rows = truth, cols = predicted)."""
+    confusion = np.zeros((2, 2), dtype=np.int64)
+    log_loss_sum, n_unreadable = 0.0, 0
+    for batch in read_columns(storage, predictions_uri, ["truth", "prob_dog", "label", "error"]):
+        data = batch.to_pydict()
+        for truth, prob, label, error in zip(data["truth"], data["prob_dog"], data["label"], data["error"]):
+            if error is not None:
+                n_unreadable += 1
+                continue
+            confusion[truth, label] += 1
+            p = min(max(prob, CLIP[0]), CLIP[1])
+            log_loss_sum -= float(np.log(p if truth == 1 else 1 - p))
+    n = int(confusion.sum())
+    return {
+        "accuracy": float(np.trace(confusion) / n) if n else None,
+        "log_loss": log_loss_sum / n if n else None,
+        "n_images": n,
+        "n_unreadable": n_unreadable,
+        "confusion": confusion.tolist(),
+    }
+
+
+def run_evaluate(cfg: CatdogConfig, input_uri: str, model_uri: str | None = None, output_uri: str | None = None,
+                 tta: bool = False, ensemble: bool = False) -> str:
+    """Score a labelled folder; write ``metrics.json`` and return its URI."""
+    storage = Storage.from_config(cfg.storage)
+    output_uri = output_uri or join(cfg.run_uri, "evaluate")
+    models = resolve_models(storage, cfg, model_uri, ensemble)
+    rows, unlabeled = [], []
+    for path in list_images(storage, input_uri):
+        label = label_from_path(path)
+        if label is None:
+            unlabeled.append(path)
+        else:
+            rows.append({"path": path, "id": id_from_path(path), "truth": label})
+    if unlabeled:
+        logger.warning("%s: skipped %d files whose names carry no label: %s", input_uri, len(unlabeled),
+                       ", ".join(basename(p) for p in unlabeled[:20]))
+    if not rows:
+        raise DataError(f"{input_uri}: no labelled images (cat.N.jpg / dog.N.jpg or cat(s)/ dog(s)/ folders)")
+    init_ray(cfg)
+    predictions_uri = join(output_uri, "predictions")
+    write_parquet_atomically(predictions_dataset(cfg, storage, rows, models, tta), storage, predictions_uri)
+    metrics = {**classification_metrics(storage, predictions_uri),
+               "model": "+".join(m.name for m in models) + ("+tta" if tta else ""), "input": input_uri}
+    metrics_uri = join(output_uri, "metrics.json")
+    storage.write_text(metrics_uri, json.dumps(metrics, indent=2) + "\n")
+    print(f"evaluate: accuracy {metrics['accuracy']:.4f} log_loss {metrics['log_loss']:.4f} on "
+          f"{metrics['n_images']} images ({metrics['n_unreadable']} unreadable) with {metrics['model']}", flush=True)
+    return metrics_uri

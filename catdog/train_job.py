@@ -1,0 +1,181 @@
+"""The train job on the driver: validate inputs, train each architecture with TorchTrainer,
+then write the leaderboard and ``best.json``.
+
+Each architecture is its own Ray Train run at ``<storage.root>/<run_name>/<arch>/``; Train V2
+resumes a run whose storage path and name are unchanged, and a ``result.json`` written after a
+finished run lets a re-run skip it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import time
+
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from catdog.checkpoints import metrics_csv
+from catdog.config import CatdogConfig, ModelSpec
+from catdog.data import Split, image_dataset, load_split, split_key
+from catdog.models import check_init
+from catdog.presets import EvalPreset, TrainPreset
+from catdog.runtime import check_train_resources, init_ray
+from catdog.storage import Storage, join
+from catdog.training import train_loop_per_worker, write_json
+
+logger = logging.getLogger(__name__)
+
+RESULT_FILE = "result.json"
+LEADERBOARD_COLUMNS = ("arch", "val_acc", "val_log_loss", "epochs", "best_epoch", "train_seconds", "images_per_s",
+                       "checkpoint")
+
+
+class ShardConfig(DataConfig):
+    """Train shards must be equal (DDP steps in lock-step); validation shards need not be, and
+    splitting them unequally means no validation image is dropped."""
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        output = [{} for _ in range(world_size)]
+        for name, ds in datasets.items():
+            ds = ds.copy(ds)
+            ds.context.execution_options = self._resolve_execution_options(name)
+            for i, shard in enumerate(ds.streaming_split(world_size, equal=(name == "train"))):
+                output[i][name] = shard
+        return output
+
+
+def loop_config(cfg: CatdogConfig, spec: ModelSpec, storage: Storage, n_train: int) -> dict:
+    """The plain dict each Train worker gets: everything resolved, nothing left to look up."""
+    train = cfg.train
+    init = cfg.init_for(spec)
+    return {
+        **train.model_dump(),
+        "arch": spec.arch,
+        "init": init,
+        "fine_tune": init != "scratch",
+        "epochs": spec.epochs or train.epochs,
+        "batch_size": spec.batch_size or train.batch_size,
+        "lr": spec.lr or train.lr,
+        "image_size": image_size_for(cfg, spec),
+        "n_train": n_train,
+        "storage": storage,
+        "arch_uri": join(cfg.run_uri, spec.arch),
+        "config_hash": cfg.hash(),
+        "run_name": cfg.run_name,
+    }
+
+
+def image_size_for(cfg: CatdogConfig, spec: ModelSpec) -> int:
+    return spec.image_size or cfg.data.image_size
+
+
+def read_result(storage: Storage, arch_uri: str) -> dict | None:
+    uri = join(arch_uri, RESULT_FILE)
+    return json.loads(storage.read_text(uri)) if storage.exists(uri) else None
+
+
+def train_architecture(cfg: CatdogConfig, spec: ModelSpec, split: Split, storage: Storage) -> dict:
+    """Train (or resume, or skip) one architecture; return its leaderboard row."""
+    loop_cfg = loop_config(cfg, spec, storage, len(split.train))
+    done = read_result(storage, loop_cfg["arch_uri"])
+    if done and done["epochs"] >= loop_cfg["epochs"]:
+        logger.info("%s: already trained for %d epochs, skipping (see %s)", spec.arch, done["epochs"],
+                    join(loop_cfg["arch_uri"], RESULT_FILE))
+        return done
+    size = loop_cfg["image_size"]
+    rows = sorted(split.train, key=lambda r: split_key(r["path"], cfg.data.seed + 1))  # mix the classes
+    datasets = {
+        "train": image_dataset(storage, rows, TrainPreset(size), batch_size=cfg.data.decode_batch_size,
+                               drop_errors=True).randomize_block_order(),
+        "val": image_dataset(storage, split.val, EvalPreset(size), batch_size=cfg.data.decode_batch_size,
+                             drop_errors=True),
+    }
+    fs, root = storage.resolve(cfg.run_uri)
+    resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_cfg,
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=spec.arch, storage_path=root, storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
+                                               checkpoint_score_attribute="val_acc", checkpoint_score_order="max"),
+        ),
+        datasets=datasets,
+        dataset_config=ShardConfig(),
+    )
+    logger.info("%s: training %d epochs at %d px on %d train / %d val images with %d worker(s)", spec.arch,
+                loop_cfg["epochs"], size, len(split.train), len(split.val), cfg.train.num_workers)
+    result = trainer.fit()
+    return record_result(storage, loop_cfg, result)
+
+
+def record_result(storage: Storage, loop_cfg: dict, result) -> dict:
+    """Write ``metrics.csv`` from the final checkpoint's history and ``result.json`` for this arch."""
+    best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_acc"])
+    with result.checkpoint.as_directory() as folder, open(f"{folder}/meta.json") as handle:
+        history = json.load(handle)["history"]
+    storage.write_text(join(loop_cfg["arch_uri"], "metrics.csv"), metrics_csv(history))
+    row = {
+        "arch": loop_cfg["arch"],
+        "val_acc": best_metrics["val_acc"],
+        "val_log_loss": best_metrics["val_log_loss"],
+        "epochs": len(history),
+        "best_epoch": best_metrics["epoch"],
+        "train_seconds": round(sum(h["train_seconds"] for h in history), 1),
+        "images_per_s": round(sum(h["images_per_s"] for h in history) / len(history), 1),
+        "checkpoint": storage.uri_of(loop_cfg["arch_uri"], best_checkpoint.path),
+        "image_size": loop_cfg["image_size"],
+    }
+    write_json(storage, join(loop_cfg["arch_uri"], RESULT_FILE), row)
+    return row
+
+
+def leaderboard_csv(rows: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=LEADERBOARD_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def rank_results(rows: list[dict]) -> list[dict]:
+    """Best first: higher validation accuracy, then lower validation log loss."""
+    return sorted(rows, key=lambda r: (-r["val_acc"], r["val_log_loss"]))
+
+
+def prepare_run(cfg: CatdogConfig, storage: Storage, restart: bool) -> None:
+    """``--restart`` moves a previous run aside instead of deleting it."""
+    if restart and storage.exists(cfg.run_uri):
+        aside = f"{cfg.run_uri}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+        storage.replace_dir(cfg.run_uri, aside)
+        logger.warning("--restart: moved the previous run to %s", aside)
+    storage.makedirs(cfg.run_uri)
+    storage.write_text(join(cfg.run_uri, "config.yaml"), cfg.to_yaml())
+
+
+def run_training(cfg: CatdogConfig, restart: bool = False) -> str:
+    """Train every architecture in ``cfg.models``; return the URI of ``best.json``."""
+    storage = Storage.from_config(cfg.storage)
+    split = load_split(storage, cfg.data.train, cfg.data.val_fraction, cfg.data.seed, cfg.data.limit)
+    for spec in cfg.models:
+        check_init(spec.arch, cfg.init_for(spec), storage)
+    init_ray(cfg)
+    check_train_resources(cfg)
+    prepare_run(cfg, storage, restart)
+    logger.info("run %s: %d train and %d val images (%s), models: %s", cfg.run_uri, len(split.train),
+                len(split.val), split.class_counts(split.train), ", ".join(s.arch for s in cfg.models))
+    rows = rank_results([train_architecture(cfg, spec, split, storage) for spec in cfg.models])
+    storage.write_text(join(cfg.run_uri, "leaderboard.csv"), leaderboard_csv(rows))
+    best_uri = join(cfg.run_uri, "best.json")
+    write_json(storage, best_uri, {**rows[0], "metrics": {k: rows[0][k] for k in ("val_acc", "val_log_loss")},
+                                   "config": cfg.model_dump(mode="json")})
+    for row in rows:
+        logger.info("leaderboard: %-14s val_acc %.4f val_log_loss %.4f (%s)", row["arch"], row["val_acc"],
+                    row["val_log_loss"], row["checkpoint"])
+    return best_uri

@@ -1,0 +1,215 @@
+"""Ray Train data-parallel training: the per-worker loop and the small functions it wires together.
+
+``train_loop_per_worker`` runs on every Train worker.  It sees data only through
+``ray.train.get_dataset_shard`` and keeps every piece of state it needs to resume in the
+checkpoint it reports each epoch (weights, optimizer, step, metric history).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import ray.train
+import ray.train.torch
+from ray.data.collate_fn import NumpyBatchCollateFn
+from catdog.checkpoints import load_checkpoint, metrics_csv, save_checkpoint
+from catdog.models import build_model, split_parameters
+from catdog.presets import MEAN, STD
+from catdog.storage import Storage, join
+
+logger = logging.getLogger(__name__)
+
+CLIP = (0.005, 0.995)  # Kaggle Redux: one confident mistake must not explode log loss
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Linear warm-up to 1, then cosine decay towards 0 (one-cycle shape); a pure function of step,
+    so a resumed run, or one whose epoch count changed, needs no scheduler state."""
+    if total_steps <= 0:
+        return 1.0
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, arch: str, cfg: dict) -> torch.optim.Optimizer:
+    """Two parameter groups, backbone and head, so fine-tuning can use discriminative rates."""
+    backbone, head = split_parameters(model, arch)
+    groups = [{"params": backbone, "name": "backbone"}, {"params": head, "name": "head"}]
+    if cfg["optimizer"] == "sgd":
+        return torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"],
+                               nesterov=True)
+    return torch.optim.AdamW(groups, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+
+
+def set_learning_rates(optimizer: torch.optim.Optimizer, cfg: dict, step: int, total_steps: int,
+                       frozen: bool) -> float:
+    """Set each group's rate for this step; a frozen backbone gets rate 0 (weights stay put)."""
+    factor = lr_factor(step, total_steps, int(cfg["warmup_fraction"] * total_steps))
+    backbone_mult = 0.0 if frozen else (cfg["backbone_lr_mult"] if cfg["fine_tune"] else 1.0)
+    for group in optimizer.param_groups:
+        group["lr"] = cfg["lr"] * factor * (backbone_mult if group["name"] == "backbone" else 1.0)
+    return cfg["lr"] * factor
+
+
+def to_model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 NHWC → normalised float NCHW; the permute leaves it channels_last in memory."""
+    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255
+    x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+class Collate(NumpyBatchCollateFn):
+    """Zero-copy numpy → torch; paths stay a list so callers can tell rows apart."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict:
+        return {"image": torch.from_numpy(np.ascontiguousarray(batch["image"])),
+                "label": torch.from_numpy(batch["label"].astype(np.int64)),
+                "path": list(batch["path"])}
+
+
+def autocast(device: torch.device, enabled: bool):
+    if device.type == "cuda" and enabled:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast("cpu", enabled=False)
+
+
+def set_backbone_frozen(model: nn.Module, arch: str, frozen: bool) -> None:
+    """While frozen, backbone BatchNorm layers keep their running statistics."""
+    model.train()
+    if frozen:
+        head_ids = {id(p) for p in split_parameters(model, arch)[1]}
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+                    id(p) in head_ids for p in module.parameters()):
+                module.eval()
+
+
+def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, shard, cfg: dict, *, step: int,
+                    total_steps: int, frozen: bool, device: torch.device, seen: list | None = None) -> dict:
+    """One pass over this worker's shard. Returns plain numbers (and the next global step)."""
+    set_backbone_frozen(model, cfg["arch"], frozen)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"])
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg["amp"]
+                                  and not torch.cuda.is_bf16_supported())
+    loss_sum, images, lr, start = 0.0, 0, 0.0, time.perf_counter()
+    for batch in shard.iter_torch_batches(batch_size=cfg["batch_size"], collate_fn=Collate(), prefetch_batches=2,
+                                          local_shuffle_buffer_size=cfg["batch_size"] * 8,
+                                          pin_memory=device.type == "cuda"):
+        lr = set_learning_rates(optimizer, cfg, step, total_steps, frozen)
+        x, y = to_model_input(batch["image"], device), batch["label"].to(device, non_blocking=True)
+        with autocast(device, cfg["amp"]):
+            loss = loss_fn(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        loss_sum += float(loss.detach()) * len(y)
+        images += len(y)
+        step += 1
+        if seen is not None:
+            seen.extend(batch["path"])
+    seconds = time.perf_counter() - start
+    totals = all_reduce_sum([loss_sum, images], device)
+    return {"train_loss": totals[0] / max(totals[1], 1), "train_images": int(totals[1]),
+            "train_seconds": seconds, "images_per_s": totals[1] / max(seconds, 1e-9), "lr": lr, "step": step}
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, shard, cfg: dict, device: torch.device) -> dict:
+    """Validation loss, accuracy and clipped log loss over every rank's share of the val set."""
+    net = getattr(model, "module", model)  # no DDP collectives: ranks may see unequal val shares
+    net.eval()
+    totals = [0.0, 0.0, 0.0, 0]  # loss, correct, log loss, images
+    for batch in shard.iter_torch_batches(batch_size=cfg["batch_size"] * 2, collate_fn=Collate(), prefetch_batches=2):
+        x, y = to_model_input(batch["image"], device), batch["label"].to(device)
+        with autocast(device, cfg["amp"]):
+            logits = net(x).float()
+        prob_dog = torch.softmax(logits, dim=1)[:, 1].clamp(*CLIP)
+        totals[0] += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+        totals[1] += float((logits.argmax(1) == y).sum())
+        totals[2] += float(nn.functional.binary_cross_entropy(prob_dog, y.float(), reduction="sum"))
+        totals[3] += len(y)
+    loss, correct, log_loss, n = all_reduce_sum(totals, device)
+    n = max(n, 1)
+    return {"val_loss": loss / n, "val_acc": correct / n, "val_log_loss": log_loss / n, "val_images": int(n)}
+
+
+def train_loop_per_worker(cfg: dict) -> None:
+    """Entry point of every Train worker: resume if there is a checkpoint, then train epoch by epoch."""
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if cfg.get("torch_threads"):
+        torch.set_num_threads(cfg["torch_threads"])
+    device = ray.train.torch.get_device()
+    storage: Storage = cfg["storage"]
+    checkpoint = ray.train.get_checkpoint()
+    state = None
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            state = load_checkpoint(folder)
+    model = build_model(cfg["arch"], "scratch" if state else cfg["init"], storage=storage)
+    if state:
+        model.load_state_dict(state["model"])
+    model = model.to(device, memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    optimizer = build_optimizer(model, cfg["arch"], cfg)
+    history: list[dict] = state["meta"]["history"] if state else []
+    step = state["train_state"]["step"] if state else 0
+    if state:
+        optimizer.load_state_dict(state["train_state"]["optimizer"])
+    steps_per_epoch = math.ceil(cfg["n_train"] // world / cfg["batch_size"])
+    total_steps = steps_per_epoch * cfg["epochs"]
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    for epoch in range(len(history) + 1, cfg["epochs"] + 1):
+        frozen = epoch <= cfg["freeze_backbone_epochs"]
+        stats = train_one_epoch(model, optimizer, train_shard, cfg, step=step, total_steps=total_steps,
+                                frozen=frozen, device=device)
+        step = stats.pop("step")
+        metrics = {"epoch": epoch, **stats, **evaluate(model, val_shard, cfg, device)}
+        history.append(metrics)
+        report_epoch(model, optimizer, cfg, metrics, history, step, rank)
+
+
+def report_epoch(model, optimizer, cfg: dict, metrics: dict, history: list[dict], step: int, rank: int) -> None:
+    """Every rank reports; rank 0 also writes the checkpoint and refreshes ``metrics.csv``."""
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    print(f"[{cfg['arch']}] epoch {metrics['epoch']}/{cfg['epochs']}: train_loss {metrics['train_loss']:.4f} "
+          f"val_loss {metrics['val_loss']:.4f} val_acc {metrics['val_acc']:.4f} "
+          f"val_log_loss {metrics['val_log_loss']:.4f} {metrics['images_per_s']:.0f} img/s", flush=True)
+    with tempfile.TemporaryDirectory(prefix="catdog-ckpt-") as folder:
+        save_checkpoint(folder, model, optimizer, cfg=cfg, epoch=metrics["epoch"], step=step, history=history)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                         checkpoint_dir_name=f"epoch_{metrics['epoch']:03d}")
+    cfg["storage"].write_text(join(cfg["arch_uri"], "metrics.csv"), metrics_csv(history))
+
+
+def write_json(storage: Storage, uri: str, payload: dict) -> None:
+    storage.write_text(uri, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def default_threads() -> int:
+    return max(1, os.cpu_count() or 1)
