@@ -58,3 +58,5 @@ bench: $(STAMP) check-data
 clean:
 	rm -rf runs .pytest_cache .ruff_cache catdog.egg-info
 	find . -name __pycache__ -type d -prune -not -path "./$(VENV)/*" -exec rm -rf {} +
+
+include cluster/cluster.mk

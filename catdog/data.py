@@ -163,7 +163,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         # 16/32-bit greyscale: scale to 8 bits instead of clipping everything to white.
         array = np.asarray(image, dtype=np.float32)
         peak = float(array.max()) or 1.0
-        image = Image.fromarray((array * (255.0 / peak)).astype(np.uint8), mode="L")
+        image = Image.fromarray((array * (255.0 / peak)).astype(np.uint8))
     elif image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):

@@ -60,7 +60,7 @@ def _torchvision_model(arch: str, num_classes: int) -> nn.Module:
 
 def head_prefix(arch: str) -> str:
     """State-dict prefix of the classifier head (what a fine-tune replaces and trains first)."""
-    return {"resnet18": "fc.", "mobilenet_v2": "classifier.", "sequential_cnn": "19."}[arch]
+    return {"resnet18": "fc.", "mobilenet_v2": "classifier.", "sequential_cnn": "31."}[arch]
 
 
 def split_parameters(model: nn.Module, arch: str) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -84,7 +84,7 @@ def imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
     weights = _IMAGENET_WEIGHTS[arch]
     path = imagenet_weights_path(arch)
     try:
-        return weights.get_state_dict(progress=False, check_hash=True)
+        return weights.get_state_dict(progress=False)
     except Exception as exc:
         raise InitError(
             f"init: imagenet: {arch} weights not found at {path} and could not be downloaded "

@@ -13,6 +13,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -75,7 +76,10 @@ class Collate(NumpyBatchCollateFn):
     """Zero-copy numpy → torch; paths stay a list so callers can tell rows apart."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict:
-        return {"image": torch.from_numpy(np.ascontiguousarray(batch["image"])),
+        with warnings.catch_warnings():  # Arrow buffers are read-only; we only ever read them
+            warnings.simplefilter("ignore", UserWarning)
+            image = torch.from_numpy(np.ascontiguousarray(batch["image"]))
+        return {"image": image,
                 "label": torch.from_numpy(batch["label"].astype(np.int64)),
                 "path": list(batch["path"])}
 

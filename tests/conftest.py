@@ -1,0 +1,109 @@
+"""Shared fixtures: a session-scoped Ray, the real data folder, synthetic images, one quick run."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "dogs-vs-cats"
+
+
+def real_data_dir() -> Path | None:
+    path = Path(os.environ.get("CATDOG_DATA", DEFAULT_DATA))
+    return path if (path / "train").is_dir() and (path / "test1").is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = real_data_dir()
+    if path is None:
+        pytest.skip(f"real Kaggle images not found: set CATDOG_DATA to a folder with train/ and test1/ "
+                    f"(looked in {os.environ.get('CATDOG_DATA', DEFAULT_DATA)})")
+    return path
+
+
+@pytest.fixture(scope="session")
+def faults_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("faults")
+
+
+@pytest.fixture(scope="session")
+def ray_session(faults_dir):
+    """One local Ray for the whole test session.  4 logical CPUs on 2 cores on purpose: a Train
+    worker holds one for the whole run and Ray Data must still have slots to decode."""
+    import ray
+
+    if not ray.is_initialized():
+        # The fault-injection hook (tests/faults.py) is inert until a test arms a fault.
+        ray.init(num_cpus=4, log_to_driver=True,
+                 runtime_env={"env_vars": {"PYTHONPATH": f"{REPO}:{REPO / 'tests'}",
+                                           "CATDOG_FAULTS_DIR": str(faults_dir)},
+                              "worker_process_setup_hook": "faults.install"})
+    yield ray
+    ray.shutdown()
+
+
+def jpeg_bytes(color=(200, 30, 30), size=(48, 40), mode="RGB", **save) -> bytes:
+    out = io.BytesIO()
+    Image.new(mode, size, color).save(out, format="JPEG", **save)
+    return out.getvalue()
+
+
+def write_image(path: Path, color=(200, 30, 30), size=(48, 40), mode="RGB", fmt="JPEG") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.new(mode, size, color)
+    image.save(path, format=fmt)
+    return path
+
+
+@pytest.fixture
+def kaggle_folder(tmp_path) -> Path:
+    """20 cats (reddish) and 20 dogs (bluish) with Kaggle names, plus noise the reader must ignore."""
+    folder = tmp_path / "train"
+    for i in range(20):
+        write_image(folder / f"cat.{i}.jpg", color=(200, 40 + i, 40))
+        write_image(folder / f"dog.{i}.jpg", color=(40, 40 + i, 200))
+    (folder / "notes.txt").write_text("not an image")
+    (folder / ".hidden.jpg").write_bytes(jpeg_bytes())
+    return folder
+
+
+def copy_images(src: Path, dst: Path, names: list[str]) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        shutil.copy(src / name, dst / name)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def small_real_data(tmp_path_factory, data_dir) -> Path:
+    """A few hundred real images: 200 cats + 200 dogs in train/, 120 test1 images."""
+    root = tmp_path_factory.mktemp("real")
+    copy_images(data_dir / "train", root / "train",
+                [f"{kind}.{i}.jpg" for kind in ("cat", "dog") for i in range(200)])
+    copy_images(data_dir / "test1", root / "test1", [f"{i}.jpg" for i in range(1, 121)])
+    return root
+
+
+def quick_overrides(data: Path, root: Path, run_name: str = "quick", **extra) -> list[str]:
+    sets = {"data.train": str(data / "train"), "data.test": str(data / "test1"), "storage.root": str(root),
+            "run_name": run_name, "data.limit": None, **extra}
+    return [f"{k}={'null' if v is None else v}" for k, v in sets.items()]
+
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory, small_real_data, ray_session):
+    """One real quick-config training run (all three architectures), shared by many tests."""
+    from catdog.config import load_config
+    from catdog.train_job import run_training
+
+    root = tmp_path_factory.mktemp("runs")
+    cfg = load_config(REPO / "configs" / "quick.yaml", quick_overrides(small_real_data, root))
+    best_uri = run_training(cfg)
+    return cfg, best_uri

@@ -1,0 +1,203 @@
+"""Ray Train training: the quick run end to end, DDP, resume, worker failure, init and freezing."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from conftest import REPO, quick_overrides
+from faults import arm
+
+from catdog.checkpoints import load_model
+from catdog.config import load_config
+from catdog.data import decode_image, load_split
+from catdog.models import split_parameters
+from catdog.presets import EvalPreset
+from catdog.storage import Storage
+from catdog.train_job import run_training
+from catdog.training import lr_factor, to_model_input
+
+STORAGE = Storage()
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def epochs_of(metrics_csv: Path) -> list[int]:
+    return [int(row["epoch"]) for row in read_csv(metrics_csv)]
+
+
+def test_lr_schedule_warms_up_then_decays():
+    total, warmup = 100, 10
+    lrs = [lr_factor(s, total, warmup) for s in range(total)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10]))  # rising during warm-up
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # never rising after it
+    assert lrs[-1] < 0.05 and lr_factor(10_000, total, warmup) == pytest.approx(0.02)
+
+
+@pytest.mark.slow
+def test_quick_run_trains_all_three_and_picks_the_best(quick_run):
+    cfg, best_uri = quick_run
+    run = Path(cfg.run_uri)
+    assert best_uri == str(run / "best.json")
+    board = read_csv(run / "leaderboard.csv")
+    assert sorted(r["arch"] for r in board) == ["mobilenet_v2", "resnet18", "sequential_cnn"]
+    assert [float(r["val_acc"]) for r in board] == sorted((float(r["val_acc"]) for r in board), reverse=True)
+    best = json.loads((run / "best.json").read_text())
+    assert best["arch"] == board[0]["arch"] and best["checkpoint"] == board[0]["checkpoint"]
+    assert best["val_acc"] == pytest.approx(float(board[0]["val_acc"]))
+    assert best["config"]["run_name"] == cfg.run_name
+    assert (run / "config.yaml").exists() and load_config(run / "config.yaml") == cfg
+    for row in board:
+        assert epochs_of(run / row["arch"] / "metrics.csv") == list(range(1, cfg.train.epochs + 1))
+        meta = json.loads((Path(row["checkpoint"]) / "meta.json").read_text())
+        assert meta["arch"] == row["arch"] and meta["class_map"] == {"0": "cat", "1": "dog"}
+        assert meta["image_size"] == cfg.data.image_size and len(meta["mean"]) == 3
+        assert meta["config_hash"] == cfg.hash()
+
+
+@pytest.mark.slow
+def test_best_checkpoint_reproduces_its_validation_accuracy(quick_run):
+    cfg, best_uri = quick_run
+    best = json.loads(Path(best_uri).read_text())
+    model, meta = load_model(STORAGE, best["checkpoint"])
+    split = load_split(STORAGE, cfg.data.train, cfg.data.val_fraction, cfg.data.seed, cfg.data.limit)
+    preset = EvalPreset(meta["image_size"], meta["crop_fraction"])
+    images = np.stack([decode_image(Path(r["path"]).read_bytes(), preset) for r in split.val])
+    labels = torch.tensor([r["label"] for r in split.val])
+    with torch.no_grad():
+        predicted = model(to_model_input(torch.from_numpy(images), torch.device("cpu"))).argmax(1)
+    accuracy = float((predicted == labels).float().mean())
+    assert accuracy == pytest.approx(best["val_acc"], abs=1.5 / len(split.val))
+
+
+def quick_cfg(data: Path, root: Path, run_name: str, **extra):
+    return load_config(REPO / "configs" / "quick.yaml",
+                       quick_overrides(data, root, run_name, **{"models": "[sequential_cnn]", **extra}))
+
+
+@pytest.mark.slow
+def test_rerun_with_more_epochs_runs_only_the_new_ones(small_real_data, tmp_path, ray_session):
+    run_training(quick_cfg(small_real_data, tmp_path, "resume", **{"train.epochs": 2}))
+    arch = tmp_path / "resume" / "sequential_cnn"
+    first = read_csv(arch / "metrics.csv")
+    assert [int(r["epoch"]) for r in first] == [1, 2]
+    stamps = {str(p): p.stat().st_mtime_ns for p in arch.glob("epoch_*/model.pt")}
+    run_training(quick_cfg(small_real_data, tmp_path, "resume", **{"train.epochs": 3}))
+    second = read_csv(arch / "metrics.csv")
+    assert [int(r["epoch"]) for r in second] == [1, 2, 3]
+    assert second[:2] == first  # epochs 1-2 were not run again
+    assert (arch / "epoch_003" / "model.pt").exists()
+    for path in arch.glob("epoch_00[12]/model.pt"):
+        assert path.stat().st_mtime_ns == stamps[str(path)]
+    result = json.loads((arch / "result.json").read_text())
+    assert result["epochs"] == 3
+    # A third run with the same epochs skips the architecture entirely.
+    run_training(quick_cfg(small_real_data, tmp_path, "resume", **{"train.epochs": 3}))
+    assert read_csv(arch / "metrics.csv") == second
+
+
+@pytest.mark.slow
+def test_worker_exit_mid_epoch_restarts_from_the_last_checkpoint(small_real_data, tmp_path, faults_dir,
+                                                                ray_session):
+    cfg = quick_cfg(small_real_data, tmp_path, "killed", **{"train.epochs": 3, "train.max_failures": 1})
+    n_train = len(load_split(STORAGE, cfg.data.train, cfg.data.val_fraction, cfg.data.seed, cfg.data.limit).train)
+    steps_per_epoch = math.ceil(n_train / cfg.train.batch_size)
+    arm(faults_dir, "exit", min_step=steps_per_epoch, after_batches=2)  # dies in the middle of epoch 2
+    run_training(cfg)
+    assert (faults_dir / "exit.fired").exists(), "the fault never fired"
+    (faults_dir / "exit.fired").unlink()
+    assert epochs_of(tmp_path / "killed" / "sequential_cnn" / "metrics.csv") == [1, 2, 3]
+    assert json.loads((tmp_path / "killed" / "best.json").read_text())["arch"] == "sequential_cnn"
+
+
+def ddp_probe_loop(cfg: dict) -> None:
+    """Runs on each of 2 workers: one epoch through catdog's own functions, then records what it saw."""
+    import ray.train
+    import ray.train.torch
+
+    from catdog.models import build_model
+    from catdog.training import build_optimizer, train_one_epoch
+
+    torch.manual_seed(ray.train.get_context().get_world_rank())  # different start: DDP must sync it
+    model = ray.train.torch.prepare_model(build_model("sequential_cnn"))
+    optimizer = build_optimizer(model, "sequential_cnn", cfg)
+    seen: list[str] = []
+    stats = train_one_epoch(model, optimizer, ray.train.get_dataset_shard("train"), cfg, step=0, total_steps=10,
+                            frozen=False, device=torch.device("cpu"), seen=seen)
+    digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.module.parameters())).hexdigest()
+    rank = ray.train.get_context().get_world_rank()
+    Path(cfg["out"], f"rank{rank}.json").write_text(json.dumps({"digest": digest, "seen": seen, **stats}))
+    ray.train.report({"done": 1})
+
+
+@pytest.mark.slow
+def test_ddp_two_workers_share_weights_and_split_the_rows(small_real_data, tmp_path, ray_session):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from catdog.data import image_dataset
+    from catdog.presets import TrainPreset
+    from catdog.train_job import ShardConfig, loop_config
+
+    cfg = quick_cfg(small_real_data, tmp_path, "ddp")
+    split = load_split(STORAGE, cfg.data.train, cfg.data.val_fraction, cfg.data.seed, cfg.data.limit)
+    loop_cfg = {**loop_config(cfg, cfg.models[0], STORAGE, len(split.train)), "out": str(tmp_path)}
+    trainer = TorchTrainer(
+        ddp_probe_loop, train_loop_config=loop_cfg,
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(name="ddp-probe", storage_path=str(tmp_path / "storage")),
+        datasets={"train": image_dataset(STORAGE, split.train, TrainPreset(32), batch_size=32)},
+        dataset_config=ShardConfig(),
+    )
+    trainer.fit()
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["digest"] == ranks[1]["digest"]
+    seen0, seen1 = set(ranks[0]["seen"]), set(ranks[1]["seen"])
+    assert not seen0 & seen1
+    assert len(seen0) == len(seen1) == len(split.train) // 2
+    assert ranks[0]["train_images"] == 2 * len(seen0)  # loss and counts are summed over both ranks
+
+
+@pytest.mark.slow
+def test_init_from_state_dict_with_frozen_backbone_warm_up(small_real_data, tmp_path, ray_session):
+    reference = torchvision.models.mobilenet_v2(weights=None)
+    init = tmp_path / "mobilenet_v2.pt"
+    torch.save(reference.state_dict(), init)
+    cfg = quick_cfg(small_real_data, tmp_path, "frozen", **{
+        "models": "[mobilenet_v2]", "train.init": str(init), "train.epochs": 2, "train.freeze_backbone_epochs": 1,
+        "data.limit": 160, "data.image_size": 32})
+    run_training(cfg)
+    arch = tmp_path / "frozen" / "mobilenet_v2"
+    after1 = torch.load(arch / "epoch_001" / "model.pt", weights_only=True)
+    after2 = torch.load(arch / "epoch_002" / "model.pt", weights_only=True)
+    start = reference.state_dict()
+    backbone_keys = [k for k in after1 if not k.startswith("classifier.") and k.endswith("weight")]
+    assert all(torch.equal(after1[k], start[k]) for k in backbone_keys), "backbone moved while frozen"
+    assert all(torch.equal(after1[k], start[k]) for k in after1 if "running_mean" in k), "BN stats moved"
+    assert not torch.equal(after1["classifier.1.weight"], after2["classifier.1.weight"])
+    assert any(not torch.equal(after2[k], after1[k]) for k in backbone_keys), "backbone never unfroze"
+    # Fine-tuning uses a lower backbone rate than the head's.
+    from catdog.models import build_model
+    from catdog.train_job import loop_config
+    from catdog.training import build_optimizer, set_learning_rates
+
+    loop_cfg = loop_config(cfg, cfg.models[0], STORAGE, 100)
+    optimizer = build_optimizer(build_model("mobilenet_v2"), "mobilenet_v2", loop_cfg)
+    set_learning_rates(optimizer, loop_cfg, step=50, total_steps=100, frozen=False)
+    rates = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    assert rates["backbone"] == pytest.approx(rates["head"] * cfg.train.backbone_lr_mult)
+    set_learning_rates(optimizer, loop_cfg, step=50, total_steps=100, frozen=True)
+    assert {g["name"]: g["lr"] for g in optimizer.param_groups}["backbone"] == 0
+    backbone, head = split_parameters(build_model("mobilenet_v2"), "mobilenet_v2")
+    assert len(head) == 2 and len(backbone) > 100
