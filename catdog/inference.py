@@ -110,7 +110,7 @@ class Predictor:
         prob = self.prob_dog(batch)
         label = (prob >= self.threshold).astype(np.int8)
         columns = {
-            "id": pa.array(batch["id"], type=pa.int64()),
+            "id": pa.array(batch["id"], type=pa.int64(), from_pandas=True),  # NaN (no id in the name) → null
             "path": pa.array(batch["path"], type=pa.string()),
             "prob_dog": pa.array(prob, mask=bad, type=pa.float32()),
             "label": pa.array(label, mask=bad, type=pa.int8()),
@@ -118,7 +118,7 @@ class Predictor:
             "error": pa.array([e or None for e in batch["error"]], type=pa.string()),
         }
         if "truth" in batch:
-            columns["truth"] = pa.array(batch["truth"], type=pa.int8())
+            columns["truth"] = pa.array(batch["truth"], type=pa.int8(), from_pandas=True)
         return pa.table(columns)
 
 
@@ -208,9 +208,10 @@ def run_predict(cfg: CatdogConfig, model_uri: str | None = None, input_uri: str 
 def classification_metrics(storage: Storage, predictions_uri: str) -> dict:
     """Accuracy, clipped log loss and the 2×2 confusion matrix (rows = truth, cols = predicted)."""
     confusion = np.zeros((2, 2), dtype=np.int64)
-    log_loss_sum, n_unreadable = 0.0, 0
-    for batch in read_columns(storage, predictions_uri, ["truth", "prob_dog", "label", "error"]):
+    log_loss_sum, n_unreadable, models = 0.0, 0, set()
+    for batch in read_columns(storage, predictions_uri, ["truth", "prob_dog", "label", "error", "model"]):
         data = batch.to_pydict()
+        models.update(data["model"])
         for truth, prob, label, error in zip(data["truth"], data["prob_dog"], data["label"], data["error"]):
             if error is not None:
                 n_unreadable += 1
@@ -225,6 +226,7 @@ def classification_metrics(storage: Storage, predictions_uri: str) -> dict:
         "n_images": n,
         "n_unreadable": n_unreadable,
         "confusion": confusion.tolist(),
+        "model": "+".join(sorted(models)),
     }
 
 
@@ -249,10 +251,11 @@ def run_evaluate(cfg: CatdogConfig, input_uri: str, model_uri: str | None = None
     init_ray(cfg)
     predictions_uri = join(output_uri, "predictions")
     write_parquet_atomically(predictions_dataset(cfg, storage, rows, models, tta), storage, predictions_uri)
-    metrics = {**classification_metrics(storage, predictions_uri),
-               "model": "+".join(m.name for m in models) + ("+tta" if tta else ""), "input": input_uri}
+    metrics = {**classification_metrics(storage, predictions_uri), "input": input_uri}
     metrics_uri = join(output_uri, "metrics.json")
     storage.write_text(metrics_uri, json.dumps(metrics, indent=2) + "\n")
+    if not metrics["n_images"]:
+        raise DataError(f"{input_uri}: none of the {metrics['n_unreadable']} labelled images could be read")
     print(f"evaluate: accuracy {metrics['accuracy']:.4f} log_loss {metrics['log_loss']:.4f} on "
           f"{metrics['n_images']} images ({metrics['n_unreadable']} unreadable) with {metrics['model']}", flush=True)
     return metrics_uri

@@ -1,0 +1,223 @@
+"""A real two-node Ray cluster on this machine (head + worker node, token auth on), driven through the same
+scripts as `make cluster-up / submit-train / submit-predict / cluster-down`.
+
+Everything Ray happens in subprocesses with a scrubbed environment, on its own ports and temp dir, so the
+session's embedded Ray (``ray_session``) and the cluster never see each other.  The cluster is always
+torn down, also when a test fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "cluster" / "scripts"
+HEAD_CPUS, WORKER_CPUS = 2, 3
+
+
+@dataclass
+class Cluster:
+    env: dict[str, str]  # for the cluster scripts
+    address: str  # dashboard / job server
+    token_file: Path
+    head_pid: int
+    worker_pid: int
+    ray_tmp: str
+
+
+def free_port_base() -> int:
+    """A base port P with P..P+4 free (the scripts' fixed ports), below the ephemeral range."""
+    for base in range(24800, 31800, 100):
+        ok = True
+        for port in range(base, base + 5):
+            with socket.socket() as s:
+                try:
+                    s.bind(("0.0.0.0", port))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    pytest.fail("no free port range for the test cluster")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without any RAY_* setting (ray.init() in this process may have set some)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(extra)
+    return env
+
+
+def run(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    sys.stdout.write(f"$ {' '.join(cmd)}  -> {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}\n")
+    return result
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def leftovers(ray_tmp: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if ray_tmp.encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+def api(cluster: Cluster, path: str, token: str | None):
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    request = urllib.request.Request(cluster.address + path, headers=headers)
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.load(response)
+
+
+def overrides(values: dict[str, object]) -> list[str]:
+    return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
+
+
+def submit(cluster: Cluster, job: str, sets: list[str]) -> subprocess.CompletedProcess:
+    """What ``make submit-<job> CONFIG=configs/quick.yaml`` runs."""
+    cmd = ["bash", str(SCRIPTS / "submit.sh"), job, "--config", "configs/quick.yaml", *sets]
+    return run(cmd, cluster.env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cluster_dir = tmp_path_factory.mktemp("cluster")
+    # Short on purpose: Ray's socket paths under it must stay below the 107-byte Unix limit.
+    ray_tmp = tempfile.mkdtemp(prefix="catdog-ray-test-")
+    env = clean_env(
+        CLUSTER_DIR=str(cluster_dir),
+        CLUSTER_PORT=str(free_port_base()),
+        CLUSTER_TMP=ray_tmp,
+        CLUSTER_HEAD_CPUS=str(HEAD_CPUS),
+        CLUSTER_WORKER_CPUS=str(WORKER_CPUS),
+        CLUSTER_OBJECT_STORE_MB="512",
+        CLUSTER_VENV_BIN=str(Path(sys.executable).parent),
+    )
+    state: dict[str, str] = {}
+    try:
+        up = run(["bash", str(SCRIPTS / "up.sh")], env, timeout=240)
+        assert up.returncode == 0, f"cluster-up failed:\n{up.stdout}\n{up.stderr}"
+        state = dict(line.split("=", 1) for line in (cluster_dir / "cluster.env").read_text().splitlines() if line)
+        yield Cluster(
+            env=env,
+            address=state["CLUSTER_ADDRESS"],
+            token_file=Path(state["TOKEN_FILE"]),
+            head_pid=int(state["HEAD_PID"]),
+            worker_pid=int(state["WORKER_PID"]),
+            ray_tmp=ray_tmp,
+        )
+    finally:
+        down = run(["bash", str(SCRIPTS / "down.sh")], env, timeout=120)
+        pids = [int(state[k]) for k in ("HEAD_PID", "WORKER_PID") if k in state]
+        deadline = time.monotonic() + 30
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        survivors = [p for p in pids if alive(p)] + leftovers(ray_tmp + "/")
+        for pid in survivors:  # only processes of this cluster: they name its temp dir
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+        assert down.returncode == 0, f"cluster-down failed:\n{down.stdout}\n{down.stderr}"
+        assert not survivors, f"cluster-down left processes behind: {survivors}"
+
+
+def test_two_nodes_behind_token_auth(cluster, tmp_path):
+    token = cluster.token_file.read_text().strip()
+    assert cluster.token_file.stat().st_mode & 0o077 == 0, "token file must be private"
+    assert cluster.address.startswith("http://127.0.0.1:")
+
+    nodes = api(cluster, "/api/v0/nodes?limit=100&detail=true", token)["data"]["result"]["result"]
+    alive_nodes = [n for n in nodes if n["state"] == "ALIVE"]
+    assert len(alive_nodes) == 2
+    assert sum(n["resources_total"].get("CPU", 0) for n in alive_nodes) == HEAD_CPUS + WORKER_CPUS
+    assert sum(bool(n["is_head_node"]) for n in alive_nodes) == 1
+
+    # Raw HTTP without a token, and with a wrong one.
+    for bad in (None, "0" * 64):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            api(cluster, "/api/jobs/", bad)
+        assert refused.value.code in (401, 403)
+
+    # The ray CLI: no token anywhere (empty HOME, so no ~/.ray/auth_token), then a wrong token.
+    home = tmp_path / "home"
+    home.mkdir()
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    unauthenticated = [ray_cli, "job", "submit", "--address", cluster.address, "--no-wait", "--", "echo", "hi"]
+    for extra in ({}, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}):
+        result = run(unauthenticated, clean_env(HOME=str(home), **extra), timeout=60)
+        assert result.returncode != 0
+        assert "Authentication" in result.stdout + result.stderr
+    jobs = api(cluster, "/api/jobs/", token)
+    assert not [job for job in jobs if job["entrypoint"] == "echo hi"], "a refused submit created a job"
+
+
+def test_train_and_predict_jobs(cluster, small_real_data, tmp_path):
+    storage = tmp_path / "runs"
+    sets = overrides(
+        {
+            "data.train": small_real_data / "train",
+            "data.test": small_real_data / "test1",
+            "storage.root": storage,
+            "run_name": "cluster",
+            "models": "[sequential_cnn]",  # one architecture keeps this test short
+        }
+    )
+
+    train = submit(cluster, "train", sets)
+    assert train.returncode == 0, "train job did not succeed"
+    best = storage / "cluster" / "best.json"
+    assert train.stdout.strip().splitlines()[-1] == str(best)
+    assert json.loads(best.read_text())
+
+    predict = submit(cluster, "predict", sets)
+    assert predict.returncode == 0, "predict job did not succeed"
+    submission = storage / "cluster" / "submission.csv"
+    assert predict.stdout.strip().splitlines()[-1] == str(submission)
+    with submission.open() as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["id", "label"]
+    test_ids = sorted(int(p.stem) for p in (small_real_data / "test1").glob("*.jpg"))
+    assert sorted(int(r[0]) for r in rows[1:]) == test_ids
+    assert {r[1] for r in rows[1:]} <= {"0", "1"}
+
+
+def test_failed_job_fails_the_submit(cluster, tmp_path):
+    """A job that exits non-zero (here: a user error, exit 2) makes the submit exit non-zero."""
+    result = submit(
+        cluster, "train", overrides({"data.train": tmp_path / "missing", "storage.root": tmp_path / "runs"})
+    )
+    assert result.returncode != 0
+    assert "FAILED" in result.stderr

@@ -1,0 +1,251 @@
+"""Batch inference and evaluation: Parquet schema, Kaggle CSV, bad files, TTA, ensemble, metrics."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import REPO, jpeg_bytes
+
+import catdog.inference
+from catdog.inference import PREDICTION_SCHEMA, Predictor, run_evaluate, run_predict
+from catdog.storage import Storage
+
+pytestmark = pytest.mark.slow
+
+
+def read_submission(path: Path) -> tuple[list[str], list[list[str]]]:
+    with open(path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    return rows[0], rows[1:]
+
+
+def read_predictions(folder: Path) -> pa.Table:
+    return pq.read_table(folder)
+
+
+@pytest.fixture(scope="module")
+def messy_test_folder(tmp_path_factory, small_real_data) -> Path:
+    """Real test images plus every kind of bad file a test folder may hold."""
+    folder = tmp_path_factory.mktemp("messy") / "test1"
+    shutil.copytree(small_real_data / "test1", folder)
+    (folder / "9001.jpg").write_bytes(jpeg_bytes()[:120])  # truncated
+    (folder / "9002.jpg").write_bytes(b"")  # zero bytes
+    (folder / "9003.jpg").write_text("<html><body>404</body></html>")  # HTML named .jpg
+    (folder / "9004.JPG").write_bytes((small_real_data / "test1" / "1.jpg").read_bytes())  # upper-case extension
+    (folder / "notes.txt").write_text("ignore me")
+    (folder / ".9005.jpg").write_bytes(jpeg_bytes())  # hidden
+    return folder
+
+
+@pytest.fixture(scope="module")
+def predicted(quick_run, messy_test_folder, tmp_path_factory):
+    cfg, best_uri = quick_run
+    out = tmp_path_factory.mktemp("predict")
+    submission = run_predict(cfg, input_uri=str(messy_test_folder), output_uri=str(out))
+    return cfg, out, Path(submission)
+
+
+def test_predictions_parquet_has_the_exact_schema_and_one_row_per_file(predicted, messy_test_folder):
+    cfg, out, _ = predicted
+    table = read_predictions(out / "predictions")
+    assert table.schema.equals(PREDICTION_SCHEMA)
+    files = sorted(p.name for p in messy_test_folder.iterdir() if not p.name.startswith(".") and p.suffix.lower()
+                   in (".jpg", ".jpeg", ".png"))
+    assert sorted(Path(p).name for p in table.column("path").to_pylist()) == files
+    ids = table.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 124
+    errors = {row["id"]: row for row in table.to_pylist() if row["error"] is not None}
+    assert set(errors) == {9001, 9002, 9003}
+    assert all(row["prob_dog"] is None and row["label"] is None for row in errors.values())
+    good = [row for row in table.to_pylist() if row["error"] is None]
+    assert all(0 <= row["prob_dog"] <= 1 and row["label"] == int(row["prob_dog"] >= cfg.predict.threshold)
+               for row in good)
+    best = json.loads((Path(cfg.run_uri) / "best.json").read_text())
+    assert {row["model"] for row in good} == {f"{best['arch']}:{Path(best['checkpoint']).name}"}
+
+
+def test_submission_is_exactly_the_kaggle_format(predicted):
+    cfg, out, submission = predicted
+    assert submission == out / "submission.csv"
+    text = submission.read_text()
+    assert '"' not in text and text.startswith("id,label\n") and text.endswith("\n")
+    header, rows = read_submission(submission)
+    assert header == ["id", "label"]
+    ids = [int(r[0]) for r in rows]
+    assert ids == sorted(ids) and len(ids) == len(set(ids)) == 124
+    labels = {int(r[0]): int(r[1]) for r in rows}
+    assert set(labels.values()) <= {0, 1}
+    parquet = {row["id"]: row for row in read_predictions(out / "predictions").to_pylist()}
+    for id_, label in labels.items():
+        expected = cfg.predict.unreadable_label if parquet[id_]["error"] else parquet[id_]["label"]
+        assert label == expected
+
+
+def test_rerun_overwrites_instead_of_appending(predicted, quick_run, messy_test_folder):
+    cfg, out, submission = predicted
+    before = submission.read_text()
+    run_predict(cfg, input_uri=str(messy_test_folder), output_uri=str(out))
+    assert submission.read_text() == before
+    assert read_predictions(out / "predictions").num_rows == 124
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+
+
+def test_proba_writes_clipped_probabilities(quick_run, small_real_data, tmp_path):
+    cfg, _ = quick_run
+    submission = Path(run_predict(cfg, input_uri=str(small_real_data / "test1"), output_uri=str(tmp_path),
+                                  proba=True))
+    header, rows = read_submission(submission)
+    probs = {int(r[0]): float(r[1]) for r in rows}
+    assert header == ["id", "label"] and len(probs) == 120
+    assert all(0.005 <= p <= 0.995 for p in probs.values())
+    raw = {r["id"]: r["prob_dog"] for r in read_predictions(tmp_path / "predictions").to_pylist()}
+    assert all(math.isclose(probs[i], min(max(raw[i], 0.005), 0.995), abs_tol=1e-6) for i in probs)
+
+
+def test_tta_changes_probabilities_but_not_the_schema(quick_run, small_real_data, tmp_path):
+    cfg, _ = quick_run
+    # ResNet18's global pooling sees the flip; a barely trained model may be near constant.
+    model = json.loads((Path(cfg.run_uri) / "resnet18" / "result.json").read_text())["checkpoint"]
+    run_predict(cfg, model, str(small_real_data / "test1"), str(tmp_path / "plain"))
+    run_predict(cfg, model, str(small_real_data / "test1"), str(tmp_path / "tta"), tta=True)
+    plain, tta = read_predictions(tmp_path / "plain" / "predictions"), read_predictions(tmp_path / "tta" / "predictions")
+    assert tta.schema.equals(PREDICTION_SCHEMA)
+    a = dict(zip(plain.column("id").to_pylist(), plain.column("prob_dog").to_pylist()))
+    b = dict(zip(tta.column("id").to_pylist(), tta.column("prob_dog").to_pylist()))
+    assert a.keys() == b.keys()
+    assert any(abs(a[i] - b[i]) > 1e-6 for i in a)
+    assert tta.column("model")[0].as_py().endswith("+tta")
+
+
+def test_ensemble_averages_every_leaderboard_model(quick_run, small_real_data, tmp_path):
+    cfg, _ = quick_run
+    run_predict(cfg, input_uri=str(small_real_data / "test1"), output_uri=str(tmp_path), ensemble=True)
+    table = read_predictions(tmp_path / "predictions")
+    assert table.num_rows == 120 and table.schema.equals(PREDICTION_SCHEMA)
+    model = table.column("model")[0].as_py()
+    assert sorted(part.split(":")[0] for part in model.split("+")) == ["mobilenet_v2", "resnet18", "sequential_cnn"]
+
+
+def test_evaluate_production_path_on_labelled_images(quick_run, small_real_data, tmp_path):
+    cfg, _ = quick_run
+    labelled = tmp_path / "labelled"
+    labelled.mkdir()
+    for name in [f"{kind}.{i}.jpg" for kind in ("cat", "dog") for i in range(30)]:
+        shutil.copy(small_real_data / "train" / name, labelled / name)
+    (labelled / "cat.999.jpg").write_bytes(b"")  # unreadable, labelled
+    (labelled / "readme.jpg").write_bytes(jpeg_bytes())  # no label: skipped
+    metrics = json.loads(Path(run_evaluate(cfg, str(labelled), output_uri=str(tmp_path / "out"))).read_text())
+    assert metrics["n_images"] == 60 and metrics["n_unreadable"] == 1
+    confusion = np.array(metrics["confusion"])
+    assert confusion.shape == (2, 2) and confusion.sum() == 60 and confusion.sum(axis=1).tolist() == [30, 30]
+    assert metrics["accuracy"] == pytest.approx(np.trace(confusion) / 60)
+    assert 0 < metrics["log_loss"] < 10 and metrics["input"] == str(labelled)
+
+
+class StubPredictor(Predictor):
+    """Known probabilities keyed by file name, so the metrics can be checked by hand."""
+
+    PROBS = {"cat.1.jpg": 0.1, "cat.2.jpg": 0.3, "cat.3.jpg": 0.8, "dog.1.jpg": 0.9, "dog.2.jpg": 0.6,
+             "dog.3.jpg": 0.2, "dog.4.jpg": 1.0}
+
+    def __init__(self, storage, models, threshold, tta, use_gpu):
+        self.threshold, self.tta, self.name, self.models = threshold, tta, "stub", []
+
+    def prob_dog(self, batch):
+        return np.array([self.PROBS[Path(p).name] for p in batch["path"]], dtype=np.float32)
+
+
+def test_evaluate_metrics_by_hand_with_a_stub_predictor(quick_run, tmp_path, monkeypatch):
+    cfg, _ = quick_run
+    folder = tmp_path / "hand"
+    folder.mkdir()
+    for name in StubPredictor.PROBS:
+        (folder / name).write_bytes(jpeg_bytes())
+    monkeypatch.setattr(catdog.inference, "Predictor", StubPredictor)
+    metrics = json.loads(Path(run_evaluate(cfg, str(folder), output_uri=str(tmp_path / "out"))).read_text())
+    # cats: 0.1 ok, 0.3 ok, 0.8 wrong; dogs: 0.9 ok, 0.6 ok, 0.2 wrong, 1.0 ok (clipped to 0.995)
+    assert metrics["confusion"] == [[2, 1], [1, 3]]
+    assert metrics["accuracy"] == pytest.approx(5 / 7)
+    expected = -(math.log(0.9) + math.log(0.7) + math.log(0.2) + math.log(0.9) + math.log(0.6) + math.log(0.2)
+                 + math.log(0.995)) / 7
+    assert metrics["log_loss"] == pytest.approx(expected, rel=1e-5)
+    assert metrics["n_images"] == 7 and metrics["n_unreadable"] == 0 and metrics["model"] == "stub"
+
+
+def test_failed_write_leaves_the_previous_file_whole(tmp_path, monkeypatch):
+    storage = Storage()
+    target = tmp_path / "submission.csv"
+    storage.write_text(str(target), "id,label\n1,0\n")
+
+    class Boom(Exception):
+        pass
+
+    real = storage.resolve
+
+    def failing_resolve(uri):
+        fs, path = real(uri)
+
+        class HalfWriter:
+            def __getattr__(self, name):
+                return getattr(fs, name)
+
+            def open_output_stream(self, p):
+                stream = fs.open_output_stream(p)
+
+                class Stream:
+                    def __enter__(self):
+                        return self
+
+                    def __exit__(self, *exc):
+                        stream.close()
+
+                    def write(self, data):
+                        stream.write(data[: len(data) // 2])
+                        raise Boom()
+
+                return Stream()
+
+        return HalfWriter(), path
+
+    monkeypatch.setattr(Storage, "resolve", lambda self, uri: failing_resolve(uri))
+    with pytest.raises(Boom):
+        storage.write_text(str(target), "id,label\n1,1\n2,1\n3,0\n")
+    assert target.read_text() == "id,label\n1,0\n"
+
+
+def test_killed_predict_job_leaves_the_previous_complete_submission(quick_run, data_dir, tmp_path):
+    """SIGKILL the predict job mid-run: submission.csv is the previous complete one, never a partial one."""
+    cfg, best_uri = quick_run
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "submission.csv").write_text("id,label\n1,1\n")
+    config = tmp_path / "cfg.yaml"
+    config.write_text(cfg.to_yaml())
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "jobs" / "predict.py"), "--config", str(config), "--model", best_uri,
+         "--input", str(data_dir / "test1"), "--output", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        for line in proc.stdout:
+            if "predicting" in line or time.time() > deadline:
+                break
+        time.sleep(3)  # well inside the Ray Data job over 5,000 images
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert (out / "submission.csv").read_text() == "id,label\n1,1\n"
+    assert not (out / "predictions").exists() or pq.read_table(out / "predictions").num_rows == 5000
