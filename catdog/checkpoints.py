@@ -16,21 +16,39 @@ import torch
 from torch import nn
 
 from catdog.data import CLASS_NAMES
-from catdog.models import META_FILE, MODEL_FILE, InitError, build_model
+from catdog.models import META_FILE, MODEL_FILE, build_model, load_weights_file
 from catdog.presets import MEAN, STD, EvalPreset
 from catdog.storage import Storage, join
 
 TRAIN_STATE_FILE = "train_state.pt"
-METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "val_acc", "val_log_loss", "images_per_s", "train_seconds",
-                  "train_images", "val_images", "lr")
+METRIC_COLUMNS = (
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "val_acc",
+    "val_log_loss",
+    "images_per_s",
+    "train_seconds",
+    "train_images",
+    "val_images",
+    "lr",
+)
 
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be used, phrased as one line."""
 
 
-def save_checkpoint(folder: str, model: nn.Module, optimizer: torch.optim.Optimizer, *, cfg: dict, epoch: int,
-                    step: int, history: list[dict]) -> dict:
+def save_checkpoint(
+    folder: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    cfg: dict,
+    epoch: int,
+    step: int,
+    history: list[dict],
+) -> dict:
     """Write a checkpoint into ``folder`` and return its metadata."""
     net = getattr(model, "module", model)
     meta = {
@@ -47,8 +65,9 @@ def save_checkpoint(folder: str, model: nn.Module, optimizer: torch.optim.Optimi
         "run_name": cfg["run_name"],
     }
     torch.save(net.state_dict(), os.path.join(folder, MODEL_FILE))
-    torch.save({"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch},
-               os.path.join(folder, TRAIN_STATE_FILE))
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch}, os.path.join(folder, TRAIN_STATE_FILE)
+    )
     with open(os.path.join(folder, META_FILE), "w") as handle:
         json.dump(meta, handle, indent=2)
     return meta
@@ -78,15 +97,12 @@ def load_model(storage: Storage, checkpoint_uri: str) -> tuple[nn.Module, dict]:
     """Rebuild a model in eval mode from a checkpoint's own metadata and weights."""
     meta = read_meta(storage, checkpoint_uri)
     model = build_model(meta["arch"], "scratch")
-    uri = join(checkpoint_uri, MODEL_FILE)
     try:
-        state = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{uri}: refused to load weights ({str(exc).splitlines()[0][:200] if str(exc) else exc!r})") from None
-    try:
-        model.load_state_dict(state)
+        model.load_state_dict(load_weights_file(storage, checkpoint_uri))
     except RuntimeError as exc:
-        raise InitError(f"{uri}: weights do not fit {meta['arch']} ({str(exc).splitlines()[0]})") from None
+        raise CheckpointError(
+            f"{checkpoint_uri}: weights do not fit {meta['arch']} ({str(exc).splitlines()[0]})"
+        ) from None
     return model.eval(), meta
 
 

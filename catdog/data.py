@@ -129,8 +129,10 @@ def load_split(storage: Storage, uri: str, val_fraction: float, seed: int, limit
     missing = [name for name, n in counts.items() if n == 0]
     if missing:
         found = ", ".join(f"{n} {name}" for name, n in counts.items())
-        raise DataError(f"{uri}: no labelled {' or '.join(missing)} images found ({found}); "
-                        "expected cat.N.jpg / dog.N.jpg names or cat(s)/ dog(s)/ folders")
+        raise DataError(
+            f"{uri}: no labelled {' or '.join(missing)} images found ({found}); "
+            "expected cat.N.jpg / dog.N.jpg names or cat(s)/ dog(s)/ folders"
+        )
     if not split.train or not split.val:
         raise DataError(f"{uri}: too few images to split ({len(split.train)} train, {len(split.val)} val)")
     return split
@@ -189,8 +191,9 @@ def read_uri(storage: Storage, uri: str) -> bytes:
 Presets = dict[str, TrainPreset | EvalPreset]
 
 
-def decode_batch(batch: dict[str, np.ndarray], storage: Storage, presets: Presets,
-                 drop_errors: bool = False) -> dict[str, np.ndarray]:
+def decode_batch(
+    batch: dict[str, np.ndarray], storage: Storage, presets: Presets, drop_errors: bool = False
+) -> dict[str, np.ndarray]:
     """Ray Data ``map_batches`` function: read and decode the files named in ``path``.
 
     Each file is decoded once and put through every preset in ``presets`` (column name → preset),
@@ -213,15 +216,25 @@ def decode_batch(batch: dict[str, np.ndarray], storage: Storage, presets: Preset
     out = {**batch, **images, "error": errors}
     bad = errors != ""
     if bad.any():
-        logger.warning("%d unreadable images: %s", int(bad.sum()),
-                       "; ".join(f"{paths[i]} ({errors[i]})" for i in np.flatnonzero(bad)))
+        logger.warning(
+            "%d unreadable images: %s",
+            int(bad.sum()),
+            "; ".join(f"{paths[i]} ({errors[i]})" for i in np.flatnonzero(bad)),
+        )
         if drop_errors:
             out = {key: value[~bad] for key, value in out.items()}
     return out
 
 
-def image_dataset(storage: Storage, rows: list[dict], presets: Presets | TrainPreset | EvalPreset, *,
-                  batch_size: int = 64, drop_errors: bool = False, num_cpus: float = 1):
+def image_dataset(
+    storage: Storage,
+    rows: list[dict],
+    presets: Presets | TrainPreset | EvalPreset,
+    *,
+    batch_size: int = 64,
+    drop_errors: bool = False,
+    num_cpus: float = 1,
+):
     """A Ray Dataset of decoded images from rows that each name a file URI in ``path``.
 
     A single preset gives an ``image`` column.  One block per ``batch_size`` files, decoded by one

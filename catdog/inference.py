@@ -30,14 +30,16 @@ from catdog.training import CLIP, to_model_input
 
 logger = logging.getLogger(__name__)
 
-PREDICTION_SCHEMA = pa.schema([
-    ("id", pa.int64()),
-    ("path", pa.string()),
-    ("prob_dog", pa.float32()),
-    ("label", pa.int8()),
-    ("model", pa.string()),
-    ("error", pa.string()),
-])
+PREDICTION_SCHEMA = pa.schema(
+    [
+        ("id", pa.int64()),
+        ("path", pa.string()),
+        ("prob_dog", pa.float32()),
+        ("label", pa.int8()),
+        ("model", pa.string()),
+        ("error", pa.string()),
+    ]
+)
 
 
 @dataclass(frozen=True)
@@ -162,8 +164,9 @@ def submission_csv(storage: Storage, predictions_uri: str, cfg: CatdogConfig, pr
     ids, values, unreadable, no_id = [], [], [], []
     for batch in read_columns(storage, predictions_uri, ["id", "prob_dog", "label", "error", "path"]):
         data = batch.to_pydict()
-        for id_, prob, label, error, path in zip(data["id"], data["prob_dog"], data["label"], data["error"],
-                                                  data["path"]):
+        for id_, prob, label, error, path in zip(
+            data["id"], data["prob_dog"], data["label"], data["error"], data["path"]
+        ):
             if id_ is None:
                 no_id.append(path)
                 continue
@@ -175,15 +178,25 @@ def submission_csv(storage: Storage, predictions_uri: str, cfg: CatdogConfig, pr
             ids.append(id_)
             values.append(value)
     if no_id:
-        logger.warning("%d files have no numeric id in their name and are left out of the submission: %s",
-                       len(no_id), ", ".join(basename(p) for p in no_id[:20]))
+        logger.warning(
+            "%d files have no numeric id in their name and are left out of the submission: %s",
+            len(no_id),
+            ", ".join(basename(p) for p in no_id[:20]),
+        )
     order = np.argsort(np.asarray(ids, dtype=np.int64), kind="stable")
     lines = ["id,label"] + [f"{ids[i]},{values[i]:.6f}" if proba else f"{ids[i]},{values[i]}" for i in order]
     return "\n".join(lines) + "\n", sorted(unreadable)
 
 
-def run_predict(cfg: CatdogConfig, model_uri: str | None = None, input_uri: str | None = None,
-                output_uri: str | None = None, tta: bool = False, ensemble: bool = False, proba: bool = False) -> str:
+def run_predict(
+    cfg: CatdogConfig,
+    model_uri: str | None = None,
+    input_uri: str | None = None,
+    output_uri: str | None = None,
+    tta: bool = False,
+    ensemble: bool = False,
+    proba: bool = False,
+) -> str:
     """Score every image under ``input_uri``; return the URI of ``submission.csv``."""
     storage = Storage.from_config(cfg.storage)
     input_uri, output_uri = input_uri or cfg.data.test, output_uri or cfg.run_uri
@@ -197,8 +210,12 @@ def run_predict(cfg: CatdogConfig, model_uri: str | None = None, input_uri: str 
     write_parquet_atomically(predictions_dataset(cfg, storage, rows, models, tta), storage, predictions_uri)
     text, unreadable = submission_csv(storage, predictions_uri, cfg, proba)
     if unreadable:
-        logger.warning("%d unreadable images were given label %d in the submission: ids %s", len(unreadable),
-                       cfg.predict.unreadable_label, ", ".join(map(str, unreadable[:50])))
+        logger.warning(
+            "%d unreadable images were given label %d in the submission: ids %s",
+            len(unreadable),
+            cfg.predict.unreadable_label,
+            ", ".join(map(str, unreadable[:50])),
+        )
     submission_uri = join(output_uri, "submission.csv")
     storage.write_text(submission_uri, text)
     logger.info("wrote %s (%d rows) and %s", submission_uri, text.count("\n") - 1, predictions_uri)
@@ -230,8 +247,14 @@ def classification_metrics(storage: Storage, predictions_uri: str) -> dict:
     }
 
 
-def run_evaluate(cfg: CatdogConfig, input_uri: str, model_uri: str | None = None, output_uri: str | None = None,
-                 tta: bool = False, ensemble: bool = False) -> str:
+def run_evaluate(
+    cfg: CatdogConfig,
+    input_uri: str,
+    model_uri: str | None = None,
+    output_uri: str | None = None,
+    tta: bool = False,
+    ensemble: bool = False,
+) -> str:
     """Score a labelled folder; write ``metrics.json`` and return its URI."""
     storage = Storage.from_config(cfg.storage)
     output_uri = output_uri or join(cfg.run_uri, "evaluate")
@@ -244,8 +267,12 @@ def run_evaluate(cfg: CatdogConfig, input_uri: str, model_uri: str | None = None
         else:
             rows.append({"path": path, "id": id_from_path(path), "truth": label})
     if unlabeled:
-        logger.warning("%s: skipped %d files whose names carry no label: %s", input_uri, len(unlabeled),
-                       ", ".join(basename(p) for p in unlabeled[:20]))
+        logger.warning(
+            "%s: skipped %d files whose names carry no label: %s",
+            input_uri,
+            len(unlabeled),
+            ", ".join(basename(p) for p in unlabeled[:20]),
+        )
     if not rows:
         raise DataError(f"{input_uri}: no labelled images (cat.N.jpg / dog.N.jpg or cat(s)/ dog(s)/ folders)")
     init_ray(cfg)
@@ -256,6 +283,9 @@ def run_evaluate(cfg: CatdogConfig, input_uri: str, model_uri: str | None = None
     storage.write_text(metrics_uri, json.dumps(metrics, indent=2) + "\n")
     if not metrics["n_images"]:
         raise DataError(f"{input_uri}: none of the {metrics['n_unreadable']} labelled images could be read")
-    print(f"evaluate: accuracy {metrics['accuracy']:.4f} log_loss {metrics['log_loss']:.4f} on "
-          f"{metrics['n_images']} images ({metrics['n_unreadable']} unreadable) with {metrics['model']}", flush=True)
+    print(
+        f"evaluate: accuracy {metrics['accuracy']:.4f} log_loss {metrics['log_loss']:.4f} on "
+        f"{metrics['n_images']} images ({metrics['n_unreadable']} unreadable) with {metrics['model']}",
+        flush=True,
+    )
     return metrics_uri

@@ -37,9 +37,15 @@ def sequential_cnn(num_classes: int = 2, width: int = 32) -> nn.Sequential:
     """A plain conv/BN/ReLU/pool stack with a linear head; works at any input size >= 32 px."""
 
     def block(c_in: int, c_out: int) -> list[nn.Module]:
-        return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
-                nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
-                nn.MaxPool2d(2)]
+        return [
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+        ]
 
     widths = [3, width, width * 2, width * 4, width * 8]
     layers: list[nn.Module] = []
@@ -120,8 +126,9 @@ def _load_backbone(model: nn.Module, arch: str, state: dict[str, torch.Tensor], 
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     missing = [k for k in own if k not in usable and not k.startswith(head)]
     if missing:
-        raise InitError(f"{source}: weights do not fit {arch} ({len(missing)} tensors missing or mis-shaped, "
-                        f"e.g. {missing[0]})")
+        raise InitError(
+            f"{source}: weights do not fit {arch} ({len(missing)} tensors missing or mis-shaped, e.g. {missing[0]})"
+        )
     model.load_state_dict(usable, strict=False)
     logger.info("loaded %d tensors into %s from %s", len(usable), arch, source)
 

@@ -43,15 +43,21 @@ def check_train_resources(cfg) -> None:
     autoscaling = bool(os.environ.get("CATDOG_AUTOSCALING_CLUSTER"))
     problems = []
     if need_cpu > total.get("CPU", 0):
-        problems.append(f"{need_cpu:g} CPUs (train.num_workers={cfg.train.num_workers} x "
-                        f"train.cpus_per_worker={cfg.train.cpus_per_worker:g})")
+        problems.append(
+            f"{need_cpu:g} CPUs (train.num_workers={cfg.train.num_workers} x "
+            f"train.cpus_per_worker={cfg.train.cpus_per_worker:g})"
+        )
     if need_gpu > total.get("GPU", 0):
         problems.append(f"{need_gpu} GPUs (train.num_workers={cfg.train.num_workers}, train.use_gpu=true)")
     if problems and not autoscaling:
         raise ResourceError(
             f"train needs {' and '.join(problems)} but the Ray cluster has {total.get('CPU', 0):g} CPUs and "
             f"{total.get('GPU', 0):g} GPUs; lower train.num_workers or add nodes "
-            "(set CATDOG_AUTOSCALING_CLUSTER=1 on an autoscaling cluster to skip this check)")
+            "(set CATDOG_AUTOSCALING_CLUSTER=1 on an autoscaling cluster to skip this check)"
+        )
     if need_cpu >= total.get("CPU", 0) and not cfg.train.use_gpu:
-        logger.warning("Train workers take all %g CPUs; Ray Data will have none left to decode images. "
-                       "Raise ray.num_cpus or lower train.cpus_per_worker.", total.get("CPU", 0))
+        logger.warning(
+            "Train workers take all %g CPUs; Ray Data will have none left to decode images. "
+            "Raise ray.num_cpus or lower train.cpus_per_worker.",
+            total.get("CPU", 0),
+        )

@@ -56,8 +56,12 @@ class Storage:
     def _s3(self) -> pafs.S3FileSystem:
         endpoint = self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         region = self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-        kwargs: dict = {"region": region, "connect_timeout": 5, "request_timeout": 30,
-                        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3)}
+        kwargs: dict = {
+            "region": region,
+            "connect_timeout": 5,
+            "request_timeout": 30,
+            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3),
+        }
         if endpoint:
             scheme, _, host = endpoint.partition("://")
             kwargs["endpoint_override"] = host or scheme

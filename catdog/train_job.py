@@ -29,8 +29,16 @@ from catdog.training import train_loop_per_worker, write_json
 logger = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
-LEADERBOARD_COLUMNS = ("arch", "val_acc", "val_log_loss", "epochs", "best_epoch", "train_seconds", "images_per_s",
-                       "checkpoint")
+LEADERBOARD_COLUMNS = (
+    "arch",
+    "val_acc",
+    "val_log_loss",
+    "epochs",
+    "best_epoch",
+    "train_seconds",
+    "images_per_s",
+    "checkpoint",
+)
 
 
 class ShardConfig(DataConfig):
@@ -82,35 +90,54 @@ def train_architecture(cfg: CatdogConfig, spec: ModelSpec, split: Split, storage
     loop_cfg = loop_config(cfg, spec, storage, len(split.train))
     done = read_result(storage, loop_cfg["arch_uri"])
     if done and done["epochs"] >= loop_cfg["epochs"]:
-        logger.info("%s: already trained for %d epochs, skipping (see %s)", spec.arch, done["epochs"],
-                    join(loop_cfg["arch_uri"], RESULT_FILE))
+        logger.info(
+            "%s: already trained for %d epochs, skipping (see %s)",
+            spec.arch,
+            done["epochs"],
+            join(loop_cfg["arch_uri"], RESULT_FILE),
+        )
         return done
     size = loop_cfg["image_size"]
     rows = sorted(split.train, key=lambda r: split_key(r["path"], cfg.data.seed + 1))  # mix the classes
     datasets = {
-        "train": image_dataset(storage, rows, TrainPreset(size), batch_size=cfg.data.decode_batch_size,
-                               drop_errors=True).randomize_block_order(),
-        "val": image_dataset(storage, split.val, EvalPreset(size), batch_size=cfg.data.decode_batch_size,
-                             drop_errors=True),
+        "train": image_dataset(
+            storage, rows, TrainPreset(size), batch_size=cfg.data.decode_batch_size, drop_errors=True
+        ).randomize_block_order(),
+        "val": image_dataset(
+            storage, split.val, EvalPreset(size), batch_size=cfg.data.decode_batch_size, drop_errors=True
+        ),
     }
     fs, root = storage.resolve(cfg.run_uri)
     resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_cfg,
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-                                     resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
+        ),
         run_config=RunConfig(
-            name=spec.arch, storage_path=root, storage_filesystem=fs,
+            name=spec.arch,
+            storage_path=root,
+            storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
-                                               checkpoint_score_attribute="val_acc", checkpoint_score_order="max"),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.train.keep_checkpoints,
+                checkpoint_score_attribute="val_acc",
+                checkpoint_score_order="max",
+            ),
         ),
         datasets=datasets,
         dataset_config=ShardConfig(),
     )
-    logger.info("%s: training %d epochs at %d px on %d train / %d val images with %d worker(s)", spec.arch,
-                loop_cfg["epochs"], size, len(split.train), len(split.val), cfg.train.num_workers)
+    logger.info(
+        "%s: training %d epochs at %d px on %d train / %d val images with %d worker(s)",
+        spec.arch,
+        loop_cfg["epochs"],
+        size,
+        len(split.train),
+        len(split.val),
+        cfg.train.num_workers,
+    )
     result = trainer.fit()
     return record_result(storage, loop_cfg, result)
 
@@ -168,14 +195,32 @@ def run_training(cfg: CatdogConfig, restart: bool = False) -> str:
     init_ray(cfg)
     check_train_resources(cfg)
     prepare_run(cfg, storage, restart)
-    logger.info("run %s: %d train and %d val images (%s), models: %s", cfg.run_uri, len(split.train),
-                len(split.val), split.class_counts(split.train), ", ".join(s.arch for s in cfg.models))
+    logger.info(
+        "run %s: %d train and %d val images (%s), models: %s",
+        cfg.run_uri,
+        len(split.train),
+        len(split.val),
+        split.class_counts(split.train),
+        ", ".join(s.arch for s in cfg.models),
+    )
     rows = rank_results([train_architecture(cfg, spec, split, storage) for spec in cfg.models])
     storage.write_text(join(cfg.run_uri, "leaderboard.csv"), leaderboard_csv(rows))
     best_uri = join(cfg.run_uri, "best.json")
-    write_json(storage, best_uri, {**rows[0], "metrics": {k: rows[0][k] for k in ("val_acc", "val_log_loss")},
-                                   "config": cfg.model_dump(mode="json")})
+    write_json(
+        storage,
+        best_uri,
+        {
+            **rows[0],
+            "metrics": {k: rows[0][k] for k in ("val_acc", "val_log_loss")},
+            "config": cfg.model_dump(mode="json"),
+        },
+    )
     for row in rows:
-        logger.info("leaderboard: %-14s val_acc %.4f val_log_loss %.4f (%s)", row["arch"], row["val_acc"],
-                    row["val_log_loss"], row["checkpoint"])
+        logger.info(
+            "leaderboard: %-14s val_acc %.4f val_log_loss %.4f (%s)",
+            row["arch"],
+            row["val_acc"],
+            row["val_log_loss"],
+            row["checkpoint"],
+        )
     return best_uri

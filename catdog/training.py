@@ -16,13 +16,13 @@ import time
 import warnings
 
 import numpy as np
-import torch
-import torch.distributed as dist
-from torch import nn
-
 import ray.train
 import ray.train.torch
+import torch
+import torch.distributed as dist
 from ray.data.collate_fn import NumpyBatchCollateFn
+from torch import nn
+
 from catdog.checkpoints import load_checkpoint, metrics_csv, save_checkpoint
 from catdog.models import build_model, split_parameters
 from catdog.presets import MEAN, STD
@@ -49,13 +49,13 @@ def build_optimizer(model: nn.Module, arch: str, cfg: dict) -> torch.optim.Optim
     backbone, head = split_parameters(model, arch)
     groups = [{"params": backbone, "name": "backbone"}, {"params": head, "name": "head"}]
     if cfg["optimizer"] == "sgd":
-        return torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"],
-                               nesterov=True)
+        return torch.optim.SGD(
+            groups, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"], nesterov=True
+        )
     return torch.optim.AdamW(groups, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
 
 
-def set_learning_rates(optimizer: torch.optim.Optimizer, cfg: dict, step: int, total_steps: int,
-                       frozen: bool) -> float:
+def set_learning_rates(optimizer: torch.optim.Optimizer, cfg: dict, step: int, total_steps: int, frozen: bool) -> float:
     """Set each group's rate for this step; a frozen backbone gets rate 0 (weights stay put)."""
     factor = lr_factor(step, total_steps, int(cfg["warmup_fraction"] * total_steps))
     backbone_mult = 0.0 if frozen else (cfg["backbone_lr_mult"] if cfg["fine_tune"] else 1.0)
@@ -79,9 +79,7 @@ class Collate(NumpyBatchCollateFn):
         with warnings.catch_warnings():  # Arrow buffers are read-only; we only ever read them
             warnings.simplefilter("ignore", UserWarning)
             image = torch.from_numpy(np.ascontiguousarray(batch["image"]))
-        return {"image": image,
-                "label": torch.from_numpy(batch["label"].astype(np.int64)),
-                "path": list(batch["path"])}
+        return {"image": image, "label": torch.from_numpy(batch["label"].astype(np.int64)), "path": list(batch["path"])}
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -98,21 +96,37 @@ def set_backbone_frozen(model: nn.Module, arch: str, frozen: bool) -> None:
         head_ids = {id(p) for p in split_parameters(model, arch)[1]}
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
-                    id(p) in head_ids for p in module.parameters()):
+                id(p) in head_ids for p in module.parameters()
+            ):
                 module.eval()
 
 
-def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, shard, cfg: dict, *, step: int,
-                    total_steps: int, frozen: bool, device: torch.device, seen: list | None = None) -> dict:
+def train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    shard,
+    cfg: dict,
+    *,
+    step: int,
+    total_steps: int,
+    frozen: bool,
+    device: torch.device,
+    seen: list | None = None,
+) -> dict:
     """One pass over this worker's shard. Returns plain numbers (and the next global step)."""
     set_backbone_frozen(model, cfg["arch"], frozen)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"])
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg["amp"]
-                                  and not torch.cuda.is_bf16_supported())
+    scaler = torch.amp.GradScaler(
+        "cuda", enabled=device.type == "cuda" and cfg["amp"] and not torch.cuda.is_bf16_supported()
+    )
     loss_sum, images, lr, start = 0.0, 0, 0.0, time.perf_counter()
-    for batch in shard.iter_torch_batches(batch_size=cfg["batch_size"], collate_fn=Collate(), prefetch_batches=2,
-                                          local_shuffle_buffer_size=cfg["batch_size"] * 8,
-                                          pin_memory=device.type == "cuda"):
+    for batch in shard.iter_torch_batches(
+        batch_size=cfg["batch_size"],
+        collate_fn=Collate(),
+        prefetch_batches=2,
+        local_shuffle_buffer_size=cfg["batch_size"] * 8,
+        pin_memory=device.type == "cuda",
+    ):
         lr = set_learning_rates(optimizer, cfg, step, total_steps, frozen)
         x, y = to_model_input(batch["image"], device), batch["label"].to(device, non_blocking=True)
         with autocast(device, cfg["amp"]):
@@ -128,8 +142,14 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, shard, c
             seen.extend(batch["path"])
     seconds = time.perf_counter() - start
     totals = all_reduce_sum([loss_sum, images], device)
-    return {"train_loss": totals[0] / max(totals[1], 1), "train_images": int(totals[1]),
-            "train_seconds": seconds, "images_per_s": totals[1] / max(seconds, 1e-9), "lr": lr, "step": step}
+    return {
+        "train_loss": totals[0] / max(totals[1], 1),
+        "train_images": int(totals[1]),
+        "train_seconds": seconds,
+        "images_per_s": totals[1] / max(seconds, 1e-9),
+        "lr": lr,
+        "step": step,
+    }
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
@@ -188,8 +208,9 @@ def train_loop_per_worker(cfg: dict) -> None:
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     for epoch in range(len(history) + 1, cfg["epochs"] + 1):
         frozen = epoch <= cfg["freeze_backbone_epochs"]
-        stats = train_one_epoch(model, optimizer, train_shard, cfg, step=step, total_steps=total_steps,
-                                frozen=frozen, device=device)
+        stats = train_one_epoch(
+            model, optimizer, train_shard, cfg, step=step, total_steps=total_steps, frozen=frozen, device=device
+        )
         step = stats.pop("step")
         metrics = {"epoch": epoch, **stats, **evaluate(model, val_shard, cfg, device)}
         history.append(metrics)
@@ -201,13 +222,19 @@ def report_epoch(model, optimizer, cfg: dict, metrics: dict, history: list[dict]
     if rank != 0:
         ray.train.report(metrics)
         return
-    print(f"[{cfg['arch']}] epoch {metrics['epoch']}/{cfg['epochs']}: train_loss {metrics['train_loss']:.4f} "
-          f"val_loss {metrics['val_loss']:.4f} val_acc {metrics['val_acc']:.4f} "
-          f"val_log_loss {metrics['val_log_loss']:.4f} {metrics['images_per_s']:.0f} img/s", flush=True)
+    print(
+        f"[{cfg['arch']}] epoch {metrics['epoch']}/{cfg['epochs']}: train_loss {metrics['train_loss']:.4f} "
+        f"val_loss {metrics['val_loss']:.4f} val_acc {metrics['val_acc']:.4f} "
+        f"val_log_loss {metrics['val_log_loss']:.4f} {metrics['images_per_s']:.0f} img/s",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="catdog-ckpt-") as folder:
         save_checkpoint(folder, model, optimizer, cfg=cfg, epoch=metrics["epoch"], step=step, history=history)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                         checkpoint_dir_name=f"epoch_{metrics['epoch']:03d}")
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(folder),
+            checkpoint_dir_name=f"epoch_{metrics['epoch']:03d}",
+        )
     cfg["storage"].write_text(join(cfg["arch_uri"], "metrics.csv"), metrics_csv(history))
 
 

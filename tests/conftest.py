@@ -23,8 +23,10 @@ def real_data_dir() -> Path | None:
 def data_dir() -> Path:
     path = real_data_dir()
     if path is None:
-        pytest.skip(f"real Kaggle images not found: set CATDOG_DATA to a folder with train/ and test1/ "
-                    f"(looked in {os.environ.get('CATDOG_DATA', DEFAULT_DATA)})")
+        pytest.skip(
+            f"real Kaggle images not found: set CATDOG_DATA to a folder with train/ and test1/ "
+            f"(looked in {os.environ.get('CATDOG_DATA', DEFAULT_DATA)})"
+        )
     return path
 
 
@@ -41,10 +43,14 @@ def ray_session(faults_dir):
 
     if not ray.is_initialized():
         # The fault-injection hook (tests/faults.py) is inert until a test arms a fault.
-        ray.init(num_cpus=4, log_to_driver=True,
-                 runtime_env={"env_vars": {"PYTHONPATH": f"{REPO}:{REPO / 'tests'}",
-                                           "CATDOG_FAULTS_DIR": str(faults_dir)},
-                              "worker_process_setup_hook": "faults.install"})
+        ray.init(
+            num_cpus=4,
+            log_to_driver=True,
+            runtime_env={
+                "env_vars": {"PYTHONPATH": f"{REPO}:{REPO / 'tests'}", "CATDOG_FAULTS_DIR": str(faults_dir)},
+                "worker_process_setup_hook": "faults.install",
+            },
+        )
     yield ray
     ray.shutdown()
 
@@ -85,15 +91,20 @@ def copy_images(src: Path, dst: Path, names: list[str]) -> Path:
 def small_real_data(tmp_path_factory, data_dir) -> Path:
     """A few hundred real images: 200 cats + 200 dogs in train/, 120 test1 images."""
     root = tmp_path_factory.mktemp("real")
-    copy_images(data_dir / "train", root / "train",
-                [f"{kind}.{i}.jpg" for kind in ("cat", "dog") for i in range(200)])
+    copy_images(data_dir / "train", root / "train", [f"{kind}.{i}.jpg" for kind in ("cat", "dog") for i in range(200)])
     copy_images(data_dir / "test1", root / "test1", [f"{i}.jpg" for i in range(1, 121)])
     return root
 
 
 def quick_overrides(data: Path, root: Path, run_name: str = "quick", **extra) -> list[str]:
-    sets = {"data.train": str(data / "train"), "data.test": str(data / "test1"), "storage.root": str(root),
-            "run_name": run_name, "data.limit": None, **extra}
+    sets = {
+        "data.train": str(data / "train"),
+        "data.test": str(data / "test1"),
+        "storage.root": str(root),
+        "run_name": run_name,
+        "data.limit": None,
+        **extra,
+    }
     return [f"{k}={'null' if v is None else v}" for k, v in sets.items()]
 
 

@@ -52,17 +52,26 @@ def test_unknown_section(tmp_path):
 
 def test_wrong_type_says_what_was_expected(tmp_path):
     path = write(tmp_path, "train:\n  epochs: many\n")
-    assert error_of(path) == f"{path}: train.epochs: Input should be a valid integer, unable to parse string as an " \
-                             f"integer (got 'many')"
+    assert (
+        error_of(path) == f"{path}: train.epochs: Input should be a valid integer, unable to parse string as an "
+        f"integer (got 'many')"
+    )
 
 
-@pytest.mark.parametrize("key,value,expected", [
-    ("data.val_fraction", "1.5", "data.val_fraction: Input should be less than 1 (got 1.5)"),
-    ("data.val_fraction", "0", "data.val_fraction: Input should be greater than 0 (got 0)"),
-    ("data.image_size", "-8", "data.image_size: Input should be greater than 0 (got -8)"),
-    ("train.batch_size", "0", "train.batch_size: Input should be greater than 0 (got 0)"),
-    ("models", "[resnet50]", "models.0.arch: expected 'mobilenet_v2', 'resnet18' or 'sequential_cnn' (got 'resnet50')"),
-])
+@pytest.mark.parametrize(
+    "key,value,expected",
+    [
+        ("data.val_fraction", "1.5", "data.val_fraction: Input should be less than 1 (got 1.5)"),
+        ("data.val_fraction", "0", "data.val_fraction: Input should be greater than 0 (got 0)"),
+        ("data.image_size", "-8", "data.image_size: Input should be greater than 0 (got -8)"),
+        ("train.batch_size", "0", "train.batch_size: Input should be greater than 0 (got 0)"),
+        (
+            "models",
+            "[resnet50]",
+            "models.0.arch: expected 'mobilenet_v2', 'resnet18' or 'sequential_cnn' (got 'resnet50')",
+        ),
+    ],
+)
 def test_bad_values_from_overrides(tmp_path, key, value, expected):
     path = write(tmp_path, "run_name: t\n")
     assert error_of(path, [f"{key}={value}"]) == f"{path}: {expected}"
@@ -80,8 +89,18 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 def test_overrides_are_parsed_as_yaml_scalars(tmp_path):
     path = write(tmp_path, "models: [resnet18, mobilenet_v2]\n")
-    cfg = load_config(path, ["train.epochs=7", "train.use_gpu=true", "train.lr=1e-3", "data.limit=null",
-                             "storage.root=s3://bucket/runs", "models.1.image_size=80", "run_name=exp-2"])
+    cfg = load_config(
+        path,
+        [
+            "train.epochs=7",
+            "train.use_gpu=true",
+            "train.lr=1e-3",
+            "data.limit=null",
+            "storage.root=s3://bucket/runs",
+            "models.1.image_size=80",
+            "run_name=exp-2",
+        ],
+    )
     assert cfg.train.epochs == 7 and cfg.train.use_gpu is True and cfg.train.lr == pytest.approx(1e-3)
     assert cfg.data.limit is None
     assert cfg.models[1].arch == "mobilenet_v2" and cfg.models[1].image_size == 80

@@ -7,8 +7,8 @@ import random
 
 import numpy as np
 import pytest
-from conftest import jpeg_bytes, write_image
 import torch
+from conftest import jpeg_bytes, write_image
 from PIL import Image
 
 from catdog.data import (
@@ -28,17 +28,28 @@ from catdog.training import Collate
 STORAGE = Storage()
 
 
-@pytest.mark.parametrize("path,label", [
-    ("/d/cat.12.jpg", 0), ("/d/dog.0.jpg", 1), ("/d/Dog.7.JPG", 1), ("/d/cats/x.png", 0), ("/d/dogs/y.jpeg", 1),
-    ("/d/cat/z.jpg", 0), ("/d/dog/w.JPEG", 1), ("/d/readme.jpg", None), ("/d/bird.7.jpg", None),
-    ("/d/cats/dog.3.jpg", 1),  # the Kaggle name wins over the folder
-])
+@pytest.mark.parametrize(
+    "path,label",
+    [
+        ("/d/cat.12.jpg", 0),
+        ("/d/dog.0.jpg", 1),
+        ("/d/Dog.7.JPG", 1),
+        ("/d/cats/x.png", 0),
+        ("/d/dogs/y.jpeg", 1),
+        ("/d/cat/z.jpg", 0),
+        ("/d/dog/w.JPEG", 1),
+        ("/d/readme.jpg", None),
+        ("/d/bird.7.jpg", None),
+        ("/d/cats/dog.3.jpg", 1),  # the Kaggle name wins over the folder
+    ],
+)
 def test_label_from_path(path, label):
     assert label_from_path(path) == label
 
 
-@pytest.mark.parametrize("path,id_", [("/t/123.jpg", 123), ("/t/5000.JPG", 5000), ("/t/a1.jpg", None),
-                                      ("/t/cat.1.jpg", None)])
+@pytest.mark.parametrize(
+    "path,id_", [("/t/123.jpg", 123), ("/t/5000.JPG", 5000), ("/t/a1.jpg", None), ("/t/cat.1.jpg", None)]
+)
 def test_id_from_path(path, id_):
     assert id_from_path(path) == id_
 

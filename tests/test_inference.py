@@ -62,8 +62,11 @@ def test_predictions_parquet_has_the_exact_schema_and_one_row_per_file(predicted
     cfg, out, _ = predicted
     table = read_predictions(out / "predictions")
     assert table.schema.equals(PREDICTION_SCHEMA)
-    files = sorted(p.name for p in messy_test_folder.iterdir() if not p.name.startswith(".") and p.suffix.lower()
-                   in (".jpg", ".jpeg", ".png"))
+    files = sorted(
+        p.name
+        for p in messy_test_folder.iterdir()
+        if not p.name.startswith(".") and p.suffix.lower() in (".jpg", ".jpeg", ".png")
+    )
     assert sorted(Path(p).name for p in table.column("path").to_pylist()) == files
     ids = table.column("id").to_pylist()
     assert len(ids) == len(set(ids)) == 124
@@ -71,8 +74,9 @@ def test_predictions_parquet_has_the_exact_schema_and_one_row_per_file(predicted
     assert set(errors) == {9001, 9002, 9003}
     assert all(row["prob_dog"] is None and row["label"] is None for row in errors.values())
     good = [row for row in table.to_pylist() if row["error"] is None]
-    assert all(0 <= row["prob_dog"] <= 1 and row["label"] == int(row["prob_dog"] >= cfg.predict.threshold)
-               for row in good)
+    assert all(
+        0 <= row["prob_dog"] <= 1 and row["label"] == int(row["prob_dog"] >= cfg.predict.threshold) for row in good
+    )
     best = json.loads((Path(cfg.run_uri) / "best.json").read_text())
     assert {row["model"] for row in good} == {f"{best['arch']}:{Path(best['checkpoint']).name}"}
 
@@ -105,8 +109,7 @@ def test_rerun_overwrites_instead_of_appending(predicted, quick_run, messy_test_
 
 def test_proba_writes_clipped_probabilities(quick_run, small_real_data, tmp_path):
     cfg, _ = quick_run
-    submission = Path(run_predict(cfg, input_uri=str(small_real_data / "test1"), output_uri=str(tmp_path),
-                                  proba=True))
+    submission = Path(run_predict(cfg, input_uri=str(small_real_data / "test1"), output_uri=str(tmp_path), proba=True))
     header, rows = read_submission(submission)
     probs = {int(r[0]): float(r[1]) for r in rows}
     assert header == ["id", "label"] and len(probs) == 120
@@ -121,7 +124,10 @@ def test_tta_changes_probabilities_but_not_the_schema(quick_run, small_real_data
     model = json.loads((Path(cfg.run_uri) / "resnet18" / "result.json").read_text())["checkpoint"]
     run_predict(cfg, model, str(small_real_data / "test1"), str(tmp_path / "plain"))
     run_predict(cfg, model, str(small_real_data / "test1"), str(tmp_path / "tta"), tta=True)
-    plain, tta = read_predictions(tmp_path / "plain" / "predictions"), read_predictions(tmp_path / "tta" / "predictions")
+    plain, tta = (
+        read_predictions(tmp_path / "plain" / "predictions"),
+        read_predictions(tmp_path / "tta" / "predictions"),
+    )
     assert tta.schema.equals(PREDICTION_SCHEMA)
     a = dict(zip(plain.column("id").to_pylist(), plain.column("prob_dog").to_pylist()))
     b = dict(zip(tta.column("id").to_pylist(), tta.column("prob_dog").to_pylist()))
@@ -158,8 +164,15 @@ def test_evaluate_production_path_on_labelled_images(quick_run, small_real_data,
 class StubPredictor(Predictor):
     """Known probabilities keyed by file name, so the metrics can be checked by hand."""
 
-    PROBS = {"cat.1.jpg": 0.1, "cat.2.jpg": 0.3, "cat.3.jpg": 0.8, "dog.1.jpg": 0.9, "dog.2.jpg": 0.6,
-             "dog.3.jpg": 0.2, "dog.4.jpg": 1.0}
+    PROBS = {
+        "cat.1.jpg": 0.1,
+        "cat.2.jpg": 0.3,
+        "cat.3.jpg": 0.8,
+        "dog.1.jpg": 0.9,
+        "dog.2.jpg": 0.6,
+        "dog.3.jpg": 0.2,
+        "dog.4.jpg": 1.0,
+    }
 
     def __init__(self, storage, models, threshold, tta, use_gpu):
         self.threshold, self.tta, self.name, self.models = threshold, tta, "stub", []
@@ -179,8 +192,18 @@ def test_evaluate_metrics_by_hand_with_a_stub_predictor(quick_run, tmp_path, mon
     # cats: 0.1 ok, 0.3 ok, 0.8 wrong; dogs: 0.9 ok, 0.6 ok, 0.2 wrong, 1.0 ok (clipped to 0.995)
     assert metrics["confusion"] == [[2, 1], [1, 3]]
     assert metrics["accuracy"] == pytest.approx(5 / 7)
-    expected = -(math.log(0.9) + math.log(0.7) + math.log(0.2) + math.log(0.9) + math.log(0.6) + math.log(0.2)
-                 + math.log(0.995)) / 7
+    expected = (
+        -(
+            math.log(0.9)
+            + math.log(0.7)
+            + math.log(0.2)
+            + math.log(0.9)
+            + math.log(0.6)
+            + math.log(0.2)
+            + math.log(0.995)
+        )
+        / 7
+    )
     assert metrics["log_loss"] == pytest.approx(expected, rel=1e-5)
     assert metrics["n_images"] == 7 and metrics["n_unreadable"] == 0 and metrics["model"] == "stub"
 
@@ -235,9 +258,23 @@ def test_killed_predict_job_leaves_the_previous_complete_submission(quick_run, d
     config = tmp_path / "cfg.yaml"
     config.write_text(cfg.to_yaml())
     proc = subprocess.Popen(
-        [sys.executable, str(REPO / "jobs" / "predict.py"), "--config", str(config), "--model", best_uri,
-         "--input", str(data_dir / "test1"), "--output", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        [
+            sys.executable,
+            str(REPO / "jobs" / "predict.py"),
+            "--config",
+            str(config),
+            "--model",
+            best_uri,
+            "--input",
+            str(data_dir / "test1"),
+            "--output",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 180
         for line in proc.stdout:

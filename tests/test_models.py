@@ -65,8 +65,9 @@ def test_init_from_weights_of_another_architecture_is_refused(tmp_path):
 def test_imagenet_offline_fails_fast_naming_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
     # No network here (and none in CI); make sure of it for the test's sake.
-    monkeypatch.setattr(torch.hub, "download_url_to_file",
-                        lambda *a, **k: (_ for _ in ()).throw(OSError("network is unreachable")))
+    monkeypatch.setattr(
+        torch.hub, "download_url_to_file", lambda *a, **k: (_ for _ in ()).throw(OSError("network is unreachable"))
+    )
     with pytest.raises(InitError) as info:
         build_model("resnet18", "imagenet")
     message = str(info.value)

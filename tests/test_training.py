@@ -82,8 +82,10 @@ def test_best_checkpoint_reproduces_its_validation_accuracy(quick_run):
 
 
 def quick_cfg(data: Path, root: Path, run_name: str, **extra):
-    return load_config(REPO / "configs" / "quick.yaml",
-                       quick_overrides(data, root, run_name, **{"models": "[sequential_cnn]", **extra}))
+    return load_config(
+        REPO / "configs" / "quick.yaml",
+        quick_overrides(data, root, run_name, **{"models": "[sequential_cnn]", **extra}),
+    )
 
 
 @pytest.mark.slow
@@ -108,8 +110,7 @@ def test_rerun_with_more_epochs_runs_only_the_new_ones(small_real_data, tmp_path
 
 
 @pytest.mark.slow
-def test_worker_exit_mid_epoch_restarts_from_the_last_checkpoint(small_real_data, tmp_path, faults_dir,
-                                                                ray_session):
+def test_worker_exit_mid_epoch_restarts_from_the_last_checkpoint(small_real_data, tmp_path, faults_dir, ray_session):
     cfg = quick_cfg(small_real_data, tmp_path, "killed", **{"train.epochs": 3, "train.max_failures": 1})
     n_train = len(load_split(STORAGE, cfg.data.train, cfg.data.val_fraction, cfg.data.seed, cfg.data.limit).train)
     steps_per_epoch = math.ceil(n_train / cfg.train.batch_size)
@@ -133,8 +134,17 @@ def ddp_probe_loop(cfg: dict) -> None:
     model = ray.train.torch.prepare_model(build_model("sequential_cnn"))
     optimizer = build_optimizer(model, "sequential_cnn", cfg)
     seen: list[str] = []
-    stats = train_one_epoch(model, optimizer, ray.train.get_dataset_shard("train"), cfg, step=0, total_steps=10,
-                            frozen=False, device=torch.device("cpu"), seen=seen)
+    stats = train_one_epoch(
+        model,
+        optimizer,
+        ray.train.get_dataset_shard("train"),
+        cfg,
+        step=0,
+        total_steps=10,
+        frozen=False,
+        device=torch.device("cpu"),
+        seen=seen,
+    )
     digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.module.parameters())).hexdigest()
     rank = ray.train.get_context().get_world_rank()
     Path(cfg["out"], f"rank{rank}.json").write_text(json.dumps({"digest": digest, "seen": seen, **stats}))
@@ -154,7 +164,8 @@ def test_ddp_two_workers_share_weights_and_split_the_rows(small_real_data, tmp_p
     split = load_split(STORAGE, cfg.data.train, cfg.data.val_fraction, cfg.data.seed, cfg.data.limit)
     loop_cfg = {**loop_config(cfg, cfg.models[0], STORAGE, len(split.train)), "out": str(tmp_path)}
     trainer = TorchTrainer(
-        ddp_probe_loop, train_loop_config=loop_cfg,
+        ddp_probe_loop,
+        train_loop_config=loop_cfg,
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(name="ddp-probe", storage_path=str(tmp_path / "storage")),
         datasets={"train": image_dataset(STORAGE, split.train, TrainPreset(32), batch_size=32)},
@@ -174,9 +185,19 @@ def test_init_from_state_dict_with_frozen_backbone_warm_up(small_real_data, tmp_
     reference = torchvision.models.mobilenet_v2(weights=None)
     init = tmp_path / "mobilenet_v2.pt"
     torch.save(reference.state_dict(), init)
-    cfg = quick_cfg(small_real_data, tmp_path, "frozen", **{
-        "models": "[mobilenet_v2]", "train.init": str(init), "train.epochs": 2, "train.freeze_backbone_epochs": 1,
-        "data.limit": 160, "data.image_size": 32})
+    cfg = quick_cfg(
+        small_real_data,
+        tmp_path,
+        "frozen",
+        **{
+            "models": "[mobilenet_v2]",
+            "train.init": str(init),
+            "train.epochs": 2,
+            "train.freeze_backbone_epochs": 1,
+            "data.limit": 160,
+            "data.image_size": 32,
+        },
+    )
     run_training(cfg)
     arch = tmp_path / "frozen" / "mobilenet_v2"
     after1 = torch.load(arch / "epoch_001" / "model.pt", weights_only=True)

@@ -1,0 +1,111 @@
+"""Bad arguments and unusable inputs stop a job up front, with one line and exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, quick_overrides, write_image
+
+from catdog.config import load_config
+from catdog.runtime import ResourceError
+from catdog.storage import Storage
+from catdog.train_job import prepare_run, run_training
+
+
+def run_job(job: str, *args: str, timeout: int = 180) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "jobs" / job), *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    return lines[0]
+
+
+def test_missing_data_folder(tmp_path):
+    proc = run_job(
+        "train.py",
+        "--config",
+        "configs/quick.yaml",
+        "--set",
+        f"data.train={tmp_path}/nope",
+        "--set",
+        f"storage.root={tmp_path}/runs",
+    )
+    assert one_error_line(proc) == f"error: {tmp_path}/nope: image folder not found"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unknown_architecture_on_the_command_line(tmp_path):
+    proc = run_job("train.py", "--config", "configs/quick.yaml", "--set", "models=[vgg16]")
+    assert "models.0.arch: expected 'mobilenet_v2', 'resnet18' or 'sequential_cnn' (got 'vgg16')" in one_error_line(
+        proc
+    )
+
+
+def test_one_class_folder_fails_before_any_worker(tmp_path):
+    for i in range(6):
+        write_image(tmp_path / "train" / f"dog.{i}.jpg")
+    proc = run_job(
+        "train.py",
+        "--config",
+        "configs/quick.yaml",
+        "--set",
+        f"data.train={tmp_path}/train",
+        "--set",
+        f"storage.root={tmp_path}/runs",
+    )
+    assert "no labelled cat images found (0 cat, 6 dog)" in one_error_line(proc)
+
+
+def test_unreadable_init_weights(tmp_path, kaggle_folder):
+    proc = run_job(
+        "train.py",
+        "--config",
+        "configs/quick.yaml",
+        "--set",
+        f"data.train={kaggle_folder}",
+        "--set",
+        f"train.init={tmp_path}/missing.pt",
+        "--set",
+        f"storage.root={tmp_path}/runs",
+    )
+    assert one_error_line(proc) == f"error: {tmp_path}/missing.pt: init weights not found"
+
+
+def test_predict_without_a_trained_model(tmp_path):
+    proc = run_job("predict.py", "--config", "configs/quick.yaml", "--set", f"storage.root={tmp_path}")
+    assert (
+        one_error_line(proc) == f"error: {tmp_path}/quick/best.json: not found; train first (make train) "
+        "or pass --model"
+    )
+
+
+@pytest.mark.slow
+def test_more_workers_than_the_cluster_can_ever_place(small_real_data, tmp_path, ray_session):
+    cfg = load_config(
+        REPO / "configs" / "quick.yaml",
+        quick_overrides(small_real_data, tmp_path, "too-big", **{"train.num_workers": 9}),
+    )
+    with pytest.raises(ResourceError, match=r"train needs 9 CPUs .* but the Ray cluster has 4 CPUs"):
+        run_training(cfg)
+    assert not (tmp_path / "too-big").exists()
+
+
+def test_restart_moves_the_previous_run_aside(tmp_path, kaggle_folder):
+    cfg = load_config(REPO / "configs" / "quick.yaml", [f"storage.root={tmp_path}", "run_name=r"])
+    storage = Storage()
+    prepare_run(cfg, storage, restart=False)
+    (tmp_path / "r" / "resnet18").mkdir()
+    (tmp_path / "r" / "resnet18" / "result.json").write_text("{}")
+    prepare_run(cfg, storage, restart=False)  # a plain re-run keeps everything
+    assert (tmp_path / "r" / "resnet18" / "result.json").exists()
+    prepare_run(cfg, storage, restart=True)
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("r.old-")]
+    assert len(aside) == 1 and (aside[0] / "resnet18" / "result.json").read_text() == "{}"
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["config.yaml"]
