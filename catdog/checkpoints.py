@@ -31,6 +31,7 @@ METRIC_COLUMNS = (
     "train_seconds",
     "train_images",
     "val_images",
+    "unreadable_images",
     "lr",
 )
 

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 
 from catdog.checkpoints import CheckpointError
-from catdog.config import CatdogConfig, ConfigError, load_config
+from catdog.config import CatdogConfig, ConfigError, _set_dotted, load_config, parse_override, validate_config
 from catdog.data import DataError
 from catdog.models import InitError
 from catdog.runtime import ResourceError
@@ -18,9 +18,13 @@ from catdog.storage import StorageError
 USER_ERRORS = (ConfigError, DataError, InitError, ResourceError, StorageError, CheckpointError)
 
 
-def job_parser(description: str) -> argparse.ArgumentParser:
+def job_parser(description: str, config_required: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/local.yaml")
+    parser.add_argument(
+        "--config",
+        required=config_required,
+        help="YAML config, e.g. configs/local.yaml" + ("" if config_required else " (default: built-in defaults)"),
+    )
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -36,11 +40,22 @@ def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
+def load_job_config(path: str | None, overrides: list[str]) -> CatdogConfig:
+    """``path`` plus overrides; without a file, the built-in defaults plus overrides."""
+    if path is not None:
+        return load_config(path, overrides)
+    raw: dict = {}
+    for item in overrides:
+        key, value = parse_override(item, "--set")
+        _set_dotted(raw, key, value, "--set")
+    return validate_config(raw, "--set")
+
+
 def run_job(args: argparse.Namespace, job: Callable[[CatdogConfig], str]) -> int:
     """Load the config, run ``job`` and print its result URI as the last stdout line."""
     configure_logging()
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_job_config(args.config, args.overrides)
         print(job(cfg), flush=True)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)

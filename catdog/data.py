@@ -1,8 +1,12 @@
-"""Ray Data image ingestion: list, label, split and decode image folders.
+"""Ray Data image ingestion: list, label, split and decode image folders or Parquet shard sets.
 
 Listing and labelling happen on the driver from file *names* only (cheap, and lets a job fail
 before starting workers when a folder is unusable).  Reading and decoding happen in Ray Data
 tasks, one task per block of files, so no image bytes ever pass through the driver.
+
+Wherever a job takes an image folder it also takes a shard set written by ``jobs/prepare.py``
+(``catdog.shards``): the driver then reads only the ``name``/``label``/``id`` columns, Ray Data
+reads the ``bytes`` column with ``read_parquet``, and the same :func:`decode_batch` decodes them.
 
 Stock ``ray.data.read_images`` fails the whole read on one corrupt file; here a file that cannot
 be decoded becomes a row with an ``error`` message that the caller drops (training) or keeps
@@ -64,7 +68,7 @@ def id_from_path(path: str) -> int | None:
 def list_images(storage: Storage, uri: str) -> list[str]:
     """Image file URIs under ``uri`` (recursively), sorted; hidden and non-image files are ignored."""
     if not storage.is_dir(uri):
-        raise DataError(f"{uri}: image folder not found")
+        raise DataError(f"{uri}: image folder not found{storage.why_missing(uri)}")
     _, root = storage.resolve(uri)
     paths = []
     for info in storage.list_files(uri):
@@ -81,13 +85,30 @@ def split_key(name: str, seed: int) -> str:
     return hashlib.sha256(f"{seed}:{posixpath.basename(name)}".encode()).hexdigest()
 
 
+def list_entries(storage: Storage, uri: str):
+    """``({"path", "label", "id"}, ...)`` for every image in a folder or a shard set, from names only,
+    and the :class:`~catdog.shards.ShardSet` when ``uri`` is one (else None).
+
+    A shard set's labels and ids come from its columns; a folder's from its file names."""
+    from catdog.shards import open_shard_set, shard_entries
+
+    shards = open_shard_set(storage, uri)
+    if shards is not None:
+        return shard_entries(storage, shards), shards
+    entries = [{"path": p, "label": label_from_path(p), "id": id_from_path(p)} for p in list_images(storage, uri)]
+    return entries, None
+
+
 @dataclass
 class Split:
-    """Labelled rows (``{"path", "label"}``) for training and validation, plus what was skipped."""
+    """Labelled rows (``{"path", "label"}``) for training and validation, plus what was skipped.
+
+    ``shards`` is the shard set the rows come from (None: the paths are image files)."""
 
     train: list[dict]
     val: list[dict]
     unlabeled: list[str] = field(default_factory=list)
+    shards: object | None = None
 
     def class_counts(self, rows: list[dict]) -> dict[str, int]:
         counts = {name: 0 for name in CLASS_NAMES}
@@ -96,13 +117,20 @@ class Split:
         return counts
 
 
-def split_rows(paths: list[str], val_fraction: float, seed: int, limit: int | None = None) -> Split:
+def split_rows(paths: list[str] | list[dict], val_fraction: float, seed: int, limit: int | None = None) -> Split:
     """Deterministic, stratified split: in each class, files ordered by hashed name; the first
-    ``val_fraction`` go to validation.  Listing order and worker count do not matter."""
+    ``val_fraction`` go to validation.  Listing order and worker count do not matter.
+
+    ``paths`` are file URIs (labelled from their names) or ``{"path", "label"}`` entries (a shard
+    set's label column); either way the order within a class depends on the base name only, so an
+    image folder and its shard set split identically."""
     by_class: dict[int, list[str]] = {0: [], 1: []}
     unlabeled = []
-    for path in paths:
-        label = label_from_path(path)
+    for entry in paths:
+        if isinstance(entry, dict):
+            path, label = entry["path"], entry["label"]
+        else:
+            path, label = entry, label_from_path(entry)
         if label is None:
             unlabeled.append(path)
         else:
@@ -119,8 +147,10 @@ def split_rows(paths: list[str], val_fraction: float, seed: int, limit: int | No
 
 
 def load_split(storage: Storage, uri: str, val_fraction: float, seed: int, limit: int | None = None) -> Split:
-    """List a labelled folder and split it; fail with one line when it cannot train a classifier."""
-    split = split_rows(list_images(storage, uri), val_fraction, seed, limit)
+    """List a labelled folder or shard set and split it; fail with one line when it cannot train a classifier."""
+    entries, shards = list_entries(storage, uri)
+    split = split_rows(entries, val_fraction, seed, limit)
+    split.shards = shards
     if split.unlabeled:
         shown = ", ".join(posixpath.basename(p) for p in split.unlabeled[:10])
         more = f" and {len(split.unlabeled) - 10} more" if len(split.unlabeled) > 10 else ""
@@ -191,28 +221,52 @@ def read_uri(storage: Storage, uri: str) -> bytes:
 Presets = dict[str, TrainPreset | EvalPreset]
 
 
+def error_text(exc: BaseException) -> str:
+    """Why an image is unusable, in one short line that is the same on every run (no addresses)."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(exc).__name__}: {exc}")[:300]
+
+
+def batch_bytes(batch: dict[str, np.ndarray], storage: Storage):
+    """The byte source of a batch: its ``bytes`` column (rows read from Parquet shards), else the
+    files named in ``path``, each read when asked for (an unreadable file fails only its own row)."""
+    if "bytes" in batch:
+        column = batch["bytes"]
+        return lambda i: column[i]
+    paths = batch["path"]
+    return lambda i: read_uri(storage, paths[i])
+
+
 def decode_batch(
     batch: dict[str, np.ndarray], storage: Storage, presets: Presets, drop_errors: bool = False
 ) -> dict[str, np.ndarray]:
-    """Ray Data ``map_batches`` function: read and decode the files named in ``path``.
+    """Ray Data ``map_batches`` function: decode the images of a batch.
 
-    Each file is decoded once and put through every preset in ``presets`` (column name → preset),
-    giving uint8 N×S×S×3 columns, plus ``error``: why the file is unusable, or "" (a string either
+    The bytes come from :func:`batch_bytes`: the ``bytes`` column when the rows were read from
+    shards (the column is dropped from the output), else the files named in ``path``.  A row that
+    arrives with ``error`` already set (a file that ``prepare`` rejected) is not decoded.
+    Each image is decoded once and put through every preset in ``presets`` (column name → preset),
+    giving uint8 N×S×S×3 columns, plus ``error``: why the image is unusable, or "" (a string either
     way, so the column keeps one Arrow type in every block).
     With ``drop_errors`` unusable rows are removed; either way they are logged by name.
     """
     paths = batch["path"]
+    read = batch_bytes(batch, storage)
+    batch = {key: value for key, value in batch.items() if key != "bytes"}
     rng = np.random.default_rng()
     source_size = max(p.source_size for p in presets.values())
     images = {col: np.zeros((len(paths), p.size, p.size, 3), dtype=np.uint8) for col, p in presets.items()}
+    known = batch.get("error")
     errors = np.full(len(paths), "", dtype=object)
-    for i, path in enumerate(paths):
+    for i in range(len(paths)):
+        if known is not None and known[i]:
+            errors[i] = known[i]
+            continue
         try:
-            rgb = decode_rgb(read_uri(storage, path), source_size)
+            rgb = decode_rgb(read(i), source_size)
             for col, preset in presets.items():
                 images[col][i] = preset(rgb, rng)
         except Exception as exc:  # an undecodable file becomes an error row, never a failed job
-            errors[i] = f"{type(exc).__name__}: {exc}"[:300]
+            errors[i] = error_text(exc)
     out = {**batch, **images, "error": errors}
     bad = errors != ""
     if bad.any():
@@ -234,11 +288,14 @@ def image_dataset(
     batch_size: int = 64,
     drop_errors: bool = False,
     num_cpus: float = 1,
+    shards=None,
 ):
-    """A Ray Dataset of decoded images from rows that each name a file URI in ``path``.
+    """A Ray Dataset of decoded images from rows that each name an image URI in ``path``.
 
-    A single preset gives an ``image`` column.  One block per ``batch_size`` files, decoded by one
-    task: large enough to amortise task overhead, small enough that several tasks run side by side.
+    A single preset gives an ``image`` column.  From a folder: one block per ``batch_size`` files,
+    decoded by one task: large enough to amortise task overhead, small enough that several tasks
+    run side by side.  With ``shards`` (the :class:`~catdog.shards.ShardSet` the rows were listed
+    from) the images are read from its Parquet files instead, keeping only ``rows``.
     """
     import ray.data
 
@@ -246,6 +303,16 @@ def image_dataset(
         raise DataError("no images to read")
     if not isinstance(presets, dict):
         presets = {"image": presets}
+    if shards is not None:
+        from catdog.shards import shard_rows_dataset
+
+        return shard_rows_dataset(storage, shards, rows).map_batches(
+            decode_batch,
+            fn_args=(storage, presets, drop_errors),
+            batch_size=batch_size,
+            batch_format="numpy",
+            num_cpus=num_cpus,
+        )
     blocks = max(1, math.ceil(len(rows) / batch_size))
     return ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
         decode_batch,

@@ -1,6 +1,6 @@
 """Batch inference with Ray Data: predict over an image folder, and evaluate on a labelled one.
 
-Pipeline: list files (driver, names only) → decode with each model's eval preset (CPU tasks) →
+Pipeline: list files or shard names (driver, names only) → decode with each model's eval preset (CPU tasks) →
 ``map_batches(Predictor)`` in an actor pool (model loaded once per actor) → Parquet, written
 under a temporary name and moved into place.  ``submission.csv`` and ``metrics.json`` are built
 from the Parquet columns they need, never from whole rows pulled through the driver.
@@ -22,7 +22,7 @@ import torch
 
 from catdog.checkpoints import CheckpointError, load_model, read_meta
 from catdog.config import CatdogConfig
-from catdog.data import DataError, id_from_path, image_dataset, label_from_path, list_images
+from catdog.data import DataError, image_dataset, list_entries
 from catdog.presets import EvalPreset
 from catdog.runtime import init_ray
 from catdog.storage import Storage, basename, join
@@ -75,7 +75,9 @@ def resolve_models(storage: Storage, cfg: CatdogConfig, model_uri: str | None, e
     model_uri = model_uri or join(cfg.run_uri, "best.json")
     if model_uri.endswith(".json"):
         if not storage.exists(model_uri):
-            raise CheckpointError(f"{model_uri}: not found; train first (make train) or pass --model")
+            raise CheckpointError(
+                f"{model_uri}: not found{storage.why_missing(model_uri)}; train first (make train) or pass --model"
+            )
         best = json.loads(storage.read_text(model_uri))
         if ensemble:
             board = join(model_uri.rsplit("/", 1)[0], "leaderboard.csv")
@@ -124,13 +126,16 @@ class Predictor:
         return pa.table(columns)
 
 
-def predictions_dataset(cfg: CatdogConfig, storage: Storage, rows: list[dict], models: list[ModelRef], tta: bool):
-    """Decode once per file, with each model's own eval preset, then score in an actor pool."""
+def predictions_dataset(
+    cfg: CatdogConfig, storage: Storage, rows: list[dict], models: list[ModelRef], tta: bool, shards=None
+):
+    """Decode once per file, with each model's own eval preset, then score in an actor pool.
+    ``shards``: the shard set the rows were listed from (None: rows name image files)."""
     import ray.data
 
     presets = {ref.column: ref.preset for ref in models}
     use_gpu = cfg.predict.num_gpus > 0
-    decoded = image_dataset(storage, rows, presets, batch_size=cfg.data.decode_batch_size)
+    decoded = image_dataset(storage, rows, presets, batch_size=cfg.data.decode_batch_size, shards=shards)
     return decoded.map_batches(
         Predictor,
         fn_constructor_args=(storage, models, cfg.predict.threshold, tta, use_gpu),
@@ -143,7 +148,10 @@ def predictions_dataset(cfg: CatdogConfig, storage: Storage, rows: list[dict], m
 
 
 def write_parquet_atomically(ds, storage: Storage, uri: str) -> None:
-    """Write to a temporary folder beside ``uri``, then move it into place (replacing old outputs)."""
+    """Write to a temporary folder beside ``uri``, then move it into place (replacing old outputs).
+
+    ``uri`` is only touched once the whole dataset has been written; see :meth:`Storage.replace_dir`
+    for what that guarantees locally (one rename) and on S3 (copy each object, delete stale ones)."""
     tmp = f"{uri.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
     fs, tmp_path = storage.resolve(tmp)
     try:
@@ -188,6 +196,16 @@ def submission_csv(storage: Storage, predictions_uri: str, cfg: CatdogConfig, pr
     return "\n".join(lines) + "\n", sorted(unreadable)
 
 
+def refresh_report(cfg: CatdogConfig, storage: Storage, output_uri: str) -> None:
+    """Outputs that land in the run folder also refresh its ``report.html``."""
+    if output_uri.rstrip("/").startswith(cfg.run_uri.rstrip("/")) and storage.exists(
+        join(cfg.run_uri, "leaderboard.csv")
+    ):
+        from catdog.report import write_report  # report builds on this module
+
+        logger.info("report: %s", write_report(cfg, storage))
+
+
 def run_predict(
     cfg: CatdogConfig,
     model_uri: str | None = None,
@@ -197,17 +215,19 @@ def run_predict(
     ensemble: bool = False,
     proba: bool = False,
 ) -> str:
-    """Score every image under ``input_uri``; return the URI of ``submission.csv``."""
+    """Score every image under ``input_uri`` (a folder or a shard set); return the URI of ``submission.csv``."""
     storage = Storage.from_config(cfg.storage)
     input_uri, output_uri = input_uri or cfg.data.test, output_uri or cfg.run_uri
     models = resolve_models(storage, cfg, model_uri, ensemble)
-    rows = [{"path": path, "id": id_from_path(path)} for path in list_images(storage, input_uri)]
+    entries, shards = list_entries(storage, input_uri)
+    rows = [{"path": entry["path"], "id": entry["id"]} for entry in entries]
     if not rows:
         raise DataError(f"{input_uri}: no .jpg/.jpeg/.png images found")
+    storage.check_bucket(output_uri)
     init_ray(cfg)
     logger.info("predicting %d images from %s with %s", len(rows), input_uri, ", ".join(m.name for m in models))
     predictions_uri = join(output_uri, "predictions")
-    write_parquet_atomically(predictions_dataset(cfg, storage, rows, models, tta), storage, predictions_uri)
+    write_parquet_atomically(predictions_dataset(cfg, storage, rows, models, tta, shards), storage, predictions_uri)
     text, unreadable = submission_csv(storage, predictions_uri, cfg, proba)
     if unreadable:
         logger.warning(
@@ -219,6 +239,7 @@ def run_predict(
     submission_uri = join(output_uri, "submission.csv")
     storage.write_text(submission_uri, text)
     logger.info("wrote %s (%d rows) and %s", submission_uri, text.count("\n") - 1, predictions_uri)
+    refresh_report(cfg, storage, output_uri)
     return submission_uri
 
 
@@ -255,17 +276,17 @@ def run_evaluate(
     tta: bool = False,
     ensemble: bool = False,
 ) -> str:
-    """Score a labelled folder; write ``metrics.json`` and return its URI."""
+    """Score a labelled folder or shard set; write ``metrics.json`` and return its URI."""
     storage = Storage.from_config(cfg.storage)
     output_uri = output_uri or join(cfg.run_uri, "evaluate")
     models = resolve_models(storage, cfg, model_uri, ensemble)
     rows, unlabeled = [], []
-    for path in list_images(storage, input_uri):
-        label = label_from_path(path)
-        if label is None:
-            unlabeled.append(path)
+    entries, shards = list_entries(storage, input_uri)
+    for entry in entries:
+        if entry["label"] is None:
+            unlabeled.append(entry["path"])
         else:
-            rows.append({"path": path, "id": id_from_path(path), "truth": label})
+            rows.append({"path": entry["path"], "id": entry["id"], "truth": entry["label"]})
     if unlabeled:
         logger.warning(
             "%s: skipped %d files whose names carry no label: %s",
@@ -275,9 +296,10 @@ def run_evaluate(
         )
     if not rows:
         raise DataError(f"{input_uri}: no labelled images (cat.N.jpg / dog.N.jpg or cat(s)/ dog(s)/ folders)")
+    storage.check_bucket(output_uri)
     init_ray(cfg)
     predictions_uri = join(output_uri, "predictions")
-    write_parquet_atomically(predictions_dataset(cfg, storage, rows, models, tta), storage, predictions_uri)
+    write_parquet_atomically(predictions_dataset(cfg, storage, rows, models, tta, shards), storage, predictions_uri)
     metrics = {**classification_metrics(storage, predictions_uri), "input": input_uri}
     metrics_uri = join(output_uri, "metrics.json")
     storage.write_text(metrics_uri, json.dumps(metrics, indent=2) + "\n")
@@ -288,4 +310,5 @@ def run_evaluate(
         f"{metrics['n_images']} images ({metrics['n_unreadable']} unreadable) with {metrics['model']}",
         flush=True,
     )
+    refresh_report(cfg, storage, output_uri)
     return metrics_uri

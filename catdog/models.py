@@ -16,7 +16,7 @@ import torch
 import torchvision
 from torch import nn
 
-from catdog.storage import Storage, join
+from catdog.storage import Storage, StorageError, StorageNotFound, join
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +105,10 @@ def load_weights_file(storage: Storage, uri: str) -> dict[str, torch.Tensor]:
         uri = join(uri, MODEL_FILE)
     try:
         data = storage.read_bytes(uri)
-    except (FileNotFoundError, OSError) as exc:
-        raise InitError(f"{uri}: cannot read weights ({exc})") from None
+    except StorageNotFound:
+        raise InitError(f"{uri}: weights not found") from None
+    except StorageError as exc:  # already one line naming the URI
+        raise InitError(f"cannot read weights: {exc}") from None
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:

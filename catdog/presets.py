@@ -44,7 +44,7 @@ class TrainPreset:
     """Random resized crop + horizontal flip (+ optional colour jitter)."""
 
     size: int
-    scale: tuple[float, float] = (0.25, 1.0)
+    scale: tuple[float, float] = (0.35, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5
     color_jitter: float = 0.0

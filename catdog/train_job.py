@@ -22,6 +22,7 @@ from catdog.config import CatdogConfig, ModelSpec
 from catdog.data import Split, image_dataset, load_split, split_key
 from catdog.models import check_init
 from catdog.presets import EvalPreset, TrainPreset
+from catdog.report import validation_study, write_report
 from catdog.runtime import check_train_resources, init_ray
 from catdog.storage import Storage, join
 from catdog.training import train_loop_per_worker, write_json
@@ -101,10 +102,10 @@ def train_architecture(cfg: CatdogConfig, spec: ModelSpec, split: Split, storage
     rows = sorted(split.train, key=lambda r: split_key(r["path"], cfg.data.seed + 1))  # mix the classes
     datasets = {
         "train": image_dataset(
-            storage, rows, TrainPreset(size), batch_size=cfg.data.decode_batch_size, drop_errors=True
+            storage, rows, TrainPreset(size), batch_size=cfg.data.decode_batch_size, shards=split.shards
         ).randomize_block_order(),
         "val": image_dataset(
-            storage, split.val, EvalPreset(size), batch_size=cfg.data.decode_batch_size, drop_errors=True
+            storage, split.val, EvalPreset(size), batch_size=cfg.data.decode_batch_size, shards=split.shards
         ),
     }
     fs, root = storage.resolve(cfg.run_uri)
@@ -177,10 +178,10 @@ def rank_results(rows: list[dict]) -> list[dict]:
 
 
 def prepare_run(cfg: CatdogConfig, storage: Storage, restart: bool) -> None:
-    """``--restart`` moves a previous run aside instead of deleting it."""
+    """``--restart`` moves a previous run aside instead of deleting it (on S3: copy, then delete)."""
     if restart and storage.exists(cfg.run_uri):
         aside = f"{cfg.run_uri}.old-{time.strftime('%Y%m%d-%H%M%S')}"
-        storage.replace_dir(cfg.run_uri, aside)
+        storage.move_dir(cfg.run_uri, aside)
         logger.warning("--restart: moved the previous run to %s", aside)
     storage.makedirs(cfg.run_uri)
     storage.write_text(join(cfg.run_uri, "config.yaml"), cfg.to_yaml())
@@ -192,6 +193,7 @@ def run_training(cfg: CatdogConfig, restart: bool = False) -> str:
     split = load_split(storage, cfg.data.train, cfg.data.val_fraction, cfg.data.seed, cfg.data.limit)
     for spec in cfg.models:
         check_init(spec.arch, cfg.init_for(spec), storage)
+    storage.check_bucket(cfg.run_uri)  # a missing bucket / wrong endpoint fails before Ray starts
     init_ray(cfg)
     check_train_resources(cfg)
     prepare_run(cfg, storage, restart)
@@ -215,6 +217,8 @@ def run_training(cfg: CatdogConfig, restart: bool = False) -> str:
             "config": cfg.model_dump(mode="json"),
         },
     )
+    validation_study(cfg, storage, split.val, split.shards)
+    logger.info("report: %s", write_report(cfg, storage))
     for row in rows:
         logger.info(
             "leaderboard: %-14s val_acc %.4f val_log_loss %.4f (%s)",

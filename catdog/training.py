@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import tempfile
 import time
 import warnings
@@ -73,13 +72,24 @@ def to_model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class Collate(NumpyBatchCollateFn):
-    """Zero-copy numpy → torch; paths stay a list so callers can tell rows apart."""
+    """Zero-copy numpy → torch.  ``valid`` marks rows that decoded; paths stay a list."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict:
         with warnings.catch_warnings():  # Arrow buffers are read-only; we only ever read them
             warnings.simplefilter("ignore", UserWarning)
             image = torch.from_numpy(np.ascontiguousarray(batch["image"]))
-        return {"image": image, "label": torch.from_numpy(batch["label"].astype(np.int64)), "path": list(batch["path"])}
+        errors = batch.get("error")
+        valid = np.ones(len(image), dtype=bool) if errors is None else np.array([not e for e in errors])
+        return {
+            "image": image,
+            "label": torch.from_numpy(batch["label"].astype(np.int64)),
+            "valid": torch.from_numpy(valid),
+            "path": list(batch["path"]),
+        }
+
+
+def unreadable_paths(batch: dict) -> list[str]:
+    return [path for path, ok in zip(batch["path"], batch["valid"].tolist()) if not ok]
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -113,13 +123,16 @@ def train_one_epoch(
     device: torch.device,
     seen: list | None = None,
 ) -> dict:
-    """One pass over this worker's shard. Returns plain numbers (and the next global step)."""
+    """One pass over this worker's shard. Returns plain numbers (and the next global step).
+
+    Rows that failed to decode stay in the batch with weight 0, so every DDP rank still takes
+    the same number of steps; their paths are returned in ``unreadable``."""
     set_backbone_frozen(model, cfg["arch"], frozen)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"])
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"], reduction="none")
     scaler = torch.amp.GradScaler(
         "cuda", enabled=device.type == "cuda" and cfg["amp"] and not torch.cuda.is_bf16_supported()
     )
-    loss_sum, images, lr, start = 0.0, 0, 0.0, time.perf_counter()
+    loss_sum, images, lr, start, unreadable = 0.0, 0, 0.0, time.perf_counter(), []
     for batch in shard.iter_torch_batches(
         batch_size=cfg["batch_size"],
         collate_fn=Collate(),
@@ -129,17 +142,20 @@ def train_one_epoch(
     ):
         lr = set_learning_rates(optimizer, cfg, step, total_steps, frozen)
         x, y = to_model_input(batch["image"], device), batch["label"].to(device, non_blocking=True)
+        weight = batch["valid"].to(device, non_blocking=True).float()
         with autocast(device, cfg["amp"]):
-            loss = loss_fn(model(x), y)
+            loss = (loss_fn(model(x), y) * weight).sum() / weight.sum().clamp(min=1)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        loss_sum += float(loss.detach()) * len(y)
-        images += len(y)
+        n_valid = int(batch["valid"].sum())
+        loss_sum += float(loss.detach()) * n_valid
+        images += n_valid
         step += 1
+        unreadable += unreadable_paths(batch)
         if seen is not None:
-            seen.extend(batch["path"])
+            seen.extend(p for p, ok in zip(batch["path"], batch["valid"].tolist()) if ok)
     seconds = time.perf_counter() - start
     totals = all_reduce_sum([loss_sum, images], device)
     return {
@@ -149,7 +165,17 @@ def train_one_epoch(
         "images_per_s": totals[1] / max(seconds, 1e-9),
         "lr": lr,
         "step": step,
+        "unreadable": unreadable,
     }
+
+
+def gather_lists(items: list) -> list:
+    """Concatenate every rank's list (rank 0 writes it)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(items)
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, items)
+    return [item for part in parts for item in part]
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
@@ -165,9 +191,13 @@ def evaluate(model: nn.Module, shard, cfg: dict, device: torch.device) -> dict:
     """Validation loss, accuracy and clipped log loss over every rank's share of the val set."""
     net = getattr(model, "module", model)  # no DDP collectives: ranks may see unequal val shares
     net.eval()
-    totals = [0.0, 0.0, 0.0, 0]  # loss, correct, log loss, images
+    totals, unreadable = [0.0, 0.0, 0.0, 0], []  # loss, correct, log loss, images
     for batch in shard.iter_torch_batches(batch_size=cfg["batch_size"] * 2, collate_fn=Collate(), prefetch_batches=2):
-        x, y = to_model_input(batch["image"], device), batch["label"].to(device)
+        unreadable += unreadable_paths(batch)
+        valid = batch["valid"]
+        if not valid.any():
+            continue
+        x, y = to_model_input(batch["image"][valid], device), batch["label"][valid].to(device)
         with autocast(device, cfg["amp"]):
             logits = net(x).float()
         prob_dog = torch.softmax(logits, dim=1)[:, 1].clamp(*CLIP)
@@ -177,7 +207,13 @@ def evaluate(model: nn.Module, shard, cfg: dict, device: torch.device) -> dict:
         totals[3] += len(y)
     loss, correct, log_loss, n = all_reduce_sum(totals, device)
     n = max(n, 1)
-    return {"val_loss": loss / n, "val_acc": correct / n, "val_log_loss": log_loss / n, "val_images": int(n)}
+    return {
+        "val_loss": loss / n,
+        "val_acc": correct / n,
+        "val_log_loss": log_loss / n,
+        "val_images": int(n),
+        "unreadable": unreadable,
+    }
 
 
 def train_loop_per_worker(cfg: dict) -> None:
@@ -212,8 +248,15 @@ def train_loop_per_worker(cfg: dict) -> None:
             model, optimizer, train_shard, cfg, step=step, total_steps=total_steps, frozen=frozen, device=device
         )
         step = stats.pop("step")
-        metrics = {"epoch": epoch, **stats, **evaluate(model, val_shard, cfg, device)}
+        val = evaluate(model, val_shard, cfg, device)
+        unreadable = sorted(gather_lists(stats.pop("unreadable") + val.pop("unreadable")))
+        metrics = {"epoch": epoch, **stats, **val, "unreadable_images": len(unreadable)}
         history.append(metrics)
+        if rank == 0 and unreadable:
+            print(
+                f"[{cfg['arch']}] skipped {len(unreadable)} unreadable images; list: {cfg['arch_uri']}/unreadable.txt"
+            )
+            cfg["storage"].write_text(join(cfg["arch_uri"], "unreadable.txt"), "\n".join(unreadable) + "\n")
         report_epoch(model, optimizer, cfg, metrics, history, step, rank)
 
 
@@ -240,7 +283,3 @@ def report_epoch(model, optimizer, cfg: dict, metrics: dict, history: list[dict]
 
 def write_json(storage: Storage, uri: str, payload: dict) -> None:
     storage.write_text(uri, json.dumps(payload, indent=2, sort_keys=True) + "\n")
-
-
-def default_threads() -> int:
-    return max(1, os.cpu_count() or 1)

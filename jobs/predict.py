@@ -21,8 +21,9 @@ def main() -> int:
     parser.add_argument("--ensemble", action="store_true", help="average every model on the leaderboard")
     parser.add_argument("--proba", action="store_true", help="write clipped probabilities (Kaggle Redux format)")
     args = parser.parse_args()
-    return run_job(args, lambda cfg: run_predict(cfg, args.model, args.input, args.output, args.tta, args.ensemble,
-                                                 args.proba))
+    return run_job(
+        args, lambda cfg: run_predict(cfg, args.model, args.input, args.output, args.tta, args.ensemble, args.proba)
+    )
 
 
 if __name__ == "__main__":

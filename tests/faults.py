@@ -6,6 +6,9 @@ worker process.  A test arms a fault by writing a small JSON file into ``CATDOG_
     exit.json {"min_step": 8, "after_batches": 2}: in the first epoch that starts at global step >= 8,
         the worker calls os._exit(1) after 2 batches (mid-epoch), once.
 
+    ckpt_exit.json {"epoch": 2}: the worker dies while writing epoch 2's checkpoint files.
+    predict_exit.json {}: an inference actor dies on its next batch.
+
 Every patched Train worker also writes ``train-worker-<pid>.pid`` so tests can kill it from outside.
 
 Each fault fires at most once: the firing worker renames the arm file to ``*.fired`` first.
@@ -52,15 +55,8 @@ class _ExitingShard:
             yield batch
 
 
-def install() -> None:
-    """The setup hook: patch ``train_one_epoch`` in this worker process."""
-    if faults_dir() is None:
-        return
-    import catdog.training as training
-
+def _patch_train_one_epoch(training) -> None:
     original = training.train_one_epoch
-    if getattr(original, "_faults", False):
-        return
 
     def train_one_epoch(model, optimizer, shard, cfg, **kwargs):
         folder = faults_dir()
@@ -72,5 +68,48 @@ def install() -> None:
                 shard = _ExitingShard(shard, spec.get("after_batches", 1))
         return original(model, optimizer, shard, cfg, **kwargs)
 
-    train_one_epoch._faults = True
     training.train_one_epoch = train_one_epoch
+
+
+def _patch_save_checkpoint(training) -> None:
+    """ckpt_exit.json {"epoch": N}: die half way through writing epoch N's checkpoint files."""
+    original = training.save_checkpoint
+
+    def save_checkpoint(folder, model, optimizer, **kwargs):
+        pending = faults_dir() / "ckpt_exit.json"
+        if pending.exists() and kwargs["epoch"] == json.loads(pending.read_text())["epoch"] and _take("ckpt_exit"):
+            meta = original(folder, model, optimizer, **kwargs)
+            with open(os.path.join(folder, "model.pt"), "r+b") as handle:
+                handle.truncate(100)  # the weights file is half written when the process dies
+            os._exit(1)
+            return meta
+        return original(folder, model, optimizer, **kwargs)
+
+    training.save_checkpoint = save_checkpoint
+
+
+def _patch_predictor(inference) -> None:
+    """predict_exit.json {}: the first inference actor call after arming kills the actor process."""
+    original = inference.Predictor.__call__
+
+    def __call__(self, batch):
+        if (faults_dir() / "predict_exit.json").exists() and _take("predict_exit"):
+            os._exit(1)
+        return original(self, batch)
+
+    inference.Predictor.__call__ = __call__
+
+
+def install() -> None:
+    """The setup hook: patch catdog in this worker process (inert until a fault is armed)."""
+    if faults_dir() is None:
+        return
+    import catdog.inference as inference
+    import catdog.training as training
+
+    if getattr(training, "_faults_installed", False):
+        return
+    training._faults_installed = True
+    _patch_train_one_epoch(training)
+    _patch_save_checkpoint(training)
+    _patch_predictor(inference)

@@ -1,0 +1,242 @@
+"""The run report: one self-contained ``report.html`` (figures inlined) plus the PNGs beside it.
+
+Written at the end of ``train`` and refreshed by ``predict`` and ``evaluate``; every section is
+drawn from files in the run folder, so a section whose inputs do not exist yet says so.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import logging
+
+import numpy as np
+
+from catdog.config import CatdogConfig
+from catdog.data import decode_image
+from catdog.inference import (
+    classification_metrics,
+    model_ref,
+    predictions_dataset,
+    read_columns,
+    write_parquet_atomically,
+)
+from catdog.presets import EvalPreset
+from catdog.storage import Storage, basename, join
+
+logger = logging.getLogger(__name__)
+
+REPORT_DIR = "report"
+VAL_PREDICTIONS = "val_predictions"
+VAL_STUDY = "val_study.json"
+
+
+def _read_csv(storage: Storage, uri: str) -> list[dict]:
+    return list(csv.DictReader(io.StringIO(storage.read_text(uri)))) if storage.exists(uri) else []
+
+
+def validation_study(cfg: CatdogConfig, storage: Storage, val_rows: list[dict], shards=None) -> dict:
+    """Score the held-out split with the best model, with TTA, and with the ensemble (± TTA).
+
+    The best model's plain predictions are kept as Parquet for the confusion matrix and the
+    most-confidently-wrong grid.  Never uses test1: these figures are on validation only.
+    """
+    board = _read_csv(storage, join(cfg.run_uri, "leaderboard.csv"))
+    refs = [model_ref(storage, row["checkpoint"]) for row in board]
+    rows = [{"path": r["path"], "id": None, "truth": r["label"]} for r in val_rows]
+    variants = {"best": (refs[:1], False), "best+tta": (refs[:1], True)}
+    if len(refs) > 1:
+        variants.update({"ensemble": (refs, False), "ensemble+tta": (refs, True)})
+    study = {}
+    for name, (models, tta) in variants.items():
+        uri = join(cfg.run_uri, VAL_PREDICTIONS if name == "best" else f".{VAL_PREDICTIONS}-{name}")
+        write_parquet_atomically(predictions_dataset(cfg, storage, rows, models, tta, shards), storage, uri)
+        metrics = classification_metrics(storage, uri)
+        study[name] = {k: metrics[k] for k in ("accuracy", "log_loss", "n_images", "confusion", "model")}
+        if name != "best":
+            storage.delete_dir(uri)
+        logger.info("validation %-13s accuracy %s log_loss %s", name, metrics["accuracy"], metrics["log_loss"])
+    storage.write_text(join(cfg.run_uri, VAL_STUDY), json.dumps(study, indent=2) + "\n")
+    return study
+
+
+def _figure_png(fig) -> bytes:
+    out = io.BytesIO()
+    fig.savefig(out, format="png", dpi=110, bbox_inches="tight")
+    return out.getvalue()
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def curves_figure(arch: str, history: list[dict]) -> bytes:
+    plt = _plt()
+    epochs = [int(r["epoch"]) for r in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    left.plot(epochs, [float(r["train_loss"]) for r in history], "o-", label="train loss")
+    left.plot(epochs, [float(r["val_loss"]) for r in history], "o-", label="val loss")
+    left.set_xlabel("epoch"), left.legend(), left.set_title(f"{arch}: loss")
+    right.plot(epochs, [float(r["val_acc"]) for r in history], "o-", color="tab:green")
+    right.set_xlabel("epoch"), right.set_title(f"{arch}: validation accuracy")
+    data = _figure_png(fig)
+    plt.close(fig)
+    return data
+
+
+def confusion_figure(confusion: list[list[int]], title: str) -> bytes:
+    plt = _plt()
+    matrix = np.asarray(confusion)
+    fig, ax = plt.subplots(figsize=(3.6, 3.2))
+    ax.imshow(matrix, cmap="Blues")
+    for (i, j), value in np.ndenumerate(matrix):
+        ax.text(j, i, str(value), ha="center", va="center", color="black", fontsize=12)
+    ax.set_xticks([0, 1], ["cat", "dog"]), ax.set_yticks([0, 1], ["cat", "dog"])
+    ax.set_xlabel("predicted"), ax.set_ylabel("truth"), ax.set_title(title)
+    data = _figure_png(fig)
+    plt.close(fig)
+    return data
+
+
+def wrong_grid_figure(storage: Storage, wrong: list[dict]) -> bytes:
+    plt = _plt()
+    cols = 4
+    rows = max(1, (len(wrong) + cols - 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, row in zip(axes.flat, wrong):
+        ax.imshow(decode_image(storage.read_bytes(row["path"]), EvalPreset(128)))
+        truth = "dog" if row["truth"] else "cat"
+        ax.set_title(f"{basename(row['path'])}\ntruth {truth}, P(dog)={row['prob_dog']:.3f}", fontsize=8)
+    data = _figure_png(fig)
+    plt.close(fig)
+    return data
+
+
+def histogram_figure(probs: np.ndarray) -> bytes:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.hist(probs, bins=40, range=(0, 1), color="tab:purple")
+    ax.set_xlabel("P(dog)"), ax.set_ylabel("images"), ax.set_title(f"test predictions ({len(probs)} images)")
+    data = _figure_png(fig)
+    plt.close(fig)
+    return data
+
+
+def most_confidently_wrong(storage: Storage, predictions_uri: str, k: int = 12) -> list[dict]:
+    wrong = []
+    for batch in read_columns(storage, predictions_uri, ["path", "truth", "prob_dog", "error"]):
+        for row in batch.to_pylist():
+            if row["error"] is None and (row["prob_dog"] >= 0.5) != bool(row["truth"]):
+                row["confidence"] = abs(row["prob_dog"] - 0.5)
+                wrong.append(row)
+                wrong = sorted(wrong, key=lambda r: -r["confidence"])[:k]
+    return wrong
+
+
+def _table(rows: list[dict], columns: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(r.get(c, '')))}</td>" for c in columns) + "</tr>" for r in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _img(storage: Storage, report_dir: str, name: str, png: bytes) -> str:
+    storage.write_bytes(join(report_dir, name), png)
+    encoded = base64.b64encode(png).decode()
+    return f'<img class="figure" alt="{name}" src="data:image/png;base64,{encoded}">'
+
+
+def write_report(cfg: CatdogConfig, storage: Storage) -> str:
+    """Build ``<run>/report.html`` (+ ``<run>/report/*.png``) from what the run folder holds."""
+    run, report_dir = cfg.run_uri, join(cfg.run_uri, REPORT_DIR)
+    board = _read_csv(storage, join(run, "leaderboard.csv"))
+    sections = [
+        "<h2 id='leaderboard'>Leaderboard</h2>"
+        + (
+            _table(board, ["arch", "val_acc", "val_log_loss", "epochs", "best_epoch", "checkpoint"])
+            if board
+            else "<p>not trained yet</p>"
+        )
+    ]
+    curves = ""
+    for row in board:
+        history = _read_csv(storage, join(run, row["arch"], "metrics.csv"))
+        if history:
+            curves += f"<h3>{html.escape(row['arch'])}</h3>" + _img(
+                storage, report_dir, f"curves_{row['arch']}.png", curves_figure(row["arch"], history)
+            )
+    sections.append("<h2 id='curves'>Training curves</h2>" + (curves or "<p>no metrics yet</p>"))
+    val_uri = join(run, VAL_PREDICTIONS)
+    if storage.exists(val_uri):
+        metrics = classification_metrics(storage, val_uri)
+        sections.append(
+            "<h2 id='confusion'>Confusion matrix (best model, validation)</h2>"
+            + _img(storage, report_dir, "confusion.png", confusion_figure(metrics["confusion"], metrics["model"]))
+        )
+        wrong = most_confidently_wrong(storage, val_uri)
+        sections.append(
+            "<h2 id='wrong'>Most confidently wrong (validation)</h2>"
+            + (
+                _img(storage, report_dir, "wrong.png", wrong_grid_figure(storage, wrong))
+                if wrong
+                else "<p>none wrong</p>"
+            )
+        )
+    else:
+        sections.append("<h2 id='confusion'>Confusion matrix</h2><p>no validation predictions yet</p>")
+    study_uri = join(run, VAL_STUDY)
+    if storage.exists(study_uri):
+        study = json.loads(storage.read_text(study_uri))
+        rows = [{"variant": k, **{m: v[m] for m in ("accuracy", "log_loss", "n_images")}} for k, v in study.items()]
+        sections.append(
+            "<h2 id='tta'>Test-time options on validation</h2>"
+            + _table(rows, ["variant", "accuracy", "log_loss", "n_images"])
+        )
+    evaluation_uri = join(run, "evaluate", "metrics.json")
+    if storage.exists(evaluation_uri):
+        evaluation = json.loads(storage.read_text(evaluation_uri))
+        sections.append(
+            "<h2 id='evaluate'>Evaluation</h2>"
+            + _table([evaluation], ["input", "model", "accuracy", "log_loss", "n_images", "n_unreadable", "confusion"])
+        )
+    predictions_uri = join(run, "predictions")
+    if storage.exists(predictions_uri):
+        probs = np.array(
+            [
+                p
+                for b in read_columns(storage, predictions_uri, ["prob_dog"])
+                for p in b.column(0).to_pylist()
+                if p is not None
+            ]
+        )
+        sections.append(
+            "<h2 id='histogram'>Predicted probabilities on the test set</h2>"
+            + _img(storage, report_dir, "test_histogram.png", histogram_figure(probs))
+        )
+    else:
+        sections.append("<h2 id='histogram'>Predicted probabilities on the test set</h2><p>run predict first</p>")
+    sections.append(
+        "<h2 id='throughput'>Throughput and wall time</h2>"
+        + _table(board, ["arch", "images_per_s", "train_seconds", "epochs"])
+    )
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>catdog run {html.escape(cfg.run_name)}</title>"
+        "<style>body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;font-size:14px}img.figure{max-width:100%}</style>"
+        f"</head><body><h1>catdog run <code>{html.escape(cfg.run_name)}</code></h1>"
+        f"<p>{html.escape(run)}</p>{''.join(sections)}</body></html>"
+    )
+    uri = join(run, "report.html")
+    storage.write_text(uri, page)
+    return uri

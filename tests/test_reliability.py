@@ -1,0 +1,205 @@
+"""Reliability: worker, checkpoint-write, driver and inference-actor deaths; bad images everywhere."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import REPO, copy_images, jpeg_bytes, quick_overrides
+from faults import arm
+from PIL import Image
+
+from catdog.config import load_config
+from catdog.inference import run_predict
+from catdog.train_job import run_training
+
+pytestmark = pytest.mark.slow
+
+
+def epochs_of(path: Path) -> list[int]:
+    with open(path, newline="") as handle:
+        return [int(row["epoch"]) for row in csv.DictReader(handle)]
+
+
+def cfg_for(data: Path, root: Path, run_name: str, **extra):
+    return load_config(
+        REPO / "configs" / "quick.yaml",
+        quick_overrides(data, root, run_name, **{"models": "[sequential_cnn]", **extra}),
+    )
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_sigkilled_worker_with_two_workers_resumes_and_logs_each_epoch_once(
+    small_real_data, tmp_path, faults_dir, ray_session
+):
+    cfg = cfg_for(
+        small_real_data, tmp_path, "sigkill", **{"train.epochs": 3, "train.num_workers": 2, "train.max_failures": 2}
+    )
+    metrics = tmp_path / "sigkill" / "sequential_cnn" / "metrics.csv"
+    for stale in faults_dir.glob("train-worker-*.pid"):
+        stale.unlink()
+    errors: list[BaseException] = []
+    runner = threading.Thread(target=lambda: _capture(errors, run_training, cfg))
+    runner.start()
+    wait_for(lambda: metrics.exists() and epochs_of(metrics) == [1], 300, "epoch 1")
+    time.sleep(1.0)  # now inside epoch 2
+    victims = [int(p.read_text()) for p in faults_dir.glob("train-worker-*.pid") if alive(int(p.read_text()))]
+    assert len(victims) == 2, victims
+    os.kill(victims[0], signal.SIGKILL)
+    runner.join(timeout=600)
+    assert not runner.is_alive() and not errors, errors
+    assert epochs_of(metrics) == [1, 2, 3]
+    restarted = {int(p.read_text()) for p in faults_dir.glob("train-worker-*.pid")} - set(victims)
+    assert restarted, "no new Train worker was started after the kill"
+
+
+def _capture(errors: list, fn, *args):
+    try:
+        fn(*args)
+    except BaseException as exc:  # noqa: BLE001 - re-raised by the test through `errors`
+        errors.append(exc)
+
+
+def test_death_while_writing_a_checkpoint_never_resumes_from_the_partial_one(
+    small_real_data, tmp_path, faults_dir, ray_session
+):
+    cfg = cfg_for(small_real_data, tmp_path, "ckpt-kill", **{"train.epochs": 3, "train.max_failures": 1})
+    arm(faults_dir, "ckpt_exit", epoch=2)
+    run_training(cfg)
+    assert (faults_dir / "ckpt_exit.fired").exists(), "the fault never fired"
+    (faults_dir / "ckpt_exit.fired").unlink()
+    arch = tmp_path / "ckpt-kill" / "sequential_cnn"
+    assert epochs_of(arch / "metrics.csv") == [1, 2, 3]
+    for folder in arch.glob("epoch_*"):
+        meta = json.loads((folder / "meta.json").read_text())
+        assert (folder / "model.pt").stat().st_size > 1000, f"{folder} holds a truncated model.pt"
+        assert [h["epoch"] for h in meta["history"]] == list(range(1, meta["epoch"] + 1))
+
+
+def test_sigkilled_driver_resumes_and_skips_finished_architectures(small_real_data, tmp_path):
+    args = [sys.executable, str(REPO / "jobs" / "train.py"), "--config", str(REPO / "configs" / "quick.yaml")]
+    for item in quick_overrides(
+        small_real_data, tmp_path, "driver", **{"models": "[sequential_cnn,mobilenet_v2]", "train.epochs": 2}
+    ):
+        args += ["--set", item]
+    run = tmp_path / "driver"
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: (run / "mobilenet_v2" / "metrics.csv").exists(), 400, "mobilenet_v2 epoch 1")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finished = (run / "sequential_cnn" / "result.json").read_text()
+    finished_stamp = (run / "sequential_cnn" / "result.json").stat().st_mtime_ns
+    first_epoch = (run / "mobilenet_v2" / "metrics.csv").read_text().splitlines()[:2]
+    assert not (run / "best.json").exists()
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == str(run / "best.json")
+    assert (run / "sequential_cnn" / "result.json").read_text() == finished
+    assert (run / "sequential_cnn" / "result.json").stat().st_mtime_ns == finished_stamp
+    assert "sequential_cnn: already trained" in done.stderr
+    metrics = (run / "mobilenet_v2" / "metrics.csv").read_text().splitlines()
+    assert metrics[:2] == first_epoch and epochs_of(run / "mobilenet_v2" / "metrics.csv") == [1, 2]
+    best = json.loads((run / "best.json").read_text())
+    assert best["arch"] in ("sequential_cnn", "mobilenet_v2")
+
+
+def test_inference_actor_death_is_retried_without_duplicates_or_gaps(quick_run, data_dir, tmp_path, faults_dir):
+    cfg, best_uri = quick_run
+    images = copy_images(data_dir / "test1", tmp_path / "test1", [f"{i}.jpg" for i in range(1, 601)])
+    arm(faults_dir, "predict_exit")
+    run_predict(cfg, best_uri, str(images), str(tmp_path / "out"))
+    assert (faults_dir / "predict_exit.fired").exists(), "the inference actor was never killed"
+    (faults_dir / "predict_exit.fired").unlink()
+    ids = pq.read_table(tmp_path / "out" / "predictions", columns=["id"]).column("id").to_pylist()
+    assert len(ids) == 600 and sorted(ids) == list(range(1, 601))
+    with open(tmp_path / "out" / "submission.csv", newline="") as handle:
+        rows = list(csv.reader(handle))[1:]
+    assert [int(r[0]) for r in rows] == list(range(1, 601))
+
+
+def save(image: Image.Image, path: Path, fmt: str, **kw) -> None:
+    out = io.BytesIO()
+    image.save(out, format=fmt, **kw)
+    path.write_bytes(out.getvalue())
+
+
+@pytest.fixture
+def nasty_train_folder(small_real_data, tmp_path) -> Path:
+    """Real images plus every kind of file a real labelled folder may hold."""
+    folder = copy_images(
+        small_real_data / "train", tmp_path / "nasty", [f"{kind}.{i}.jpg" for kind in ("cat", "dog") for i in range(40)]
+    )
+    photo = Image.open(small_real_data / "train" / "dog.100.jpg").convert("RGB")
+    (folder / "cat.900.jpg").write_bytes(jpeg_bytes()[:120])  # truncated
+    (folder / "dog.901.jpg").write_bytes(b"")  # zero bytes
+    (folder / "dog.902.jpg").write_text("<!doctype html><title>Not Found</title>")
+    save(photo, folder / "cat.903.jpg", "PNG")  # PNG bytes under .jpg
+    save(photo.convert("L"), folder / "dog.904.jpg", "JPEG")
+    save(photo.convert("CMYK"), folder / "cat.905.jpg", "JPEG")
+    save(photo.convert("P"), folder / "dog.906.png", "PNG")
+    save(photo.convert("RGBA"), folder / "cat.907.png", "PNG")
+    save(Image.fromarray(np.asarray(photo.convert("L"), dtype=np.uint16) * 257), folder / "dog.908.png", "PNG")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    save(photo, folder / "cat.909.jpg", "JPEG", exif=exif.tobytes())
+    save(Image.new("RGB", (1, 1), (90, 60, 30)), folder / "dog.910.jpg", "JPEG")
+    save(photo.resize((6000, 4500)), folder / "cat.911.jpg", "JPEG", quality=70)
+    save(photo, folder / "DOG.912.JPG", "JPEG")
+    save(photo, folder / "cat.913 with space.jpg", "JPEG")
+    save(photo, folder / "dog.914.ñandú.jpg", "JPEG")
+    save(photo, folder / "readme.jpg", "JPEG")
+    save(photo, folder / "bird.7.jpg", "JPEG")
+    return folder
+
+
+def test_training_on_a_folder_full_of_bad_files(nasty_train_folder, tmp_path, ray_session, caplog):
+    cfg = load_config(
+        REPO / "configs" / "quick.yaml",
+        [
+            f"data.train={nasty_train_folder}",
+            f"storage.root={tmp_path}/runs",
+            "run_name=nasty",
+            "models=[sequential_cnn]",
+            "data.limit=null",
+            "data.val_fraction=0.25",
+        ],
+    )
+    run_training(cfg)
+    arch = tmp_path / "runs" / "nasty" / "sequential_cnn"
+    listed = (arch / "unreadable.txt").read_text().splitlines()
+    assert sorted(Path(p).name for p in listed) == ["cat.900.jpg", "dog.901.jpg", "dog.902.jpg"]
+    with open(arch / "metrics.csv", newline="") as handle:
+        row = next(csv.DictReader(handle))
+    assert int(row["unreadable_images"]) == 3
+    # 80 real images + 12 odd but decodable ones; the 3 broken files and 2 unlabelled names are not used.
+    assert int(row["train_images"]) + int(row["val_images"]) == 92
+    assert "readme.jpg" in caplog.text and "bird.7.jpg" in caplog.text

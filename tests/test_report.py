@@ -1,0 +1,93 @@
+"""The run report: every section, written by train and refreshed by predict; renders in Chromium."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from catdog.inference import run_predict
+from catdog.report import write_report
+from catdog.storage import Storage
+
+pytestmark = pytest.mark.slow
+
+SECTIONS = ["leaderboard", "curves", "confusion", "wrong", "tta", "histogram", "throughput"]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def report(quick_run, small_real_data):
+    cfg, _ = quick_run
+    run_predict(cfg, input_uri=str(small_real_data / "test1"))  # into the run folder: adds the histogram
+    return Path(write_report(cfg, Storage())), cfg
+
+
+def test_train_writes_the_validation_study(quick_run):
+    cfg, _ = quick_run
+    study = json.loads((Path(cfg.run_uri) / "val_study.json").read_text())
+    assert set(study) == {"best", "best+tta", "ensemble", "ensemble+tta"}
+    n_val = study["best"]["n_images"]
+    assert n_val == 100 and all(v["n_images"] == n_val for v in study.values())
+    assert all(0 <= v["accuracy"] <= 1 and v["log_loss"] > 0 for v in study.values())
+    board = (Path(cfg.run_uri) / "leaderboard.csv").read_text().splitlines()[1].split(",")
+    assert study["best"]["accuracy"] == pytest.approx(float(board[1]), abs=1.5 / n_val)
+
+
+def test_report_has_every_section_inline(report):
+    path, cfg = report
+    page = path.read_text()
+    for section in SECTIONS:
+        assert f"id='{section}'" in page, section
+    images = re.findall(r'<img class="figure" alt="([^"]+)" src="data:image/png;base64,', page)
+    assert set(images) >= {"confusion.png", "wrong.png", "test_histogram.png"} | {
+        f"curves_{a}.png" for a in ("mobilenet_v2", "resnet18", "sequential_cnn")
+    }
+    assert 'src="http' not in page and "src='http" not in page  # opens offline
+    assert all((path.parent / "report" / name).stat().st_size > 1000 for name in images)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (.ci/run installs it)")
+def test_report_renders_in_headless_chromium(report, tmp_path):
+    path, _ = report
+    probe = tmp_path / "probe.html"
+    # Test-side probe: after load, record how many images decoded to a real size.
+    probe.write_text(
+        path.read_text().replace(
+            "</body>",
+            (
+                "<script>window.addEventListener('load',()=>{const i=[...document.images];"
+                "document.body.setAttribute('data-loaded',i.filter(x=>x.complete&&x.naturalWidth>0).length+'/'+i.length);"
+                "});</script></body>"
+            ),
+        )
+    )
+    proc = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            probe.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    match = re.search(r'data-loaded="(\d+)/(\d+)"', proc.stdout)
+    assert match, proc.stderr[-2000:]
+    loaded, total = map(int, match.groups())
+    assert total >= 6 and loaded == total
+    assert "Leaderboard" in proc.stdout and "Most confidently wrong" in proc.stdout

@@ -1,0 +1,447 @@
+"""Object storage end to end against a real S3 API: ``moto_server`` in its own process on a loopback port.
+
+Nothing is mocked inside the test process.  The Ray jobs run as subprocesses (``jobs/*.py``) that
+start their own embedded Ray, so their Ray workers inherit the (dummy) AWS credentials from the job's
+environment; the credentials are only ever environment variables, never config files or arguments.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import REPO, write_image
+
+from catdog.config import load_config
+from catdog.models import build_model, check_init, load_weights_file
+from catdog.storage import Storage, StorageError, StorageNotFound
+from catdog.train_job import prepare_run
+
+MOTO_SERVER = Path(sys.executable).parent / "moto_server"
+REGION = "us-east-1"
+# Dummy credentials for the local moto server; they exist only in the environment of these tests.
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "catdog-test-key", "AWS_SECRET_ACCESS_KEY": "catdog-test-secret"}
+_AWS_UNSET = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class MotoServer:
+    """``moto_server`` as a separate process; ``auth=True`` enforces IAM, so unknown keys are refused."""
+
+    def __init__(self, log: Path, auth: bool = False):
+        if not MOTO_SERVER.exists():
+            pytest.skip(f"{MOTO_SERVER} not found: install the dev extras (moto[server])")
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, **({"INITIAL_NO_AUTH_ACTION_COUNT": "0"} if auth else {})}
+        self.log = open(log, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(self.port)], stdout=self.log, stderr=self.log, env=env
+        )
+        deadline = time.time() + 30
+        while True:
+            try:
+                urllib.request.urlopen(self.endpoint + "/", timeout=2)
+                break
+            except urllib.error.HTTPError:
+                break  # any HTTP answer (403 with auth on) means it is up
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                if self.proc.poll() is not None or time.time() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"moto_server did not start on {self.endpoint}; see {log}") from None
+                time.sleep(0.2)
+
+    def fs(self) -> pafs.S3FileSystem:
+        """A filesystem for the test's own checks (explicit dummy keys, bucket creation allowed)."""
+        return pafs.S3FileSystem(
+            access_key=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            secret_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+            region=REGION,
+            endpoint_override=f"127.0.0.1:{self.port}",
+            scheme="http",
+            allow_bucket_creation=True,
+        )
+
+    def bucket(self, prefix: str = "catdog") -> str:
+        name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+        self.fs().create_dir(name)
+        return name
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    server = MotoServer(tmp_path_factory.mktemp("moto") / "moto_server.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def s3_auth_server(tmp_path_factory):
+    server = MotoServer(tmp_path_factory.mktemp("moto-auth") / "moto_server.log", auth=True)
+    yield server
+    server.stop()
+
+
+def job_env() -> dict[str, str]:
+    """The environment of a job subprocess: ours, plus the dummy credentials, and no cluster to join."""
+    env = {k: v for k, v in os.environ.items() if k not in (*_AWS_UNSET, "RAY_ADDRESS")}
+    return {**env, **CREDENTIALS, "AWS_DEFAULT_REGION": REGION}
+
+
+@pytest.fixture
+def s3_env(monkeypatch):
+    for key in (*_AWS_UNSET, "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in {**CREDENTIALS, "AWS_DEFAULT_REGION": REGION}.items():
+        monkeypatch.setenv(key, value)
+
+
+@pytest.fixture
+def bucket(s3_server, s3_env) -> str:
+    return s3_server.bucket()
+
+
+def keys(server: MotoServer, prefix: str) -> list[str]:
+    """Every object key under ``bucket/prefix`` (relative), straight from the server."""
+    infos = server.fs().get_file_info(pafs.FileSelector(prefix, recursive=True, allow_not_found=True))
+    return sorted(i.path[len(prefix) :].lstrip("/") for i in infos if i.type == pafs.FileType.File)
+
+
+def read_object(server: MotoServer, path: str) -> bytes:
+    with server.fs().open_input_stream(path) as stream:
+        return stream.read()
+
+
+def run_job(job: str, *args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "jobs" / job), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env=job_env(),
+    )
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+
+
+# -- the storage layer against S3 (no Ray) ----------------------------------------------------------
+
+
+def test_storage_round_trip_and_atomic_writes_on_s3(s3_server, bucket):
+    storage = Storage(endpoint_url=s3_server.endpoint)
+    uri = f"s3://{bucket}/run/sub/best.json"
+    storage.write_text(uri, '{"a": 1}')
+    storage.write_text(uri, '{"a": 2}')  # overwrite through a temporary key
+    assert storage.read_text(uri) == '{"a": 2}'
+    assert storage.exists(uri) and storage.is_dir(f"s3://{bucket}/run") and not storage.exists(uri + "x")
+    # Only the object itself: no temporary keys left, no folder marker objects.
+    assert keys(s3_server, bucket) == ["run/sub/best.json"]
+    assert [storage.uri_of(uri, i.path) for i in storage.list_files(f"s3://{bucket}/run")] == [uri]
+    # s3fs built by the same Storage sees the same bucket.
+    assert storage.s3fs().cat(f"{bucket}/run/sub/best.json") == b'{"a": 2}'
+    with pytest.raises(StorageNotFound, match=f"s3://{bucket}/nope.json: not found"):
+        storage.read_text(f"s3://{bucket}/nope.json")
+
+
+def test_replace_dir_on_s3_replaces_every_object_and_leaves_no_temporary(s3_server, bucket):
+    storage = Storage(endpoint_url=s3_server.endpoint)
+    final, tmp = f"s3://{bucket}/out/predictions", f"s3://{bucket}/out/predictions.tmp-1234"
+    storage.write_text(f"{final}/part-a.parquet", "old a")
+    storage.write_text(f"{final}/part-old.parquet", "old, not in the new output")
+    storage.write_text(f"{tmp}/part-a.parquet", "new a")
+    storage.write_text(f"{tmp}/part-b.parquet", "new b")
+    storage.replace_dir(tmp, final)
+    assert keys(s3_server, f"{bucket}/out") == ["predictions/part-a.parquet", "predictions/part-b.parquet"]
+    assert storage.read_text(f"{final}/part-a.parquet") == "new a"
+
+
+def test_restart_moves_the_run_aside_on_s3(s3_server, bucket):
+    cfg = load_config(
+        REPO / "configs" / "quick.yaml",
+        [f"storage.root=s3://{bucket}/runs", f"storage.endpoint_url={s3_server.endpoint}", "run_name=r"],
+    )
+    storage = Storage.from_config(cfg.storage)
+    prepare_run(cfg, storage, restart=False)
+    storage.write_text(f"{cfg.run_uri}/resnet18/result.json", "{}")
+    prepare_run(cfg, storage, restart=False)  # a plain re-run keeps everything
+    assert keys(s3_server, f"{bucket}/runs") == ["r/config.yaml", "r/resnet18/result.json"]
+    prepare_run(cfg, storage, restart=True)
+    found = keys(s3_server, f"{bucket}/runs")
+    aside = [k for k in found if k.startswith("r.old-")]
+    assert sorted(k.split("/", 1)[1] for k in aside) == ["config.yaml", "resnet18/result.json"]
+    assert [k for k in found if k.startswith("r/")] == ["r/config.yaml"]
+
+
+def test_init_weights_from_s3(s3_server, bucket):
+    storage = Storage(endpoint_url=s3_server.endpoint)
+    model = build_model("sequential_cnn")
+    out = io.BytesIO()
+    torch.save(model.state_dict(), out)
+    storage.write_bytes(f"s3://{bucket}/weights/cnn.pt", out.getvalue())
+    storage.write_bytes(f"s3://{bucket}/ckpt/epoch_001/model.pt", out.getvalue())
+    check_init("sequential_cnn", f"s3://{bucket}/weights/cnn.pt", storage)
+    for uri in (f"s3://{bucket}/weights/cnn.pt", f"s3://{bucket}/ckpt/epoch_001"):  # a file or a checkpoint folder
+        state = load_weights_file(storage, uri)
+        assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+# -- clear, bounded errors -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["wrong endpoint", "missing bucket", "bad credentials"])
+def test_storage_errors_are_one_line_naming_the_uri(case, s3_server, s3_auth_server, bucket):
+    endpoint = {
+        "wrong endpoint": f"http://127.0.0.1:{free_port()}",
+        "missing bucket": s3_server.endpoint,
+        "bad credentials": s3_auth_server.endpoint,
+    }[case]
+    where = f"s3://catdog-no-such-bucket-{uuid.uuid4().hex[:6]}" if case == "missing bucket" else f"s3://{bucket}"
+    storage = Storage(endpoint_url=endpoint)
+    expected = {"wrong endpoint": "cannot reach the S3 endpoint", "missing bucket": "does not exist"}.get(
+        case, "access denied"
+    )
+    for call in (
+        lambda: storage.check_bucket(f"{where}/runs"),
+        lambda: storage.read_text(f"{where}/runs/best.json"),
+        lambda: storage.write_text(f"{where}/runs/x.txt", "x"),
+    ):
+        start = time.monotonic()
+        with pytest.raises(StorageError) as info:
+            call()
+        assert time.monotonic() - start < 30
+        message = str(info.value)
+        assert message.startswith(f"{where}/runs") and expected in message and "\n" not in message
+        assert CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in message
+
+
+@pytest.fixture(scope="module")
+def tiny_bucket(s3_server, tmp_path_factory) -> str:
+    """A bucket holding 10 cats and 10 dogs in train/ and 4 unlabelled images in test1/."""
+    name = s3_server.bucket("catdog-tiny")
+    folder = tmp_path_factory.mktemp("tiny")
+    for i in range(10):
+        write_image(folder / "train" / f"cat.{i}.jpg", color=(200, 40 + i, 40))
+        write_image(folder / "train" / f"dog.{i}.jpg", color=(40, 40 + i, 200))
+    for i in range(1, 5):
+        write_image(folder / "test1" / f"{i}.jpg")
+    pafs.copy_files(str(folder), name, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=s3_server.fs())
+    return name
+
+
+@pytest.mark.parametrize("job", ["train.py", "predict.py", "prepare.py"])
+@pytest.mark.parametrize("case", ["wrong endpoint", "missing bucket", "bad credentials"])
+def test_jobs_stop_with_one_error_line_naming_the_uri(job, case, s3_server, s3_auth_server, tiny_bucket, tmp_path):
+    endpoint = {
+        "wrong endpoint": f"http://127.0.0.1:{free_port()}",
+        "missing bucket": s3_server.endpoint,
+        "bad credentials": s3_auth_server.endpoint,
+    }[case]
+    missing = f"catdog-no-such-bucket-{uuid.uuid4().hex[:6]}"
+    root = f"s3://{missing if case == 'missing bucket' else tiny_bucket}/runs"
+    common = ["--config", str(REPO / "configs" / "quick.yaml"), "--set", f"storage.endpoint_url={endpoint}"]
+    if job == "train.py":
+        args = [*common, "--set", f"data.train=s3://{tiny_bucket}/train", "--set", f"storage.root={root}"]
+        uri = f"{root}/quick" if case == "missing bucket" else f"s3://{tiny_bucket}/train"
+    elif job == "predict.py":
+        args = [*common, "--set", f"storage.root={root}"]
+        uri = f"{root}/quick/best.json"
+    else:
+        args = [*common, "--input", f"s3://{tiny_bucket}/train", "--output", f"{root}/shards"]
+        uri = f"{root}/shards" if case == "missing bucket" else f"s3://{tiny_bucket}/train"
+    start = time.monotonic()
+    proc = run_job(job, *args, cwd=tmp_path, timeout=120)
+    elapsed = time.monotonic() - start
+    lines = error_lines(proc)
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert uri in lines[0], lines[0]
+    expected = {
+        "wrong endpoint": "cannot reach the S3 endpoint",
+        "missing bucket": f"bucket '{missing}' does not exist",
+    }
+    assert expected.get(case, "access denied") in lines[0], lines[0]
+    assert CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in proc.stderr + proc.stdout
+    assert elapsed < 60
+    assert list(tmp_path.iterdir()) == []  # nothing written to the working folder
+
+
+# -- prepare -> train -> predict -> evaluate, all on s3:// (real Ray jobs) ----------------------------
+
+
+@pytest.fixture(scope="module")
+def s3_run(s3_server, small_real_data, tmp_path_factory):
+    """Upload the real images, pack them into shards on S3, and train from the shards with every
+    output on S3.  Jobs run with an empty working folder, which must stay empty."""
+    name = s3_server.bucket("catdog-e2e")
+    fs = s3_server.fs()
+    for part in ("train", "test1"):
+        pafs.copy_files(
+            str(small_real_data / part),
+            f"{name}/data/{part}",
+            source_filesystem=pafs.LocalFileSystem(),
+            destination_filesystem=fs,
+        )
+    with fs.open_output_stream(f"{name}/data/train/cat.9999.jpg") as stream:
+        stream.write(b"\xff\xd8\xff\xe0 truncated")  # one corrupt image: rejected by prepare
+    cwd = tmp_path_factory.mktemp("cwd")
+    bucket = f"s3://{name}"
+    config = ["--config", str(REPO / "configs" / "quick.yaml"), "--set", f"storage.endpoint_url={s3_server.endpoint}"]
+    timings = {}
+    prepared = {}
+    for part in ("train", "test1"):
+        start = time.monotonic()
+        proc = run_job(
+            "prepare.py",
+            *config,
+            "--input",
+            f"{bucket}/data/{part}",
+            "--output",
+            f"{bucket}/shards/{part}",
+            "--shard-size",
+            "64",
+            cwd=cwd,
+        )
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        timings[f"prepare {part}"] = time.monotonic() - start
+        prepared[part] = proc.stdout
+    sets = [
+        *config,
+        "--set",
+        f"storage.root={bucket}/runs",
+        "--set",
+        "run_name=s3run",
+        "--set",
+        f"data.train={bucket}/shards/train",
+        "--set",
+        f"data.test={bucket}/data/test1",
+        "--set",
+        "data.limit=null",
+        "--set",
+        "models=[sequential_cnn]",
+    ]
+    start = time.monotonic()
+    proc = run_job("train.py", *sets, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    timings["train"] = time.monotonic() - start
+    return {"bucket": name, "cwd": cwd, "sets": sets, "train": proc, "prepared": prepared, "timings": timings}
+
+
+def assert_nothing_local(run: dict) -> None:
+    assert list(run["cwd"].iterdir()) == [], "a job wrote into its working folder"
+    assert not (REPO / "runs" / "s3run").exists()
+
+
+@pytest.mark.slow
+def test_prepare_on_s3_packs_validates_and_reports(s3_server, s3_run):
+    name = s3_run["bucket"]
+    train_keys = keys(s3_server, f"{name}/shards/train")
+    assert train_keys == ["_catdog_shards.json", "rejected.parquet"] + [f"shard-{i:05d}.parquet" for i in range(7)]
+    marker = json.loads(read_object(s3_server, f"{name}/shards/train/_catdog_shards.json"))
+    assert marker["images"] == 400 and marker["rejected"] == 1 and marker["source"] == f"s3://{name}/data/train"
+    rejected = pq.read_table(io.BytesIO(read_object(s3_server, f"{name}/shards/train/rejected.parquet")))
+    assert rejected.column("name").to_pylist() == ["cat.9999.jpg"] and rejected.column("reason")[0].as_py()
+    assert "400 packed in 7 shards" in s3_run["prepared"]["train"] and "1 rejected" in s3_run["prepared"]["train"]
+    assert "rejected: cat.9999.jpg: " in s3_run["prepared"]["train"]
+    assert_nothing_local(s3_run)
+
+
+@pytest.mark.slow
+def test_train_from_shards_on_s3_writes_every_output_to_the_bucket(s3_server, s3_run):
+    name = s3_run["bucket"]
+    assert s3_run["train"].stdout.strip().splitlines()[-1] == f"s3://{name}/runs/s3run/best.json"
+    found = keys(s3_server, f"{name}/runs/s3run")
+    for key in (
+        "config.yaml",
+        "leaderboard.csv",
+        "best.json",
+        "sequential_cnn/metrics.csv",
+        "sequential_cnn/result.json",
+        "sequential_cnn/epoch_001/model.pt",
+        "sequential_cnn/epoch_001/meta.json",
+        "sequential_cnn/epoch_001/train_state.pt",
+    ):
+        assert key in found, (key, found)
+    best = json.loads(read_object(s3_server, f"{name}/runs/s3run/best.json"))
+    assert best["checkpoint"] == f"s3://{name}/runs/s3run/sequential_cnn/epoch_001"
+    meta = json.loads(read_object(s3_server, f"{name}/runs/s3run/sequential_cnn/epoch_001/meta.json"))
+    assert meta["arch"] == "sequential_cnn" and [h["epoch"] for h in meta["history"]] == [1]
+    assert not [k for k in found if ".tmp-" in k]
+    assert_nothing_local(s3_run)
+
+
+@pytest.mark.slow
+def test_predict_and_evaluate_on_s3_folder_and_shards_agree(s3_server, s3_run):
+    name, cwd, sets = s3_run["bucket"], s3_run["cwd"], s3_run["sets"]
+    bucket = f"s3://{name}"
+    folder = run_job("predict.py", *sets, cwd=cwd)
+    assert folder.returncode == 0, folder.stderr[-4000:]
+    assert folder.stdout.strip().splitlines()[-1] == f"{bucket}/runs/s3run/submission.csv"
+    from_folder = read_object(s3_server, f"{name}/runs/s3run/submission.csv").decode()
+    assert from_folder.splitlines()[0] == "id,label" and len(from_folder.splitlines()) == 121
+    # The same model over the test shards, into the same run: predictions/ is replaced, not appended to.
+    shards = run_job("predict.py", *sets, "--input", f"{bucket}/shards/test1", cwd=cwd)
+    assert shards.returncode == 0, shards.stderr[-4000:]
+    assert read_object(s3_server, f"{name}/runs/s3run/submission.csv").decode() == from_folder
+    parts = [k for k in keys(s3_server, f"{name}/runs/s3run/predictions") if k.endswith(".parquet")]
+    rows = sum(
+        pq.read_metadata(io.BytesIO(read_object(s3_server, f"{name}/runs/s3run/predictions/{k}"))).num_rows
+        for k in parts
+    )
+    assert parts and rows == 120
+    evaluate = run_job("evaluate.py", *sets, "--input", f"{bucket}/shards/train", cwd=cwd)
+    assert evaluate.returncode == 0, evaluate.stderr[-4000:]
+    metrics = json.loads(read_object(s3_server, f"{name}/runs/s3run/evaluate/metrics.json"))
+    assert metrics["n_images"] == 400 and metrics["n_unreadable"] == 1 and 0 <= metrics["accuracy"] <= 1
+    assert metrics["input"] == f"{bucket}/shards/train"
+    assert not [k for k in keys(s3_server, name) if ".tmp-" in k]
+    assert_nothing_local(s3_run)
+
+
+@pytest.mark.slow
+def test_rerun_with_one_more_epoch_resumes_from_the_checkpoint_in_the_bucket(s3_server, s3_run):
+    arch = f"{s3_run['bucket']}/runs/s3run/sequential_cnn"
+
+    def metrics() -> list[dict]:
+        return list(csv.DictReader(io.StringIO(read_object(s3_server, f"{arch}/metrics.csv").decode())))
+
+    first = metrics()
+    assert [int(r["epoch"]) for r in first] == [1]
+    stamp = s3_server.fs().get_file_info(f"{arch}/epoch_001/model.pt").mtime
+    proc = run_job("train.py", *s3_run["sets"], "--set", "train.epochs=2", cwd=s3_run["cwd"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    second = metrics()
+    assert [int(r["epoch"]) for r in second] == [1, 2] and second[:1] == first
+    assert s3_server.fs().get_file_info(f"{arch}/epoch_001/model.pt").mtime == stamp
+    assert "epoch_002/model.pt" in keys(s3_server, arch)
+    assert json.loads(read_object(s3_server, f"{arch}/result.json"))["epochs"] == 2
+    assert_nothing_local(s3_run)
