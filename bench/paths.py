@@ -119,10 +119,11 @@ def plain_train(a: dict) -> dict:
     images = torch.randint(0, 255, (a["n"], a["size"], a["size"], 3), dtype=torch.uint8)
     labels = torch.randint(0, 2, (a["n"],))
     loss_fn = torch.nn.CrossEntropyLoss()
-    count, start = 0, None
+    warm_up = min(2, a["n"] // a["batch"] - 1)  # steady state: after (up to) two warm-up steps
+    count, start = 0, time.perf_counter()
     for i in range(0, a["n"], a["batch"]):
-        if i == 2 * a["batch"]:
-            start, count = time.perf_counter(), 0  # steady state: after two warm-up steps
+        if i == warm_up * a["batch"]:
+            start, count = time.perf_counter(), 0
         loss = loss_fn(
             model(to_model_input(images[i : i + a["batch"]], torch.device("cpu"))), labels[i : i + a["batch"]]
         )

@@ -165,7 +165,23 @@ def load_split(storage: Storage, uri: str, val_fraction: float, seed: int, limit
         )
     if not split.train or not split.val:
         raise DataError(f"{uri}: too few images to split ({len(split.train)} train, {len(split.val)} val)")
+    if shards is None:  # prepare already validated every image of a shard set
+        probe_decodable(storage, uri, [row["path"] for row in split.train + split.val])
     return split
+
+
+def probe_decodable(storage: Storage, uri: str, paths: list[str], sample: int = 64) -> None:
+    """Decode up to ``sample`` evenly spread files; if none is an image, stop before any worker starts."""
+    step = max(1, len(paths) // sample)
+    first_error = None
+    for path in paths[::step][:sample]:
+        try:
+            decode_rgb(read_uri(storage, path), 32)
+            return
+        except Exception as exc:  # any failure: keep looking for one usable image
+            first_error = first_error or f"{posixpath.basename(path)}: {type(exc).__name__}"
+    checked = len(paths[::step][:sample])
+    raise DataError(f"{uri}: no usable image: none of {checked} sampled files could be decoded (e.g. {first_error})")
 
 
 def decode_rgb(data: bytes, source_size: int) -> Image.Image:

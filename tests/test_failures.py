@@ -63,6 +63,24 @@ def test_one_class_folder_fails_before_any_worker(tmp_path):
     assert "no labelled cat images found (0 cat, 6 dog)" in one_error_line(proc)
 
 
+def test_folder_without_a_single_decodable_image(tmp_path):
+    for i in range(5):
+        (tmp_path / "train" / f"cat.{i}.jpg").parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "train" / f"cat.{i}.jpg").write_bytes(b"")
+        (tmp_path / "train" / f"dog.{i}.jpg").write_text("<html>")
+    proc = run_job(
+        "train.py",
+        "--config",
+        "configs/quick.yaml",
+        "--set",
+        f"data.train={tmp_path}/train",
+        "--set",
+        f"storage.root={tmp_path}/runs",
+    )
+    assert "no usable image: none of 10 sampled files could be decoded" in one_error_line(proc)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_unreadable_init_weights(tmp_path, kaggle_folder):
     proc = run_job(
         "train.py",
