@@ -48,35 +48,25 @@ def test_unknown_architecture_on_the_command_line(tmp_path):
     )
 
 
+def train_on(folder, runs) -> subprocess.CompletedProcess:
+    return run_job(
+        "train.py", "--config", "configs/quick.yaml", "--set", f"data.train={folder}", "--set", f"storage.root={runs}"
+    )
+
+
 def test_one_class_folder_fails_before_any_worker(tmp_path):
     for i in range(6):
         write_image(tmp_path / "train" / f"dog.{i}.jpg")
-    proc = run_job(
-        "train.py",
-        "--config",
-        "configs/quick.yaml",
-        "--set",
-        f"data.train={tmp_path}/train",
-        "--set",
-        f"storage.root={tmp_path}/runs",
-    )
+    proc = train_on(tmp_path / "train", tmp_path / "runs")
     assert "no labelled cat images found (0 cat, 6 dog)" in one_error_line(proc)
 
 
 def test_folder_without_a_single_decodable_image(tmp_path):
+    (tmp_path / "train").mkdir()
     for i in range(5):
-        (tmp_path / "train" / f"cat.{i}.jpg").parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "train" / f"cat.{i}.jpg").write_bytes(b"")
         (tmp_path / "train" / f"dog.{i}.jpg").write_text("<html>")
-    proc = run_job(
-        "train.py",
-        "--config",
-        "configs/quick.yaml",
-        "--set",
-        f"data.train={tmp_path}/train",
-        "--set",
-        f"storage.root={tmp_path}/runs",
-    )
+    proc = train_on(tmp_path / "train", tmp_path / "runs")
     assert "no usable image: none of 10 sampled files could be decoded" in one_error_line(proc)
     assert not (tmp_path / "runs").exists()
 
