@@ -16,11 +16,11 @@ import torch
 import torchvision
 from torch import nn
 
+from catdog.config import ARCHITECTURES
 from catdog.storage import Storage, StorageError, StorageNotFound, join
 
 logger = logging.getLogger(__name__)
 
-ARCHITECTURES = ("mobilenet_v2", "resnet18", "sequential_cnn")
 _IMAGENET_WEIGHTS = {
     "mobilenet_v2": torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1,
     "resnet18": torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
