@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -53,6 +54,18 @@ def ray_session(faults_dir):
         )
     yield ray
     ray.shutdown()
+
+
+# Ray forwards worker and raylet log lines to the driver's stdout ("(raylet) WARNING ...",
+# often wrapped in colour codes), sometimes after the job's own last print.
+_RAY_LOG_LINE = re.compile(r"^(\x1b\[[0-9;]*m)*\(")
+
+
+def printed_result(stdout: str) -> str:
+    """The last line a job printed itself, skipping log lines that Ray forwarded."""
+    own = [line for line in stdout.splitlines() if line.strip() and not _RAY_LOG_LINE.match(line)]
+    assert own, f"the job printed nothing of its own:\n{stdout[-2000:]}"
+    return own[-1].strip()
 
 
 def jpeg_bytes(color=(200, 30, 30), size=(48, 40), mode="RGB", **save) -> bytes:

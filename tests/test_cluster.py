@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import printed_result
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -199,13 +200,13 @@ def test_train_and_predict_jobs(cluster, small_real_data, tmp_path):
     train = submit(cluster, "train", sets)
     assert train.returncode == 0, "train job did not succeed"
     best = storage / "cluster" / "best.json"
-    assert train.stdout.strip().splitlines()[-1] == str(best)
+    assert printed_result(train.stdout) == str(best)
     assert json.loads(best.read_text())
 
     predict = submit(cluster, "predict", sets)
     assert predict.returncode == 0, "predict job did not succeed"
     submission = storage / "cluster" / "submission.csv"
-    assert predict.stdout.strip().splitlines()[-1] == str(submission)
+    assert printed_result(predict.stdout) == str(submission)
     with submission.open() as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["id", "label"]

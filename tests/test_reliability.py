@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, copy_images, jpeg_bytes, quick_overrides
+from conftest import REPO, copy_images, jpeg_bytes, printed_result, quick_overrides
 from faults import arm
 from PIL import Image
 
@@ -122,7 +122,7 @@ def test_sigkilled_driver_resumes_and_skips_finished_architectures(small_real_da
     assert not (run / "best.json").exists()
     done = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().splitlines()[-1] == str(run / "best.json")
+    assert printed_result(done.stdout) == str(run / "best.json")
     assert (run / "sequential_cnn" / "result.json").read_text() == finished
     assert (run / "sequential_cnn" / "result.json").stat().st_mtime_ns == finished_stamp
     assert "sequential_cnn: already trained" in done.stderr

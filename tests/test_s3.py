@@ -24,7 +24,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import REPO, write_image
+from conftest import REPO, printed_result, write_image
 
 from catdog.config import load_config
 from catdog.models import build_model, check_init, load_weights_file
@@ -378,7 +378,7 @@ def test_prepare_on_s3_packs_validates_and_reports(s3_server, s3_run):
 @pytest.mark.slow
 def test_train_from_shards_on_s3_writes_every_output_to_the_bucket(s3_server, s3_run):
     name = s3_run["bucket"]
-    assert s3_run["train"].stdout.strip().splitlines()[-1] == f"s3://{name}/runs/s3run/best.json"
+    assert printed_result(s3_run["train"].stdout) == f"s3://{name}/runs/s3run/best.json"
     found = keys(s3_server, f"{name}/runs/s3run")
     for key in (
         "config.yaml",
@@ -405,7 +405,7 @@ def test_predict_and_evaluate_on_s3_folder_and_shards_agree(s3_server, s3_run):
     bucket = f"s3://{name}"
     folder = run_job("predict.py", *sets, cwd=cwd)
     assert folder.returncode == 0, folder.stderr[-4000:]
-    assert folder.stdout.strip().splitlines()[-1] == f"{bucket}/runs/s3run/submission.csv"
+    assert printed_result(folder.stdout) == f"{bucket}/runs/s3run/submission.csv"
     from_folder = read_object(s3_server, f"{name}/runs/s3run/submission.csv").decode()
     assert from_folder.splitlines()[0] == "id,label" and len(from_folder.splitlines()) == 121
     # The same model over the test shards, into the same run: predictions/ is replaced, not appended to.
