@@ -109,6 +109,26 @@ def catdog_folder(a: dict) -> dict:
     return {"images": count, "seconds": time.perf_counter() - start, "startup": startup}
 
 
+def catdog_shards(a: dict) -> dict:
+    """The training reader over Parquet shards made by ``prepare`` (packing is not timed)."""
+    from catdog.data import image_dataset, list_entries
+    from catdog.shards import prepare_shards
+    from catdog.training import Collate
+
+    startup = start_ray(a["ray_workers"])
+    storage, source = Storage(), Path(tempfile.mkdtemp(prefix="catdog-bench-src-"))
+    for path in train_files(a["data"], a["n"]):
+        (source / Path(path).name).symlink_to(path)
+    shards_dir = tempfile.mkdtemp(prefix="catdog-bench-shards-")
+    prepare_shards(storage, str(source), shards_dir)
+    entries, shards = list_entries(storage, shards_dir)
+    start, count = time.perf_counter(), 0
+    ds = image_dataset(storage, entries, EvalPreset(a["size"], crop_fraction=1.0), batch_size=128, shards=shards)
+    for batch in ds.iter_torch_batches(batch_size=a["batch"], collate_fn=Collate()):
+        count += len(batch["path"])
+    return {"images": count, "seconds": time.perf_counter() - start, "startup": startup}
+
+
 def plain_train(a: dict) -> dict:
     from catdog.models import build_model
     from catdog.training import to_model_input
@@ -195,20 +215,43 @@ def plain_predict(a: dict) -> dict:
 
 
 def catdog_predict(a: dict) -> dict:
+    """The predict job end to end (Ray start-up, listing, Parquet and CSV included), then the same
+    Ray Data pipeline once more, timed from its first batch: the steady state."""
+    import ray
+
     from catdog.config import load_config
-    from catdog.inference import run_predict
+    from catdog.data import list_entries
+    from catdog.inference import model_ref, predictions_dataset, run_predict
 
     folder = test_folder(a["data"], a["n"])
     out = tempfile.mkdtemp(prefix="catdog-bench-out-")
+    actors = a["ray_workers"]
     cfg = load_config(
         Path(__file__).resolve().parents[1] / "configs" / "local.yaml",
-        [f"storage.root={out}", f"predict.batch_size={a['batch']}", "ray.num_cpus=4"],
+        [
+            f"storage.root={out}",
+            f"predict.batch_size={a['batch']}",
+            f"predict.concurrency={actors}",
+            f"predict.torch_threads={max(1, a['threads'] // actors)}",
+            f"ray.num_cpus={actors + 2}",
+        ],
     )
+    checkpoint, storage = _checkpoint_for(a["arch"], a["size"]), Storage()
     start = time.perf_counter()
-    run_predict(cfg, _checkpoint_for(a["arch"], a["size"]), folder, out)
+    run_predict(cfg, checkpoint, folder, out)
     seconds = time.perf_counter() - start
     assert id_from_path(f"{folder}/1.jpg") == 1
-    return {"images": a["n"], "seconds": seconds, "rss_mb": rss_mb()}
+    rows = [{"path": e["path"], "id": e["id"]} for e in list_entries(storage, folder)[0]]
+    ds = predictions_dataset(cfg, storage, rows, [model_ref(storage, checkpoint)], tta=False)
+    count, steady_start = 0, None
+    for batch in ds.iter_batches(batch_size=a["batch"], batch_format="pyarrow"):
+        if steady_start is None:
+            steady_start = time.perf_counter()
+        else:
+            count += batch.num_rows
+    steady = time.perf_counter() - steady_start
+    ray.shutdown()
+    return {"images": a["n"], "seconds": seconds, "steady_images": count, "steady_seconds": steady, "rss_mb": rss_mb()}
 
 
 PATHS = {
@@ -218,6 +261,7 @@ PATHS = {
         dataloader_2,
         ray_read_images,
         catdog_folder,
+        catdog_shards,
         plain_train,
         catdog_train,
         plain_predict,

@@ -1,6 +1,7 @@
 """Side-by-side benchmarks: each catdog path beside its plain baseline, same files, threads, batch size.
 
-    python bench/run.py [--smoke] [--full] [--data DIR] [--repeats N]
+    python bench/run.py [--smoke] [--full] [--data DIR] [--repeats N] [--groups ingest,train,predict]
+                        [--archs resnet18,...]
 
 Prints a table and writes bench/results/<timestamp>.json and bench/results/latest.md.  Every
 figure is the median of ``--repeats`` runs, with the spread (min-max).  Each measurement runs in
@@ -70,27 +71,36 @@ def summarise(runs: list[dict]) -> dict:
         "min": min(rates),
         "max": max(rates),
         "startup_s": statistics.median(r.get("startup", 0.0) for r in runs),
+        "steady_images_per_s": (
+            statistics.median(r["steady_images"] / r["steady_seconds"] for r in runs)
+            if "steady_seconds" in runs[0]
+            else None
+        ),
         "peak_rss_mb": max(r.get("rss_mb", 0.0) for r in runs),
         "images": runs[0]["images"],
         "runs": len(runs),
     }
 
 
-def plan(sizes: dict, data: Path, workers: list[int]) -> list[tuple[str, str, dict]]:
+def plan(sizes: dict, data: Path, workers: list[int], groups: set[str]) -> list[tuple[str, str, dict]]:
     """(group, path name, arguments) for every row of the table."""
     common = {"data": str(data), "size": 128, "batch": 32, "threads": 2}
     rows = []
-    for name in ("pillow_single", "dataloader_2", "ray_read_images", "catdog_folder"):
-        rows.append(("ingest", name, {**common, "n": sizes["ingest"]}))
+    ingest = {**common, "n": sizes["ingest"]}
+    for name in ("pillow_single", "dataloader_2", "ray_read_images", "catdog_folder", "catdog_shards"):
+        rows.append(("ingest", name, ingest))
     for w in workers[1:]:
-        rows.append(("ingest", "catdog_folder", {**common, "n": sizes["ingest"], "ray_workers": w}))
+        rows.append(("ingest", "catdog_folder", {**ingest, "ray_workers": w}))
     for arch in sizes["train_archs"]:
         rows.append(("train", "plain_train", {**common, "n": sizes["train"], "arch": arch}))
         rows.append(("train", "catdog_train", {**common, "n": sizes["train"], "arch": arch}))
     for arch in sizes["predict_archs"]:
         rows.append(("predict", "plain_predict", {**common, "n": sizes["predict"], "arch": arch}))
         rows.append(("predict", "catdog_predict", {**common, "n": sizes["predict"], "arch": arch}))
-    return rows
+        for w in workers[1:]:
+            scaled = {**common, "n": sizes["predict"], "arch": arch, "ray_workers": w}
+            rows.append(("predict", "catdog_predict", scaled))
+    return [(group, name, dict(args)) for group, name, args in rows if group in groups]
 
 
 def markdown(results: list[dict], meta: dict) -> str:
@@ -99,14 +109,16 @@ def markdown(results: list[dict], meta: dict) -> str:
         "",
         f"Mode: {meta['mode']}; every figure is the median of {meta['repeats']} runs (min-max).",
         "",
-        "| group | path | arch | ray workers | images | images/s | spread | startup s | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| group | path | arch | ray workers | images | images/s | spread | steady images/s | startup s "
+        "| peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         s = r["summary"]
         lines.append(
             f"| {r['group']} | {r['path']} | {r['args'].get('arch', '')} | {r['args'].get('ray_workers', '')} "
             f"| {s['images']} | {s['images_per_s']:.0f} | {s['min']:.0f}-{s['max']:.0f} "
+            f"| {'' if s.get('steady_images_per_s') is None else round(s['steady_images_per_s'])} "
             f"| {s['startup_s']:.1f} | {s['peak_rss_mb']:.0f} |"
         )
     lines += ["", "## Ratios", ""] + [f"- {k}: {v:.2f}" for k, v in ratios(results).items()]
@@ -114,26 +126,35 @@ def markdown(results: list[dict], meta: dict) -> str:
 
 
 def ratios(results: list[dict]) -> dict:
-    rate = {
-        (r["path"], r["args"].get("arch"), r["args"].get("ray_workers", 2)): r["summary"]["images_per_s"]
-        for r in results
+    """The issue's targets, as catdog / baseline (and 2 / 1 Ray workers for scaling)."""
+    summary = {(r["path"], r["args"].get("arch"), r["args"].get("ray_workers", 2)): r["summary"] for r in results}
+
+    def rate(path, arch=None, workers=2, key="images_per_s"):
+        found = summary.get((path, arch, workers))
+        return found and found.get(key)
+
+    pairs = {
+        "ingest: catdog folder / stock read_images": (rate("catdog_folder"), rate("ray_read_images")),
+        "ingest: catdog folder / plain DataLoader": (rate("catdog_folder"), rate("dataloader_2")),
+        "ingest: catdog shards / plain DataLoader": (rate("catdog_shards"), rate("dataloader_2")),
+        "ingest scaling: catdog folder, 2 / 1 Ray workers": (rate("catdog_folder"), rate("catdog_folder", None, 1)),
     }
-    out = {}
-    if ("catdog_folder", None, 2) in rate:
-        out["ingest: catdog / stock read_images"] = (
-            rate[("catdog_folder", None, 2)] / rate[("ray_read_images", None, 2)]
-        )
-        out["ingest: catdog / plain DataLoader"] = rate[("catdog_folder", None, 2)] / rate[("dataloader_2", None, 2)]
     for arch in ("resnet18", "mobilenet_v2", "sequential_cnn"):
-        if ("catdog_train", arch, 2) in rate:
-            out[f"train {arch}: Ray Train 1 worker / plain loop"] = (
-                rate[("catdog_train", arch, 2)] / rate[("plain_train", arch, 2)]
-            )
-        if ("catdog_predict", arch, 2) in rate:
-            out[f"predict {arch}: catdog end to end / plain loop"] = (
-                rate[("catdog_predict", arch, 2)] / rate[("plain_predict", arch, 2)]
-            )
-    return out
+        pairs[f"train {arch}: Ray Train 1 worker / plain loop"] = (
+            rate("catdog_train", arch),
+            rate("plain_train", arch),
+        )
+        plain = rate("plain_predict", arch)
+        pairs[f"predict {arch}: catdog steady state / plain loop"] = (
+            rate("catdog_predict", arch, key="steady_images_per_s"),
+            plain,
+        )
+        pairs[f"predict {arch}: catdog end to end / plain loop"] = (rate("catdog_predict", arch), plain)
+        pairs[f"predict scaling {arch}: 2 / 1 predictor actors, end to end"] = (
+            rate("catdog_predict", arch),
+            rate("catdog_predict", arch, 1),
+        )
+    return {name: a / b for name, (a, b) in pairs.items() if a and b}
 
 
 def main() -> int:
@@ -142,19 +163,31 @@ def main() -> int:
     parser.add_argument("--full", action="store_true", help="larger inputs")
     parser.add_argument("--data", default=os.environ.get("CATDOG_DATA", str(REPO.parent / "shared/data/dogs-vs-cats")))
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--archs", default=None, help="comma-separated subset of the train/predict architectures")
+    parser.add_argument(
+        "--groups", default="ingest,train,predict", help="comma-separated subset of ingest,train,predict"
+    )
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args()
     mode = "smoke" if args.smoke else "full" if args.full else "default"
     repeats = args.repeats or (1 if args.smoke else 3)
-    workers = [2] if args.smoke else [2, 1]
+    workers = [2, 1]
     results = []
-    for group, name, path_args in plan(SIZES[mode], Path(args.data), workers):
+    groups = set(args.groups.split(","))
+    sizes = dict(SIZES[mode])
+    if args.archs:
+        keep = args.archs.split(",")
+        for key in ("train_archs", "predict_archs"):
+            sizes[key] = tuple(a for a in sizes[key] if a in keep)
+    for group, name, path_args in plan(sizes, Path(args.data), workers, groups):
         path_args.setdefault("ray_workers", 2)
         runs = [measure(name, path_args) for _ in range(repeats)]
         results.append({"group": group, "path": name, "args": path_args, "summary": summarise(runs), "runs": runs})
         s = results[-1]["summary"]
+        steady = s["steady_images_per_s"]
         print(
             f"{group:8s} {name:16s} {path_args.get('arch', ''):15s} w={path_args['ray_workers']} "
+            f"{'' if steady is None else f'steady {steady:.0f} img/s '}"
             f"{s['images_per_s']:8.0f} img/s ({s['min']:.0f}-{s['max']:.0f}) startup {s['startup_s']:.1f}s "
             f"rss {s['peak_rss_mb']:.0f} MB",
             flush=True,
@@ -164,6 +197,7 @@ def main() -> int:
         "mode": mode,
         "repeats": repeats,
         "machine": f"{os.cpu_count()} CPUs, {os.uname().machine}",
+        "groups": sorted(groups),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -171,7 +205,12 @@ def main() -> int:
         json.dumps({"meta": meta, "results": results}, indent=2)
     )
     table = markdown(results, meta)
-    (out / ("smoke.md" if args.smoke else "latest.md")).write_text(table)
+    name = {"smoke": "smoke", "default": "latest", "full": "latest-full"}[mode]
+    if groups != {"ingest", "train", "predict"}:
+        name += "-" + "-".join(sorted(groups))
+    if args.archs:
+        name += "-" + "-".join(args.archs.split(","))
+    (out / f"{name}.md").write_text(table)
     print(table)
     return 0
 

@@ -28,6 +28,7 @@ METRIC_COLUMNS = (
     "val_acc",
     "val_log_loss",
     "images_per_s",
+    "train_image_size",
     "train_seconds",
     "train_images",
     "val_images",

@@ -55,6 +55,11 @@ class ModelSpec(_Section):
     batch_size: PositiveInt | None = None
     lr: PositiveFloat | None = None
     init: str | None = None
+    # Progressive resizing: the first ``early_epochs`` train on images downscaled to
+    # ``early_image_size`` on the worker (cheaper steps); the last epochs and every validation
+    # run at ``image_size``, so the model ends calibrated at the size predict uses.
+    early_image_size: PositiveInt | None = None
+    early_epochs: int = Field(0, ge=0)
 
 
 class TrainConfig(_Section):
@@ -66,6 +71,8 @@ class TrainConfig(_Section):
     momentum: float = Field(0.9, ge=0, lt=1)
     warmup_fraction: float = Field(0.1, ge=0, lt=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    # Smallest area fraction the random resized crop keeps; lower means stronger augmentation.
+    crop_scale_min: float = Field(0.35, gt=0, le=1)
     num_workers: PositiveInt = 1
     use_gpu: bool = False
     amp: bool = True
@@ -85,6 +92,9 @@ class PredictConfig(_Section):
     unreadable_label: Literal[0, 1] = 1
     num_gpus: float = Field(0, ge=0)
     cpus_per_actor: PositiveFloat = 1
+    # Intra-op threads per predictor actor.  Ray caps an actor at its CPU count (1) by default;
+    # on a small machine one actor with every core beats several single-thread actors.
+    torch_threads: PositiveInt | None = None
 
 
 class RayConfig(_Section):
@@ -122,7 +132,25 @@ class CatdogConfig(_Section):
                 raise ValueError(
                     f"models.{index}: sequential_cnn has no ImageNet weights; use init: scratch or a checkpoint path"
                 )
+            self._check_progressive(index, spec)
         return self
+
+    def _check_progressive(self, index: int, spec: ModelSpec) -> None:
+        if not spec.early_epochs:
+            return
+        size, epochs = self.image_size_for(spec), spec.epochs or self.train.epochs
+        if spec.early_image_size is None or spec.early_image_size >= size:
+            raise ValueError(
+                f"models.{index}.early_image_size: needs a size below image_size ({size}) when early_epochs is set"
+            )
+        if spec.early_epochs >= epochs:
+            raise ValueError(
+                f"models.{index}.early_epochs: must be fewer than the architecture's epochs ({epochs}), "
+                "so that the last epochs train at image_size"
+            )
+
+    def image_size_for(self, spec: ModelSpec) -> int:
+        return spec.image_size or self.data.image_size
 
     def init_for(self, spec: ModelSpec) -> str:
         return spec.init or self.train.init

@@ -23,7 +23,7 @@ import torch
 from catdog.checkpoints import CheckpointError, load_model, read_meta
 from catdog.config import CatdogConfig
 from catdog.data import DataError, image_dataset, list_entries
-from catdog.presets import EvalPreset
+from catdog.presets import MEAN, STD, EvalPreset
 from catdog.runtime import init_ray
 from catdog.storage import Storage, basename, join
 from catdog.training import CLIP, to_model_input
@@ -50,6 +50,9 @@ class ModelRef:
     arch: str
     image_size: int
     crop_fraction: float
+    # Normalisation the model was trained with, from its own meta.json.
+    mean: tuple[float, ...] = MEAN
+    std: tuple[float, ...] = STD
 
     @property
     def column(self) -> str:
@@ -66,7 +69,14 @@ class ModelRef:
 
 def model_ref(storage: Storage, checkpoint_uri: str) -> ModelRef:
     meta = read_meta(storage, checkpoint_uri)
-    return ModelRef(checkpoint_uri, meta["arch"], meta["image_size"], meta.get("crop_fraction", 0.875))
+    return ModelRef(
+        checkpoint_uri,
+        meta["arch"],
+        meta["image_size"],
+        meta.get("crop_fraction", 0.875),
+        tuple(meta.get("mean", MEAN)),
+        tuple(meta.get("std", STD)),
+    )
 
 
 def resolve_models(storage: Storage, cfg: CatdogConfig, model_uri: str | None, ensemble: bool) -> list[ModelRef]:
@@ -92,7 +102,17 @@ def resolve_models(storage: Storage, cfg: CatdogConfig, model_uri: str | None, e
 class Predictor:
     """Ray Data actor: loads its models once, then scores batches under ``inference_mode``."""
 
-    def __init__(self, storage: Storage, models: list[ModelRef], threshold: float, tta: bool, use_gpu: bool):
+    def __init__(
+        self,
+        storage: Storage,
+        models: list[ModelRef],
+        threshold: float,
+        tta: bool,
+        use_gpu: bool,
+        torch_threads: int | None = None,
+    ):
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.models = [(ref, load_model(storage, ref.checkpoint)[0].to(self.device)) for ref in models]
         self.threshold, self.tta = threshold, tta
@@ -102,7 +122,8 @@ class Predictor:
     def prob_dog(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         probs = []
         for ref, model in self.models:
-            x = to_model_input(torch.from_numpy(np.ascontiguousarray(batch[ref.column])), self.device)
+            images = torch.from_numpy(np.ascontiguousarray(batch[ref.column]))
+            x = to_model_input(images, self.device, mean=ref.mean, std=ref.std)
             p = torch.softmax(model(x).float(), dim=1)[:, 1]
             if self.tta:
                 p = (p + torch.softmax(model(torch.flip(x, dims=[3])).float(), dim=1)[:, 1]) / 2
@@ -138,7 +159,7 @@ def predictions_dataset(
     decoded = image_dataset(storage, rows, presets, batch_size=cfg.data.decode_batch_size, shards=shards)
     return decoded.map_batches(
         Predictor,
-        fn_constructor_args=(storage, models, cfg.predict.threshold, tta, use_gpu),
+        fn_constructor_args=(storage, models, cfg.predict.threshold, tta, use_gpu, cfg.predict.torch_threads),
         batch_size=cfg.predict.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.predict.concurrency),
@@ -180,7 +201,8 @@ def submission_csv(storage: Storage, predictions_uri: str, cfg: CatdogConfig, pr
                 continue
             if error is not None:
                 unreadable.append(id_)
-                value = float(cfg.predict.unreadable_label) if proba else cfg.predict.unreadable_label
+                label = cfg.predict.unreadable_label
+                value = min(max(float(label), CLIP[0]), CLIP[1]) if proba else label
             else:
                 value = min(max(prob, CLIP[0]), CLIP[1]) if proba else label
             ids.append(id_)

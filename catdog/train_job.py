@@ -68,17 +68,15 @@ def loop_config(cfg: CatdogConfig, spec: ModelSpec, storage: Storage, n_train: i
         "epochs": spec.epochs or train.epochs,
         "batch_size": spec.batch_size or train.batch_size,
         "lr": spec.lr or train.lr,
-        "image_size": image_size_for(cfg, spec),
+        "image_size": cfg.image_size_for(spec),
+        "early_image_size": spec.early_image_size,
+        "early_epochs": spec.early_epochs,
         "n_train": n_train,
         "storage": storage,
         "arch_uri": join(cfg.run_uri, spec.arch),
         "config_hash": cfg.hash(),
         "run_name": cfg.run_name,
     }
-
-
-def image_size_for(cfg: CatdogConfig, spec: ModelSpec) -> int:
-    return spec.image_size or cfg.data.image_size
 
 
 def read_result(storage: Storage, arch_uri: str) -> dict | None:
@@ -99,10 +97,11 @@ def train_architecture(cfg: CatdogConfig, spec: ModelSpec, split: Split, storage
         )
         return done
     size = loop_cfg["image_size"]
+    augment = TrainPreset(size, scale=(cfg.train.crop_scale_min, 1.0))
     rows = sorted(split.train, key=lambda r: split_key(r["path"], cfg.data.seed + 1))  # mix the classes
     datasets = {
         "train": image_dataset(
-            storage, rows, TrainPreset(size), batch_size=cfg.data.decode_batch_size, shards=split.shards
+            storage, rows, augment, batch_size=cfg.data.decode_batch_size, shards=split.shards
         ).randomize_block_order(),
         "val": image_dataset(
             storage, split.val, EvalPreset(size), batch_size=cfg.data.decode_batch_size, shards=split.shards

@@ -63,12 +63,27 @@ def set_learning_rates(optimizer: torch.optim.Optimizer, cfg: dict, step: int, t
     return cfg["lr"] * factor
 
 
-def to_model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 NHWC → normalised float NCHW; the permute leaves it channels_last in memory."""
-    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255
+def to_model_input(
+    images: torch.Tensor,
+    device: torch.device,
+    size: int | None = None,
+    mean: tuple[float, ...] = MEAN,
+    std: tuple[float, ...] = STD,
+) -> torch.Tensor:
+    """uint8 NHWC → normalised float NCHW (channels_last in memory), downscaled to ``size`` if given."""
+    mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
     x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+    if size is not None and size != x.shape[-1]:
+        x = nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+def input_size_for_epoch(epoch: int, cfg: dict) -> int:
+    """Progressive resizing: ``early_image_size`` for the first ``early_epochs``, then ``image_size``."""
+    if cfg.get("early_epochs") and epoch <= cfg["early_epochs"]:
+        return cfg["early_image_size"]
+    return cfg["image_size"]
 
 
 class Collate(NumpyBatchCollateFn):
@@ -121,6 +136,7 @@ def train_one_epoch(
     total_steps: int,
     frozen: bool,
     device: torch.device,
+    input_size: int | None = None,
     seen: list | None = None,
 ) -> dict:
     """One pass over this worker's shard. Returns plain numbers (and the next global step).
@@ -141,7 +157,7 @@ def train_one_epoch(
         pin_memory=device.type == "cuda",
     ):
         lr = set_learning_rates(optimizer, cfg, step, total_steps, frozen)
-        x, y = to_model_input(batch["image"], device), batch["label"].to(device, non_blocking=True)
+        x, y = to_model_input(batch["image"], device, input_size), batch["label"].to(device, non_blocking=True)
         weight = batch["valid"].to(device, non_blocking=True).float()
         with autocast(device, cfg["amp"]):
             loss = (loss_fn(model(x), y) * weight).sum() / weight.sum().clamp(min=1)
@@ -163,6 +179,7 @@ def train_one_epoch(
         "train_images": int(totals[1]),
         "train_seconds": seconds,
         "images_per_s": totals[1] / max(seconds, 1e-9),
+        "train_image_size": input_size or cfg["image_size"],
         "lr": lr,
         "step": step,
         "unreadable": unreadable,
@@ -245,7 +262,15 @@ def train_loop_per_worker(cfg: dict) -> None:
     for epoch in range(len(history) + 1, cfg["epochs"] + 1):
         frozen = epoch <= cfg["freeze_backbone_epochs"]
         stats = train_one_epoch(
-            model, optimizer, train_shard, cfg, step=step, total_steps=total_steps, frozen=frozen, device=device
+            model,
+            optimizer,
+            train_shard,
+            cfg,
+            step=step,
+            total_steps=total_steps,
+            frozen=frozen,
+            device=device,
+            input_size=input_size_for_epoch(epoch, cfg),
         )
         step = stats.pop("step")
         val = evaluate(model, val_shard, cfg, device)

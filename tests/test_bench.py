@@ -23,24 +23,35 @@ def test_bench_smoke_prints_every_row(data_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = (tmp_path / "smoke.md").read_text()
     expected = [
-        ("ingest", "pillow_single"),
-        ("ingest", "dataloader_2"),
-        ("ingest", "ray_read_images"),
-        ("ingest", "catdog_folder"),
-        ("train", "plain_train"),
-        ("train", "catdog_train"),
-        ("predict", "plain_predict"),
-        ("predict", "catdog_predict"),
+        ("ingest", "pillow_single", ""),
+        ("ingest", "dataloader_2", ""),
+        ("ingest", "ray_read_images", ""),
+        ("ingest", "catdog_folder", ""),
+        ("ingest", "catdog_shards", ""),
+        ("ingest", "catdog_folder", "| 1 |"),
+        ("train", "plain_train", ""),
+        ("train", "catdog_train", ""),
+        ("predict", "plain_predict", ""),
+        ("predict", "catdog_predict", ""),
+        ("predict", "catdog_predict", "| 1 |"),
     ]
-    for group, path in expected:
-        assert f"| {group} | {path} |" in table, f"missing row {group}/{path}"
+    rows = [line for line in table.splitlines() if line.startswith("| ingest") or line.startswith("| train")]
+    rows += [line for line in table.splitlines() if line.startswith("| predict")]
+    for group, path, workers in expected:
+        assert any(f"| {group} | {path} |" in row and workers in row for row in rows), f"missing {group}/{path}"
     for ratio in (
-        "ingest: catdog / stock read_images",
-        "ingest: catdog / plain DataLoader",
+        "ingest: catdog folder / stock read_images",
+        "ingest: catdog folder / plain DataLoader",
+        "ingest: catdog shards / plain DataLoader",
+        "ingest scaling: catdog folder, 2 / 1 Ray workers",
         "train sequential_cnn: Ray Train 1 worker / plain loop",
+        "predict mobilenet_v2: catdog steady state / plain loop",
         "predict mobilenet_v2: catdog end to end / plain loop",
+        "predict scaling mobilenet_v2: 2 / 1 predictor actors, end to end",
     ):
         assert ratio in table
     results = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert len(results["results"]) == len(expected)
     assert all(r["summary"]["images"] > 0 for r in results["results"])
+    predict = [r for r in results["results"] if r["path"] == "catdog_predict"]
+    assert all(r["summary"]["steady_images_per_s"] > 0 for r in predict)

@@ -67,6 +67,17 @@ def test_wrong_type_says_what_was_expected(tmp_path):
         ("train.batch_size", "0", "train.batch_size: Input should be greater than 0 (got 0)"),
         (
             "models",
+            "[{arch: resnet18, early_epochs: 2}]",
+            "models.0.early_image_size: needs a size below image_size (128) when early_epochs is set",
+        ),
+        (
+            "models",
+            "[{arch: resnet18, epochs: 3, early_epochs: 3, early_image_size: 64}]",
+            "models.0.early_epochs: must be fewer than the architecture's epochs (3), "
+            "so that the last epochs train at image_size",
+        ),
+        (
+            "models",
             "[resnet50]",
             "models.0.arch: expected 'mobilenet_v2', 'resnet18' or 'sequential_cnn' (got 'resnet50')",
         ),

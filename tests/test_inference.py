@@ -107,15 +107,89 @@ def test_rerun_overwrites_instead_of_appending(predicted, quick_run, messy_test_
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
 
 
-def test_proba_writes_clipped_probabilities(quick_run, small_real_data, tmp_path):
+def test_proba_writes_clipped_probabilities(quick_run, messy_test_folder, tmp_path):
     cfg, _ = quick_run
-    submission = Path(run_predict(cfg, input_uri=str(small_real_data / "test1"), output_uri=str(tmp_path), proba=True))
+    submission = Path(run_predict(cfg, input_uri=str(messy_test_folder), output_uri=str(tmp_path), proba=True))
     header, rows = read_submission(submission)
     probs = {int(r[0]): float(r[1]) for r in rows}
-    assert header == ["id", "label"] and len(probs) == 120
+    assert header == ["id", "label"] and len(probs) == 124
     assert all(0.005 <= p <= 0.995 for p in probs.values())
     raw = {r["id"]: r["prob_dog"] for r in read_predictions(tmp_path / "predictions").to_pylist()}
-    assert all(math.isclose(probs[i], min(max(raw[i], 0.005), 0.995), abs_tol=1e-6) for i in probs)
+    readable = [i for i in probs if raw[i] is not None]
+    assert len(readable) == 121
+    assert all(math.isclose(probs[i], min(max(raw[i], 0.005), 0.995), abs_tol=1e-6) for i in readable)
+    # unreadable_label 1 ("dog"), clipped like every other probability
+    assert [probs[i] for i in (9001, 9002, 9003)] == [0.995] * 3
+
+
+def four_test_images(small_real_data, ref) -> dict:
+    """A decoded batch in the shape the predictor gets from Ray Data."""
+    from catdog.data import decode_image
+
+    paths = sorted((small_real_data / "test1").glob("*.jpg"))[:4]
+    return {
+        ref.column: np.stack([decode_image(p.read_bytes(), ref.preset) for p in paths]),
+        "error": np.array([None] * 4, dtype=object),
+        "id": np.array([int(p.stem) for p in paths]),
+        "path": np.array([str(p) for p in paths], dtype=object),
+    }
+
+
+def best_model_ref(quick_run):
+    from catdog.inference import model_ref
+
+    _, best_uri = quick_run
+    return model_ref(Storage(), json.loads(Path(best_uri).read_text())["checkpoint"])
+
+
+def test_predictor_uses_the_configured_threads_and_scores_a_batch(quick_run, small_real_data):
+    import torch
+
+    ref = best_model_ref(quick_run)
+    before = torch.get_num_threads()
+    try:
+        predictor = Predictor(Storage(), [ref], 0.5, tta=False, use_gpu=False, torch_threads=1)
+        assert torch.get_num_threads() == 1
+        table = predictor(four_test_images(small_real_data, ref))
+    finally:
+        torch.set_num_threads(before)
+    probs = table.column("prob_dog").to_pylist()
+    assert table.num_rows == 4 and all(0.0 <= p <= 1.0 for p in probs)
+    assert table.column("label").to_pylist() == [int(p >= 0.5) for p in probs]
+
+
+def test_predictor_normalises_with_the_checkpoint_own_mean_and_std(quick_run, small_real_data, tmp_path):
+    import torch
+
+    from catdog.checkpoints import load_model
+    from catdog.inference import model_ref
+    from catdog.models import build_model
+    from catdog.training import to_model_input
+
+    ref = best_model_ref(quick_run)
+    assert (ref.mean, ref.std) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    copy = tmp_path / "epoch_copy"
+    shutil.copytree(ref.checkpoint, copy)
+    # The quick model is barely trained and can score every image alike; fresh weights cannot.
+    torch.manual_seed(0)
+    torch.save(build_model(ref.arch, "scratch").state_dict(), copy / "model.pt")
+    meta = json.loads((copy / "meta.json").read_text())
+    # far from ImageNet's, so that even a barely trained quick model scores differently
+    meta["mean"], meta["std"] = [1.0, 1.0, 1.0], [0.05, 0.05, 0.05]
+    (copy / "meta.json").write_text(json.dumps(meta))
+    other = model_ref(Storage(), str(copy))
+    assert (other.mean, other.std) == ((1.0, 1.0, 1.0), (0.05, 0.05, 0.05))
+    batch = four_test_images(small_real_data, ref)
+    changed = Predictor(Storage(), [other], 0.5, tta=False, use_gpu=False)(batch).column("prob_dog").to_numpy()
+    model, _ = load_model(Storage(), str(copy))
+    with torch.inference_mode():
+        images = torch.from_numpy(batch[ref.column])
+        by_hand = {
+            norm: torch.softmax(model(to_model_input(images, torch.device("cpu"), mean=m, std=s)), 1)[:, 1].numpy()
+            for norm, (m, s) in {"stored": (other.mean, other.std), "imagenet": (ref.mean, ref.std)}.items()
+        }
+    np.testing.assert_allclose(changed, by_hand["stored"], atol=1e-6)
+    assert np.abs(changed - by_hand["imagenet"]).max() > 1e-3
 
 
 def test_tta_changes_probabilities_but_not_the_schema(quick_run, small_real_data, tmp_path):
@@ -174,7 +248,7 @@ class StubPredictor(Predictor):
         "dog.4.jpg": 1.0,
     }
 
-    def __init__(self, storage, models, threshold, tta, use_gpu):
+    def __init__(self, storage, models, threshold, tta, use_gpu, torch_threads=None):
         self.threshold, self.tta, self.name, self.models = threshold, tta, "stub", []
 
     def prob_dog(self, batch):

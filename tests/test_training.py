@@ -22,7 +22,7 @@ from catdog.models import split_parameters
 from catdog.presets import EvalPreset
 from catdog.storage import Storage
 from catdog.train_job import run_training
-from catdog.training import lr_factor, to_model_input
+from catdog.training import input_size_for_epoch, lr_factor, to_model_input
 
 STORAGE = Storage()
 
@@ -43,6 +43,21 @@ def test_lr_schedule_warms_up_then_decays():
     assert all(a < b for a, b in zip(lrs[:9], lrs[1:10]))  # rising during warm-up
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # never rising after it
     assert lrs[-1] < 0.05 and lr_factor(10_000, total, warmup) == pytest.approx(0.02)
+
+
+def test_progressive_resizing_downscales_only_the_early_epochs():
+    cfg = {"image_size": 96, "early_image_size": 64, "early_epochs": 2}
+    assert [input_size_for_epoch(e, cfg) for e in (1, 2, 3, 4)] == [64, 64, 96, 96]
+    assert input_size_for_epoch(1, {"image_size": 96, "early_image_size": None, "early_epochs": 0}) == 96
+    # A half-black, half-white batch keeps its layout and value range when downscaled.
+    images = torch.zeros(2, 96, 96, 3, dtype=torch.uint8)
+    images[:, :, 48:] = 255
+    full, small = to_model_input(images, torch.device("cpu")), to_model_input(images, torch.device("cpu"), 64)
+    assert full.shape == (2, 3, 96, 96) and small.shape == (2, 3, 64, 64)
+    assert small.is_contiguous(memory_format=torch.channels_last)
+    black, white = full[:, :, :1, :1], full[:, :, :1, -1:]  # per-channel normalised values
+    assert torch.allclose(small[..., :30], black.expand_as(small[..., :30]), atol=1e-5)
+    assert torch.allclose(small[..., 34:], white.expand_as(small[..., 34:]), atol=1e-5)
 
 
 @pytest.mark.slow
@@ -90,14 +105,18 @@ def quick_cfg(data: Path, root: Path, run_name: str, **extra):
 
 @pytest.mark.slow
 def test_rerun_with_more_epochs_runs_only_the_new_ones(small_real_data, tmp_path, ray_session):
-    run_training(quick_cfg(small_real_data, tmp_path, "resume", **{"train.epochs": 2}))
+    # Progressive resizing rides along: epoch 1 trains at 48 px, the rest at the full 64 px.
+    progressive = {"models.0.early_image_size": 48, "models.0.early_epochs": 1}
+    run_training(quick_cfg(small_real_data, tmp_path, "resume", **{"train.epochs": 2, **progressive}))
     arch = tmp_path / "resume" / "sequential_cnn"
     first = read_csv(arch / "metrics.csv")
     assert [int(r["epoch"]) for r in first] == [1, 2]
+    assert [int(r["train_image_size"]) for r in first] == [48, 64]
     stamps = {str(p): p.stat().st_mtime_ns for p in arch.glob("epoch_*/model.pt")}
-    run_training(quick_cfg(small_real_data, tmp_path, "resume", **{"train.epochs": 3}))
+    run_training(quick_cfg(small_real_data, tmp_path, "resume", **{"train.epochs": 3, **progressive}))
     second = read_csv(arch / "metrics.csv")
     assert [int(r["epoch"]) for r in second] == [1, 2, 3]
+    assert [int(r["train_image_size"]) for r in second] == [48, 64, 64]
     assert second[:2] == first  # epochs 1-2 were not run again
     assert (arch / "epoch_003" / "model.pt").exists()
     for path in arch.glob("epoch_00[12]/model.pt"):
@@ -105,7 +124,7 @@ def test_rerun_with_more_epochs_runs_only_the_new_ones(small_real_data, tmp_path
     result = json.loads((arch / "result.json").read_text())
     assert result["epochs"] == 3
     # A third run with the same epochs skips the architecture entirely.
-    run_training(quick_cfg(small_real_data, tmp_path, "resume", **{"train.epochs": 3}))
+    run_training(quick_cfg(small_real_data, tmp_path, "resume", **{"train.epochs": 3, **progressive}))
     assert read_csv(arch / "metrics.csv") == second
 
 
