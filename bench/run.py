@@ -36,7 +36,7 @@ SIZES = {
         "train": 640,
         "predict": 5000,
         "train_archs": ALL,
-        "predict_archs": ("resnet18", "mobilenet_v2"),
+        "predict_archs": ALL,
     },
     "full": {
         "ingest": 16000,

@@ -24,7 +24,7 @@ from catdog.checkpoints import CheckpointError, load_model, read_meta
 from catdog.config import CatdogConfig
 from catdog.data import DataError, image_dataset, list_entries
 from catdog.presets import MEAN, STD, EvalPreset
-from catdog.runtime import init_ray
+from catdog.runtime import check_predict_resources, init_ray
 from catdog.storage import Storage, basename, join
 from catdog.training import CLIP, to_model_input
 
@@ -190,7 +190,7 @@ def read_columns(storage: Storage, uri: str, columns: list[str]):
 
 def submission_csv(storage: Storage, predictions_uri: str, cfg: CatdogConfig, proba: bool) -> tuple[str, list]:
     """Kaggle ``id,label`` rows sorted by id; unreadable images get ``predict.unreadable_label``."""
-    ids, values, unreadable, no_id = [], [], [], []
+    ids, values, paths, unreadable, no_id = [], [], [], [], []
     for batch in read_columns(storage, predictions_uri, ["id", "prob_dog", "label", "error", "path"]):
         data = batch.to_pydict()
         for id_, prob, label, error, path in zip(
@@ -207,15 +207,36 @@ def submission_csv(storage: Storage, predictions_uri: str, cfg: CatdogConfig, pr
                 value = min(max(prob, CLIP[0]), CLIP[1]) if proba else label
             ids.append(id_)
             values.append(value)
+            paths.append(path)
     if no_id:
         logger.warning(
             "%d files have no numeric id in their name and are left out of the submission: %s",
             len(no_id),
             ", ".join(basename(p) for p in no_id[:20]),
         )
-    order = np.argsort(np.asarray(ids, dtype=np.int64), kind="stable")
+    order, duplicates = unique_ids_in_order(ids, paths)
+    if duplicates:
+        logger.warning(
+            "%d ids appear in more than one file name; the submission keeps the first path of each: %s",
+            len(duplicates),
+            ", ".join(map(str, duplicates[:20])),
+        )
     lines = ["id,label"] + [f"{ids[i]},{values[i]:.6f}" if proba else f"{ids[i]},{values[i]}" for i in order]
-    return "\n".join(lines) + "\n", sorted(unreadable)
+    return "\n".join(lines) + "\n", sorted(set(unreadable))
+
+
+def unique_ids_in_order(ids: list[int], paths: list[str]) -> tuple[list[int], list[int]]:
+    """Row positions sorted by numeric id, one per id (Kaggle rejects repeats: ``1.jpg`` and
+    ``1.png``, or the same name in two folders), the lexically first path winning; and the repeated ids."""
+    order = sorted(range(len(ids)), key=lambda i: (ids[i], paths[i]))
+    kept, repeated = [], []
+    for i in order:
+        if kept and ids[kept[-1]] == ids[i]:
+            if not repeated or repeated[-1] != ids[i]:
+                repeated.append(ids[i])
+        else:
+            kept.append(i)
+    return kept, repeated
 
 
 def refresh_report(cfg: CatdogConfig, storage: Storage, output_uri: str) -> None:
@@ -247,6 +268,7 @@ def run_predict(
         raise DataError(f"{input_uri}: no .jpg/.jpeg/.png images found")
     storage.check_bucket(output_uri)
     init_ray(cfg)
+    check_predict_resources(cfg)
     logger.info("predicting %d images from %s with %s", len(rows), input_uri, ", ".join(m.name for m in models))
     predictions_uri = join(output_uri, "predictions")
     write_parquet_atomically(predictions_dataset(cfg, storage, rows, models, tta, shards), storage, predictions_uri)
@@ -320,6 +342,7 @@ def run_evaluate(
         raise DataError(f"{input_uri}: no labelled images (cat.N.jpg / dog.N.jpg or cat(s)/ dog(s)/ folders)")
     storage.check_bucket(output_uri)
     init_ray(cfg)
+    check_predict_resources(cfg)
     predictions_uri = join(output_uri, "predictions")
     write_parquet_atomically(predictions_dataset(cfg, storage, rows, models, tta, shards), storage, predictions_uri)
     metrics = {**classification_metrics(storage, predictions_uri), "input": input_uri}

@@ -106,7 +106,28 @@ def confusion_figure(confusion: list[list[int]], title: str) -> bytes:
     return data
 
 
-def wrong_grid_figure(storage: Storage, wrong: list[dict]) -> bytes:
+def report_image_bytes(storage: Storage, train_uri: str, paths: list[str]) -> dict[str, bytes]:
+    """The bytes of a few validation images.  A run trained from shards reads them from the
+    shards: the folder they were packed from may be gone (or on another machine)."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    from catdog.shards import open_shard_set
+
+    shards = open_shard_set(storage, train_uri)
+    if shards is None:
+        return {path: storage.read_bytes(path) for path in paths}
+    prefix = shards.source.rstrip("/") + "/"
+    names = [path[len(prefix) :] for path in paths if path.startswith(prefix)]
+    fs, _ = storage.resolve(shards.uri)
+    files = [storage.resolve(uri)[1] for uri in shards.file_uris()]
+    table = pads.dataset(files, filesystem=fs, format="parquet").to_table(
+        columns=["name", "bytes"], filter=pc.field("name").isin(names)
+    )
+    return {shards.path_of(n): b for n, b in zip(table.column("name").to_pylist(), table.column("bytes").to_pylist())}
+
+
+def wrong_grid_figure(storage: Storage, wrong: list[dict], images: dict[str, bytes]) -> bytes:
     plt = _plt()
     cols = 4
     rows = max(1, (len(wrong) + cols - 1) // cols)
@@ -114,7 +135,8 @@ def wrong_grid_figure(storage: Storage, wrong: list[dict]) -> bytes:
     for ax in axes.flat:
         ax.axis("off")
     for ax, row in zip(axes.flat, wrong):
-        ax.imshow(decode_image(storage.read_bytes(row["path"]), EvalPreset(128)))
+        if row["path"] in images:
+            ax.imshow(decode_image(images[row["path"]], EvalPreset(128)))
         truth = "dog" if row["truth"] else "cat"
         ax.set_title(f"{basename(row['path'])}\ntruth {truth}, P(dog)={row['prob_dog']:.3f}", fontsize=8)
     data = _figure_png(fig)
@@ -185,10 +207,11 @@ def write_report(cfg: CatdogConfig, storage: Storage) -> str:
             + _img(storage, report_dir, "confusion.png", confusion_figure(metrics["confusion"], metrics["model"]))
         )
         wrong = most_confidently_wrong(storage, val_uri)
+        wrong_images = report_image_bytes(storage, cfg.data.train, [row["path"] for row in wrong])
         sections.append(
             "<h2 id='wrong'>Most confidently wrong (validation)</h2>"
             + (
-                _img(storage, report_dir, "wrong.png", wrong_grid_figure(storage, wrong))
+                _img(storage, report_dir, "wrong.png", wrong_grid_figure(storage, wrong, wrong_images))
                 if wrong
                 else "<p>none wrong</p>"
             )

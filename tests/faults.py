@@ -4,12 +4,13 @@ Product code knows nothing of it: the hook wraps ``catdog.training.train_one_epo
 worker process.  A test arms a fault by writing a small JSON file into ``CATDOG_FAULTS_DIR``:
 
     exit.json {"min_step": 8, "after_batches": 2}: in the first epoch that starts at global step >= 8,
-        the worker calls os._exit(1) after 2 batches (mid-epoch), once.
+        the worker calls os._exit(1) after 2 batches (mid-epoch), once; "delay_s" waits first.
 
     ckpt_exit.json {"epoch": 2}: the worker dies while writing epoch 2's checkpoint files.
     predict_exit.json {}: an inference actor dies on its next batch.
 
-Every patched Train worker also writes ``train-worker-<pid>.pid`` so tests can kill it from outside.
+Every patched Train worker also writes ``train-worker-<pid>.pid`` so tests can kill it from outside,
+and appends the global step each ``train_one_epoch`` call starts at to ``train-steps.log``.
 
 Each fault fires at most once: the firing worker renames the arm file to ``*.fired`` first.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 
@@ -45,12 +47,15 @@ def _take(name: str) -> dict | None:
 
 
 class _ExitingShard:
-    def __init__(self, shard, after_batches: int):
-        self.shard, self.after = shard, after_batches
+    def __init__(self, shard, after_batches: int, delay_s: float):
+        self.shard, self.after, self.delay_s = shard, after_batches, delay_s
 
     def iter_torch_batches(self, **kwargs):
         for index, batch in enumerate(self.shard.iter_torch_batches(**kwargs)):
             if index == self.after:
+                # The Train controller learns of a reported checkpoint when it next polls the
+                # workers; a death before that restarts from the checkpoint before it.
+                time.sleep(self.delay_s)
                 os._exit(1)
             yield batch
 
@@ -61,11 +66,13 @@ def _patch_train_one_epoch(training) -> None:
     def train_one_epoch(model, optimizer, shard, cfg, **kwargs):
         folder = faults_dir()
         (folder / f"train-worker-{os.getpid()}.pid").write_text(str(os.getpid()))
+        with open(folder / "train-steps.log", "a") as log:
+            log.write(f"{kwargs['step']}\n")
         pending = folder / "exit.json"
         if pending.exists():
             spec = json.loads(pending.read_text())
             if kwargs["step"] >= spec.get("min_step", 0) and _take("exit"):
-                shard = _ExitingShard(shard, spec.get("after_batches", 1))
+                shard = _ExitingShard(shard, spec.get("after_batches", 1), spec.get("delay_s", 0))
         return original(model, optimizer, shard, cfg, **kwargs)
 
     training.train_one_epoch = train_one_epoch

@@ -117,3 +117,25 @@ def test_restart_moves_the_previous_run_aside(tmp_path, kaggle_folder):
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("r.old-")]
     assert len(aside) == 1 and (aside[0] / "resnet18" / "result.json").read_text() == "{}"
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["config.yaml"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "predict, message",
+    [
+        (
+            {"concurrency": 9},
+            r"predict needs 9 CPUs \(predict.concurrency=9 x predict.cpus_per_actor=1\) "
+            r"but the Ray cluster has 4 CPUs and 0 GPUs",
+        ),
+        ({"num_gpus": 0.5}, r"predict needs 0.5 GPUs \(predict.concurrency=1 x predict.num_gpus=0.5\)"),
+    ],
+)
+def test_predict_that_can_never_be_placed_stops_before_scoring(quick_run, small_real_data, tmp_path, predict, message):
+    from catdog.inference import run_predict
+
+    cfg, _ = quick_run
+    cfg = cfg.model_copy(update={"predict": cfg.predict.model_copy(update={"concurrency": 1, **predict})})
+    with pytest.raises(ResourceError, match=message):
+        run_predict(cfg, input_uri=str(small_real_data / "test1"), output_uri=str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "submission.csv").exists()

@@ -360,3 +360,41 @@ def test_killed_predict_job_leaves_the_previous_complete_submission(quick_run, d
         proc.wait(timeout=60)
     assert (out / "submission.csv").read_text() == "id,label\n1,1\n"
     assert not (out / "predictions").exists() or pq.read_table(out / "predictions").num_rows == 5000
+
+
+def test_submission_keeps_one_row_per_id_and_warns_about_repeats_and_unreadable(tmp_path, caplog):
+    from catdog.config import CatdogConfig
+    from catdog.inference import submission_csv
+
+    rows = [  # id, path, prob_dog, label, error
+        (2, "in/b/2.jpg", 0.9, 1, None),
+        (1, "in/1.png", 0.2, 0, None),
+        (1, "in/1.jpg", 0.7, 1, None),  # same id as 1.png; "1.jpg" sorts first and wins
+        (10, "in/10.jpg", None, None, "cannot identify image file"),
+        (2, "in/a/2.jpg", 0.001, 0, None),  # same name in another folder; a/ wins
+        (None, "in/readme.jpg", 0.5, 1, None),  # no numeric id: left out
+    ]
+    folder = tmp_path / "predictions"
+    folder.mkdir()
+    columns = list(zip(*rows))
+    table = pa.table(
+        {
+            "id": pa.array(columns[0], pa.int64()),
+            "path": pa.array(columns[1], pa.string()),
+            "prob_dog": pa.array(columns[2], pa.float32()),
+            "label": pa.array(columns[3], pa.int8()),
+            "model": pa.array(["m"] * len(rows), pa.string()),
+            "error": pa.array(columns[4], pa.string()),
+        },
+        schema=PREDICTION_SCHEMA,
+    )
+    pq.write_table(table, folder / "part-0.parquet")
+    cfg = CatdogConfig()
+    with caplog.at_level("WARNING"):
+        labels, unreadable = submission_csv(Storage(), str(folder), cfg, proba=False)
+    assert labels == "id,label\n1,1\n2,0\n10,1\n"
+    assert unreadable == [10]
+    assert "2 ids appear in more than one file name" in caplog.text and ": 1, 2" in caplog.text
+    assert "1 files have no numeric id" in caplog.text and "readme.jpg" in caplog.text
+    probs, _ = submission_csv(Storage(), str(folder), cfg, proba=True)
+    assert probs == "id,label\n1,0.700000\n2,0.005000\n10,0.995000\n"

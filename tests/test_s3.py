@@ -445,3 +445,27 @@ def test_rerun_with_one_more_epoch_resumes_from_the_checkpoint_in_the_bucket(s3_
     assert "epoch_002/model.pt" in keys(s3_server, arch)
     assert json.loads(read_object(s3_server, f"{arch}/result.json"))["epochs"] == 2
     assert_nothing_local(s3_run)
+
+
+@pytest.mark.slow
+def test_train_from_an_image_folder_on_s3(s3_server, s3_run):
+    """The same job straight from the uploaded image folder, no prepare step: same split as the shards."""
+    name = s3_run["bucket"]
+    sets = [*s3_run["sets"], "--set", "run_name=s3folder", "--set", f"data.train=s3://{name}/data/train"]
+    proc = run_job("train.py", *sets, cwd=s3_run["cwd"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert printed_result(proc.stdout) == f"s3://{name}/runs/s3folder/best.json"
+    best = json.loads(read_object(s3_server, f"{name}/runs/s3folder/best.json"))
+    assert best["checkpoint"] == f"s3://{name}/runs/s3folder/sequential_cnn/epoch_001"
+
+    def first_epoch(run: str) -> dict:
+        text = read_object(s3_server, f"{name}/runs/{run}/sequential_cnn/metrics.csv").decode()
+        return next(csv.DictReader(io.StringIO(text)))
+
+    folder, shards = first_epoch("s3folder"), first_epoch("s3run")
+    # The corrupt cat.9999.jpg is skipped and counted either way (shards keep rejects as error rows).
+    for run in (folder, shards):
+        assert int(run["unreadable_images"]) == 1
+        assert int(run["train_images"]) + int(run["val_images"]) == 400
+    assert folder["val_images"] == shards["val_images"]
+    assert_nothing_local(s3_run)

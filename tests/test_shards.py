@@ -212,3 +212,19 @@ def test_shards_give_the_same_split_tensors_and_error_rows_as_the_folder(small_r
     for path, (image, error) in from_folder.items():
         if not error:
             assert not from_shards[path][1] and np.array_equal(image, from_shards[path][0]), path
+
+
+@pytest.mark.slow
+def test_report_reads_images_from_the_shards_after_the_source_folder_is_gone(tmp_path, ray_session):
+    from catdog.report import report_image_bytes
+
+    folder = messy_folder(tmp_path / "train")
+    shards_uri = str(tmp_path / "shards")
+    prepare_shards(STORAGE, str(folder), shards_uri, shard_size=5)
+    wanted = ["cat.3.jpg", "dog.7.jpg"]
+    original = {name: (folder / name).read_bytes() for name in wanted}
+    paths = [open_shard_set(STORAGE, shards_uri).path_of(name) for name in wanted]
+    from_folder = report_image_bytes(STORAGE, str(folder), paths)
+    shutil.rmtree(folder)
+    from_shards = report_image_bytes(STORAGE, shards_uri, paths)
+    assert from_shards == from_folder == {path: original[Path(path).name] for path in paths}

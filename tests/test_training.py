@@ -133,11 +133,15 @@ def test_worker_exit_mid_epoch_restarts_from_the_last_checkpoint(small_real_data
     cfg = quick_cfg(small_real_data, tmp_path, "killed", **{"train.epochs": 3, "train.max_failures": 1})
     n_train = len(load_split(STORAGE, cfg.data.train, cfg.data.val_fraction, cfg.data.seed, cfg.data.limit).train)
     steps_per_epoch = math.ceil(n_train / cfg.train.batch_size)
-    arm(faults_dir, "exit", min_step=steps_per_epoch, after_batches=2)  # dies in the middle of epoch 2
+    arm(faults_dir, "exit", min_step=steps_per_epoch, after_batches=2, delay_s=5)  # dies in the middle of epoch 2
+    (faults_dir / "train-steps.log").unlink(missing_ok=True)
     run_training(cfg)
     assert (faults_dir / "exit.fired").exists(), "the fault never fired"
     (faults_dir / "exit.fired").unlink()
     assert epochs_of(tmp_path / "killed" / "sequential_cnn" / "metrics.csv") == [1, 2, 3]
+    # The restarted worker picks up at epoch 2's first step (the epoch-1 checkpoint), not at step 0.
+    starts = [int(line) for line in (faults_dir / "train-steps.log").read_text().split()]
+    assert starts == [0, steps_per_epoch, steps_per_epoch, 2 * steps_per_epoch]
     assert json.loads((tmp_path / "killed" / "best.json").read_text())["arch"] == "sequential_cnn"
 
 
