@@ -43,56 +43,68 @@ def _fits_on_one_node(cpus: float, gpus: float) -> bool:
     )
 
 
-def _refuse(job: str, problems: list[str], total: dict, advice: str) -> None:
+def _check_placement(
+    job: str, count: int, cpus: float, gpus: float, *, cpu_why: str, gpu_why: str, unit: str, advice: str
+) -> float:
+    """Refuse ``count`` workers of ``cpus``/``gpus`` each that the cluster can never place, in
+    total or on any one node; return the cluster's CPU count."""
+    import ray
+
+    total = ray.cluster_resources()
+    problems = []
+    if count * cpus > total.get("CPU", 0):
+        problems.append(f"{count * cpus:g} CPUs ({cpu_why})")
+    if count * gpus > total.get("GPU", 0):
+        problems.append(f"{count * gpus:g} GPUs ({gpu_why})")
+    if not problems and not _fits_on_one_node(cpus, gpus):
+        problems.append(f"a node with {cpus:g} CPUs and {gpus:g} GPUs for each {unit}")
     if problems and not os.environ.get("CATDOG_AUTOSCALING_CLUSTER"):
         raise ResourceError(
             f"{job} needs {' and '.join(problems)} but the Ray cluster has {total.get('CPU', 0):g} CPUs and "
             f"{total.get('GPU', 0):g} GPUs; {advice} "
             "(set CATDOG_AUTOSCALING_CLUSTER=1 on an autoscaling cluster to skip this check)"
         )
+    return total.get("CPU", 0)
 
 
 def check_train_resources(cfg) -> None:
     """Fail instead of letting Ray Train wait forever for workers that can never be placed."""
-    import ray
-
-    total = ray.cluster_resources()
     workers, cpus = cfg.train.num_workers, cfg.train.cpus_per_worker
-    gpus = 1 if cfg.train.use_gpu else 0
-    problems = []
-    if workers * cpus > total.get("CPU", 0):
-        problems.append(f"{workers * cpus:g} CPUs (train.num_workers={workers} x train.cpus_per_worker={cpus:g})")
-    if workers * gpus > total.get("GPU", 0):
-        problems.append(f"{workers} GPUs (train.num_workers={workers}, train.use_gpu=true)")
-    if not problems and not _fits_on_one_node(cpus, gpus):
-        problems.append(f"a node with {cpus:g} CPUs and {gpus} GPUs for each worker")
-    _refuse("train", problems, total, "lower train.num_workers or train.cpus_per_worker, or add nodes")
-    if workers * cpus >= total.get("CPU", 0) and not cfg.train.use_gpu:
+    cluster_cpus = _check_placement(
+        "train",
+        workers,
+        cpus,
+        1 if cfg.train.use_gpu else 0,
+        cpu_why=f"train.num_workers={workers} x train.cpus_per_worker={cpus:g}",
+        gpu_why=f"train.num_workers={workers}, train.use_gpu=true",
+        unit="worker",
+        advice="lower train.num_workers or train.cpus_per_worker, or add nodes",
+    )
+    if workers * cpus >= cluster_cpus and not cfg.train.use_gpu:
         logger.warning(
             "Train workers take all %g CPUs; Ray Data will have none left to decode images. "
             "Raise ray.num_cpus or lower train.cpus_per_worker.",
-            total.get("CPU", 0),
+            cluster_cpus,
         )
 
 
 def check_predict_resources(cfg) -> None:
     """The predictor actor pool has a fixed size: make sure every actor can be placed, and
     warn when the actors leave no CPU for the decode tasks that feed them."""
-    import ray
-
-    total = ray.cluster_resources()
     actors, cpus, gpus = cfg.predict.concurrency, cfg.predict.cpus_per_actor, cfg.predict.num_gpus
-    problems = []
-    if actors * cpus > total.get("CPU", 0):
-        problems.append(f"{actors * cpus:g} CPUs (predict.concurrency={actors} x predict.cpus_per_actor={cpus:g})")
-    if actors * gpus > total.get("GPU", 0):
-        problems.append(f"{actors * gpus:g} GPUs (predict.concurrency={actors} x predict.num_gpus={gpus:g})")
-    if not problems and not _fits_on_one_node(cpus, gpus):
-        problems.append(f"a node with {cpus:g} CPUs and {gpus:g} GPUs for each predictor actor")
-    _refuse("predict", problems, total, "lower predict.concurrency, cpus_per_actor or num_gpus, or add nodes")
-    if actors * cpus >= total.get("CPU", 0):
+    cluster_cpus = _check_placement(
+        "predict",
+        actors,
+        cpus,
+        gpus,
+        cpu_why=f"predict.concurrency={actors} x predict.cpus_per_actor={cpus:g}",
+        gpu_why=f"predict.concurrency={actors} x predict.num_gpus={gpus:g}",
+        unit="predictor actor",
+        advice="lower predict.concurrency, cpus_per_actor or num_gpus, or add nodes",
+    )
+    if actors * cpus >= cluster_cpus:
         logger.warning(
             "Predictor actors take all %g CPUs; Ray Data will have none left to decode images. "
             "Raise ray.num_cpus or lower predict.concurrency.",
-            total.get("CPU", 0),
+            cluster_cpus,
         )
