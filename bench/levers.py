@@ -1,6 +1,6 @@
 """Ingest levers, one at a time, on the same files: what each does to decoded images/s.
 
-    python bench/levers.py [--data DIR] [--n 3000] [--size 128] [--repeats 3]
+    python bench/levers.py [--data DIR] [--n 3000] [--size 128] [--repeats 3] [--smoke]
 
 Single-process decoders first (the per-core ceiling), then catdog's Ray Data reader with one
 setting changed per row.  The outcome of each lever is written up in bench/NOTES.md.
@@ -62,7 +62,7 @@ def torchvision_decode(paths: list[str], size: int) -> int:
     return len(paths)
 
 
-def ray_reader(paths: list[str], size: int, block: int, cpus: int, source: str) -> int:
+def ray_reader(paths: list[str], size: int, block: int, cpus: int, source: str, threads: int = 1) -> int:
     import ray
 
     from catdog.data import decode_batch, image_dataset
@@ -72,17 +72,24 @@ def ray_reader(paths: list[str], size: int, block: int, cpus: int, source: str) 
     ray.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     preset = EvalPreset(size, crop_fraction=1.0)
-    if source == "read_binary_files":  # Ray reads the bytes, one row per file, then we decode
-        ds = (
-            ray.data.read_binary_files(paths, include_paths=True)
-            .map_batches(lambda b: {"path": b["path"], "bytes": b["bytes"]}, batch_format="numpy")
-            .map_batches(decode_batch, fn_args=(Storage(), {"image": preset}), batch_size=block, batch_format="numpy")
-        )
-    else:
-        rows = [{"path": p, "label": 0} for p in paths]
-        ds = image_dataset(Storage(), rows, preset, batch_size=block)
+
+    def build(files):
+        if source == "read_binary_files":  # Ray reads the bytes, one row per file, then we decode
+            return (
+                ray.data.read_binary_files(files, include_paths=True)
+                .map_batches(lambda b: {"path": b["path"], "bytes": b["bytes"]}, batch_format="numpy")
+                .map_batches(
+                    decode_batch, fn_args=(Storage(), {"image": preset}), batch_size=block, batch_format="numpy"
+                )
+            )
+        rows = [{"path": p, "label": 0} for p in files]
+        return image_dataset(Storage(), rows, preset, batch_size=block, threads=threads)
+
+    # As in bench/paths.py: a first pass starts the worker processes, then the timed pass.
+    for _ in build(paths[: 2 * block]).iter_batches(batch_size=32, batch_format="numpy"):
+        pass
     start, count = time.perf_counter(), 0
-    for batch in ds.iter_batches(batch_size=32, batch_format="numpy"):
+    for batch in build(paths).iter_batches(batch_size=32, batch_format="numpy"):
         count += len(batch["image"])
     return count, time.perf_counter() - start
 
@@ -99,6 +106,9 @@ RAY_LEVERS = {
     "ray: catdog reader, 64 files/task": {"block": 64, "source": "catdog"},
     "ray: catdog reader, 128 files/task": {"block": 128, "source": "catdog"},
     "ray: catdog reader, 512 files/task": {"block": 512, "source": "catdog"},
+    "ray: catdog reader, 128 files/task, 2 decode threads": {"block": 128, "source": "catdog", "threads": 2},
+    "ray: catdog reader, 512 files/task, 2 decode threads": {"block": 512, "source": "catdog", "threads": 2},
+    "ray: catdog reader, 1024 files/task, 2 decode threads": {"block": 1024, "source": "catdog", "threads": 2},
 }
 
 
@@ -127,7 +137,10 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=3000)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="64 files, one run each (used by the tests)")
     args = parser.parse_args()
+    if args.smoke:
+        args.n, args.repeats = 64, 1
     print(f"| lever | images/s (median of {args.repeats}) | spread |\n|---|---|---|")
     for name in [*LEVERS, *RAY_LEVERS]:
         rates = [run_one(name, args) for _ in range(args.repeats)]

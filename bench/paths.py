@@ -84,16 +84,36 @@ def start_ray(workers: int) -> float:
     return time.perf_counter() - start
 
 
+def warm_then_time(build, files: list[str], batch: int, column: str, startup: float, **iter_args) -> dict:
+    """Time one pass of ``build(files)`` with warm Ray workers.
+
+    A first pass over a few blocks starts Ray's worker processes and their imports; that goes into
+    ``startup`` with ``ray.init``.  A training job pays it once, not every epoch, so the timed pass is
+    the steady state, measured the same way for every Ray path."""
+    warm_start = time.perf_counter()
+    for _ in build(files[: 2 * READER["batch_size"]]).iter_torch_batches(batch_size=batch, **iter_args):
+        pass
+    startup += time.perf_counter() - warm_start
+    start, count = time.perf_counter(), 0
+    for rows in build(files).iter_torch_batches(batch_size=batch, **iter_args):
+        count += len(rows[column])
+    return {"images": count, "seconds": time.perf_counter() - start, "startup": startup}
+
+
+# catdog's reader as configured where decode is the bottleneck (data.decode_batch_size and
+# data.decode_threads); bench/levers.py measures the alternatives.
+READER = {"batch_size": 512, "threads": 2}
+
+
 def ray_read_images(a: dict) -> dict:
     import ray
 
     startup = start_ray(a["ray_workers"])
-    files = train_files(a["data"], a["n"])
-    start, count = time.perf_counter(), 0
-    ds = ray.data.read_images(files, size=(a["size"], a["size"]), mode="RGB")
-    for batch in ds.iter_torch_batches(batch_size=a["batch"]):
-        count += len(batch["image"])
-    return {"images": count, "seconds": time.perf_counter() - start, "startup": startup}
+
+    def build(files):
+        return ray.data.read_images(files, size=(a["size"], a["size"]), mode="RGB")
+
+    return warm_then_time(build, train_files(a["data"], a["n"]), a["batch"], "image", startup)
 
 
 def catdog_folder(a: dict) -> dict:
@@ -101,12 +121,13 @@ def catdog_folder(a: dict) -> dict:
     from catdog.training import Collate
 
     startup = start_ray(a["ray_workers"])
-    rows = [{"path": p, "label": 0} for p in train_files(a["data"], a["n"])]
-    start, count = time.perf_counter(), 0
-    ds = image_dataset(Storage(), rows, EvalPreset(a["size"], crop_fraction=1.0), batch_size=128)
-    for batch in ds.iter_torch_batches(batch_size=a["batch"], collate_fn=Collate()):
-        count += len(batch["path"])
-    return {"images": count, "seconds": time.perf_counter() - start, "startup": startup}
+
+    def build(files):
+        rows = [{"path": p, "label": 0} for p in files]
+        return image_dataset(Storage(), rows, EvalPreset(a["size"], crop_fraction=1.0), **READER)
+
+    files = train_files(a["data"], a["n"])
+    return warm_then_time(build, files, a["batch"], "path", startup, collate_fn=Collate())
 
 
 def catdog_shards(a: dict) -> dict:
@@ -122,11 +143,13 @@ def catdog_shards(a: dict) -> dict:
     shards_dir = tempfile.mkdtemp(prefix="catdog-bench-shards-")
     prepare_shards(storage, str(source), shards_dir)
     entries, shards = list_entries(storage, shards_dir)
-    start, count = time.perf_counter(), 0
-    ds = image_dataset(storage, entries, EvalPreset(a["size"], crop_fraction=1.0), batch_size=128, shards=shards)
-    for batch in ds.iter_torch_batches(batch_size=a["batch"], collate_fn=Collate()):
-        count += len(batch["path"])
-    return {"images": count, "seconds": time.perf_counter() - start, "startup": startup}
+    by_path = {entry["path"]: entry for entry in entries}
+
+    def build(paths):
+        rows = [by_path[p] for p in paths]
+        return image_dataset(storage, rows, EvalPreset(a["size"], crop_fraction=1.0), shards=shards, **READER)
+
+    return warm_then_time(build, list(by_path), a["batch"], "path", startup, collate_fn=Collate())
 
 
 def plain_train(a: dict) -> dict:
@@ -155,6 +178,8 @@ def plain_train(a: dict) -> dict:
 
 
 def catdog_train(a: dict) -> dict:
+    """One training run of ``1 + repeats`` epochs; each epoch after the first is one run (steady state).
+    ``startup`` is the rest of the wall time: Ray and Train start-up, epoch 1, validation, checkpoints."""
     import csv
 
     from catdog.config import load_config
@@ -171,7 +196,7 @@ def catdog_train(a: dict) -> dict:
             f"data.limit={n_total}",
             f"data.image_size={a['size']}",
             "data.val_fraction=0.2",
-            "train.epochs=2",
+            f"train.epochs={1 + a['repeats']}",
             f"train.batch_size={a['batch']}",
             f"train.torch_threads={a['threads']}",
             "ray.num_cpus=4",
@@ -181,9 +206,14 @@ def catdog_train(a: dict) -> dict:
     run_training(cfg)
     wall = time.perf_counter() - start
     with open(f"{root}/quick/{a['arch']}/metrics.csv", newline="") as handle:
-        last = list(csv.DictReader(handle))[-1]  # epoch 2: steady state
-    seconds, images = float(last["train_seconds"]), int(last["train_images"])
-    return {"images": images, "seconds": seconds, "startup": wall - seconds, "rss_mb": rss_mb()}
+        epochs = list(csv.DictReader(handle))[1:]
+    startup = wall - sum(float(e["train_seconds"]) for e in epochs)
+    return {
+        "runs": [
+            {"images": int(e["train_images"]), "seconds": float(e["train_seconds"]), "startup": startup} for e in epochs
+        ],
+        "rss_mb": rss_mb(),
+    }
 
 
 def _checkpoint_for(arch: str, size: int) -> str:
@@ -216,7 +246,8 @@ def plain_predict(a: dict) -> dict:
 
 def catdog_predict(a: dict) -> dict:
     """The predict job end to end (Ray start-up, listing, Parquet and CSV included), then the same
-    Ray Data pipeline once more, timed from its first batch: the steady state."""
+    Ray Data pipeline once more over up to ``STEADY_IMAGES`` images, timed from its first batch in
+    three chunks: the steady state."""
     import ray
 
     from catdog.config import load_config
@@ -241,17 +272,24 @@ def catdog_predict(a: dict) -> dict:
     run_predict(cfg, checkpoint, folder, out)
     seconds = time.perf_counter() - start
     assert id_from_path(f"{folder}/1.jpg") == 1
-    rows = [{"path": e["path"], "id": e["id"]} for e in list_entries(storage, folder)[0]]
+    rows = [{"path": e["path"], "id": e["id"]} for e in list_entries(storage, folder)[0]][:STEADY_IMAGES]
     ds = predictions_dataset(cfg, storage, rows, [model_ref(storage, checkpoint)], tta=False)
-    count, steady_start = 0, None
+    stamps = []  # (images scored so far, time), from the first batch on
     for batch in ds.iter_batches(batch_size=a["batch"], batch_format="pyarrow"):
-        if steady_start is None:
-            steady_start = time.perf_counter()
-        else:
-            count += batch.num_rows
-    steady = time.perf_counter() - steady_start
+        stamps.append(((stamps[-1][0] + batch.num_rows) if stamps else 0, time.perf_counter()))
     ray.shutdown()
-    return {"images": a["n"], "seconds": seconds, "steady_images": count, "steady_seconds": steady, "rss_mb": rss_mb()}
+    return {"images": a["n"], "seconds": seconds, "steady_rates": chunk_rates(stamps, 3), "rss_mb": rss_mb()}
+
+
+STEADY_IMAGES = 3000  # the steady-state pass: long enough for three chunks of ~30 batches
+
+
+def chunk_rates(stamps: list[tuple[int, float]], chunks: int) -> list[float]:
+    """Images/s over ``chunks`` equal spans of batches, after the first batch (the pipeline's fill)."""
+    edges = np.linspace(0, len(stamps) - 1, chunks + 1).round().astype(int)
+    return [
+        (stamps[j][0] - stamps[i][0]) / (stamps[j][1] - stamps[i][1]) for i, j in zip(edges[:-1], edges[1:]) if j > i
+    ]
 
 
 PATHS = {

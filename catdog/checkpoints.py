@@ -30,6 +30,8 @@ METRIC_COLUMNS = (
     "images_per_s",
     "train_image_size",
     "train_seconds",
+    "first_batch_seconds",
+    "data_wait_seconds",
     "train_images",
     "val_images",
     "unreadable_images",

@@ -253,7 +253,11 @@ def batch_bytes(batch: dict[str, np.ndarray], storage: Storage):
 
 
 def decode_batch(
-    batch: dict[str, np.ndarray], storage: Storage, presets: Presets, drop_errors: bool = False
+    batch: dict[str, np.ndarray],
+    storage: Storage,
+    presets: Presets,
+    drop_errors: bool = False,
+    threads: int = 1,
 ) -> dict[str, np.ndarray]:
     """Ray Data ``map_batches`` function: decode the images of a batch.
 
@@ -263,26 +267,37 @@ def decode_batch(
     Each image is decoded once and put through every preset in ``presets`` (column name → preset),
     giving uint8 N×S×S×3 columns, plus ``error``: why the image is unusable, or "" (a string either
     way, so the column keeps one Arrow type in every block).
+    With ``threads`` > 1 the rows are split across that many threads of one pool per process
+    (Pillow releases the GIL while it decodes and resizes).
     With ``drop_errors`` unusable rows are removed; either way they are logged by name.
     """
     paths = batch["path"]
     read = batch_bytes(batch, storage)
     batch = {key: value for key, value in batch.items() if key != "bytes"}
-    rng = np.random.default_rng()
-    source_size = max(p.source_size for p in presets.values())
     images = {col: np.zeros((len(paths), p.size, p.size, 3), dtype=np.uint8) for col, p in presets.items()}
-    known = batch.get("error")
     errors = np.full(len(paths), "", dtype=object)
-    for i in range(len(paths)):
-        if known is not None and known[i]:
-            errors[i] = known[i]
-            continue
-        try:
-            rgb = decode_rgb(read(i), source_size)
-            for col, preset in presets.items():
-                images[col][i] = preset(rgb, rng)
-        except Exception as exc:  # an undecodable file becomes an error row, never a failed job
-            errors[i] = error_text(exc)
+    known = batch.get("error")
+
+    def decode_rows(rows: range) -> None:
+        rng = np.random.default_rng()
+        source_size = max(p.source_size for p in presets.values())
+        for i in rows:
+            if known is not None and known[i]:
+                errors[i] = known[i]
+                continue
+            try:
+                rgb = decode_rgb(read(i), source_size)
+                for col, preset in presets.items():
+                    images[col][i] = preset(rgb, rng)
+            except Exception as exc:  # an undecodable file becomes an error row, never a failed job
+                errors[i] = error_text(exc)
+
+    edges = np.linspace(0, len(paths), min(threads, len(paths)) + 1).astype(int)
+    spans = [range(a, b) for a, b in zip(edges[:-1], edges[1:])]
+    if len(spans) > 1:
+        list(_decode_pool(threads).map(decode_rows, spans))
+    else:
+        decode_rows(range(len(paths)))
     out = {**batch, **images, "error": errors}
     bad = errors != ""
     if bad.any():
@@ -296,6 +311,18 @@ def decode_batch(
     return out
 
 
+_DECODE_POOLS: dict = {}
+
+
+def _decode_pool(threads: int):
+    """One thread pool per process and size, made on first use (never at import)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if threads not in _DECODE_POOLS:
+        _DECODE_POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="catdog-decode")
+    return _DECODE_POOLS[threads]
+
+
 def image_dataset(
     storage: Storage,
     rows: list[dict],
@@ -305,13 +332,15 @@ def image_dataset(
     drop_errors: bool = False,
     num_cpus: float = 1,
     shards=None,
+    threads: int = 1,
 ):
     """A Ray Dataset of decoded images from rows that each name an image URI in ``path``.
 
     A single preset gives an ``image`` column.  From a folder: one block per ``batch_size`` files,
-    decoded by one task: large enough to amortise task overhead, small enough that several tasks
-    run side by side.  With ``shards`` (the :class:`~catdog.shards.ShardSet` the rows were listed
-    from) the images are read from its Parquet files instead, keeping only ``rows``.
+    decoded by one task (with ``threads`` decode threads): large enough to amortise task overhead,
+    small enough that several tasks run side by side.  With ``shards`` (the
+    :class:`~catdog.shards.ShardSet` the rows were listed from) the images are read from its
+    Parquet files instead, keeping only ``rows``.
     """
     import ray.data
 
@@ -324,7 +353,7 @@ def image_dataset(
 
         return shard_rows_dataset(storage, shards, rows).map_batches(
             decode_batch,
-            fn_args=(storage, presets, drop_errors),
+            fn_args=(storage, presets, drop_errors, threads),
             batch_size=batch_size,
             batch_format="numpy",
             num_cpus=num_cpus,

@@ -156,7 +156,9 @@ def predictions_dataset(
 
     presets = {ref.column: ref.preset for ref in models}
     use_gpu = cfg.predict.num_gpus > 0
-    decoded = image_dataset(storage, rows, presets, batch_size=cfg.data.decode_batch_size, shards=shards)
+    decoded = image_dataset(
+        storage, rows, presets, batch_size=cfg.data.decode_batch_size, shards=shards, threads=cfg.data.decode_threads
+    )
     return decoded.map_batches(
         Predictor,
         fn_constructor_args=(storage, models, cfg.predict.threshold, tta, use_gpu, cfg.predict.torch_threads),
@@ -190,7 +192,7 @@ def read_columns(storage: Storage, uri: str, columns: list[str]):
 
 def submission_csv(storage: Storage, predictions_uri: str, cfg: CatdogConfig, proba: bool) -> tuple[str, list]:
     """Kaggle ``id,label`` rows sorted by id; unreadable images get ``predict.unreadable_label``."""
-    ids, values, paths, unreadable, no_id = [], [], [], [], []
+    ids, values, paths, failed, no_id = [], [], [], [], []
     for batch in read_columns(storage, predictions_uri, ["id", "prob_dog", "label", "error", "path"]):
         data = batch.to_pydict()
         for id_, prob, label, error, path in zip(
@@ -200,7 +202,6 @@ def submission_csv(storage: Storage, predictions_uri: str, cfg: CatdogConfig, pr
                 no_id.append(path)
                 continue
             if error is not None:
-                unreadable.append(id_)
                 label = cfg.predict.unreadable_label
                 value = min(max(float(label), CLIP[0]), CLIP[1]) if proba else label
             else:
@@ -208,6 +209,7 @@ def submission_csv(storage: Storage, predictions_uri: str, cfg: CatdogConfig, pr
             ids.append(id_)
             values.append(value)
             paths.append(path)
+            failed.append(error is not None)
     if no_id:
         logger.warning(
             "%d files have no numeric id in their name and are left out of the submission: %s",
@@ -222,7 +224,7 @@ def submission_csv(storage: Storage, predictions_uri: str, cfg: CatdogConfig, pr
             ", ".join(map(str, duplicates[:20])),
         )
     lines = ["id,label"] + [f"{ids[i]},{values[i]:.6f}" if proba else f"{ids[i]},{values[i]}" for i in order]
-    return "\n".join(lines) + "\n", sorted(set(unreadable))
+    return "\n".join(lines) + "\n", [ids[i] for i in order if failed[i]]  # as submitted: one per id
 
 
 def unique_ids_in_order(ids: list[int], paths: list[str]) -> tuple[list[int], list[int]]:

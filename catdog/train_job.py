@@ -99,13 +99,10 @@ def train_architecture(cfg: CatdogConfig, spec: ModelSpec, split: Split, storage
     size = loop_cfg["image_size"]
     augment = TrainPreset(size, scale=(cfg.train.crop_scale_min, 1.0))
     rows = sorted(split.train, key=lambda r: split_key(r["path"], cfg.data.seed + 1))  # mix the classes
+    reader = {"batch_size": cfg.data.decode_batch_size, "shards": split.shards, "threads": cfg.data.decode_threads}
     datasets = {
-        "train": image_dataset(
-            storage, rows, augment, batch_size=cfg.data.decode_batch_size, shards=split.shards
-        ).randomize_block_order(),
-        "val": image_dataset(
-            storage, split.val, EvalPreset(size), batch_size=cfg.data.decode_batch_size, shards=split.shards
-        ),
+        "train": image_dataset(storage, rows, augment, **reader).randomize_block_order(),
+        "val": image_dataset(storage, split.val, EvalPreset(size), **reader),
     }
     fs, root = storage.resolve(cfg.run_uri)
     resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}

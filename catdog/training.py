@@ -149,13 +149,15 @@ def train_one_epoch(
         "cuda", enabled=device.type == "cuda" and cfg["amp"] and not torch.cuda.is_bf16_supported()
     )
     loss_sum, images, lr, start, unreadable = 0.0, 0, 0.0, time.perf_counter(), []
-    for batch in shard.iter_torch_batches(
+    batches = shard.iter_torch_batches(
         batch_size=cfg["batch_size"],
         collate_fn=Collate(),
         prefetch_batches=2,
         local_shuffle_buffer_size=cfg["batch_size"] * 8,
         pin_memory=device.type == "cuda",
-    ):
+    )
+    waits: list[float] = []
+    for batch in timed_batches(batches, waits):
         lr = set_learning_rates(optimizer, cfg, step, total_steps, frozen)
         x, y = to_model_input(batch["image"], device, input_size), batch["label"].to(device, non_blocking=True)
         weight = batch["valid"].to(device, non_blocking=True).float()
@@ -178,12 +180,27 @@ def train_one_epoch(
         "train_loss": totals[0] / max(totals[1], 1),
         "train_images": int(totals[1]),
         "train_seconds": seconds,
+        # Time the step waited for its batch: the first one (pipeline start) and the rest (data-bound).
+        "first_batch_seconds": waits[0] if waits else 0.0,
+        "data_wait_seconds": sum(waits[1:]),
         "images_per_s": totals[1] / max(seconds, 1e-9),
         "train_image_size": input_size or cfg["image_size"],
         "lr": lr,
         "step": step,
         "unreadable": unreadable,
     }
+
+
+def timed_batches(batches, waits: list[float]):
+    """Yield from ``batches``, appending to ``waits`` how long each batch took to arrive."""
+    iterator = iter(batches)
+    while True:
+        start = time.perf_counter()
+        batch = next(iterator, None)
+        if batch is None:
+            return
+        waits.append(time.perf_counter() - start)
+        yield batch
 
 
 def gather_lists(items: list) -> list:

@@ -55,3 +55,42 @@ def test_bench_smoke_prints_every_row(data_dir, tmp_path):
     assert all(r["summary"]["images"] > 0 for r in results["results"])
     predict = [r for r in results["results"] if r["path"] == "catdog_predict"]
     assert all(r["summary"]["steady_images_per_s"] > 0 for r in predict)
+
+
+def run_script(*args: str) -> str:
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_levers_smoke_prints_every_lever(data_dir):
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import levers
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    out = run_script(str(REPO / "bench" / "levers.py"), "--smoke", "--data", str(data_dir))
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in out.splitlines() if line.startswith("| ")}
+    for name in [*levers.LEVERS, *levers.RAY_LEVERS]:
+        rate = float(rows[name].split(" | ")[1])
+        assert rate > 0, rows[name]
+
+
+def test_ingest_from_s3_smoke_times_folder_and_shards(data_dir):
+    out = run_script(
+        str(REPO / "bench" / "ingest_s3.py"),
+        "--images",
+        "64",
+        "--rounds",
+        "1",
+        "--shard-size",
+        "16",
+        "--data",
+        str(data_dir),
+    )
+    assert "uploaded 64 images" in out
+    # 32 cats and 32 dogs, 6 of each held out for validation: both sources read the same 52 images
+    for kind in ("folder", "shards"):
+        lines = [line for line in out.splitlines() if line.startswith(f"round 1 {kind}")]
+        assert lines and ": 52 train images in " in lines[0] and lines[0].endswith("img/s"), out
+    assert "best of 1: folder" in out

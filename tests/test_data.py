@@ -197,7 +197,7 @@ def test_dataset_keeps_corrupt_files_as_error_rows(kaggle_folder, ray_session):
     assert set(errors) == {"cat.900.jpg", "dog.901.jpg", "dog.902.jpg"}
     assert "empty file" in errors["dog.901.jpg"]
     assert all(r["image"].shape == (24, 24, 3) for r in kept)
-    dropped = rows_of(image_dataset(STORAGE, rows, EvalPreset(24), batch_size=8, drop_errors=True))
+    dropped = rows_of(image_dataset(STORAGE, rows, EvalPreset(24), batch_size=8, drop_errors=True, threads=2))
     assert len(dropped) == 41 and not any(r["error"] for r in dropped)
 
 
@@ -219,3 +219,23 @@ def test_real_train_folder_through_ray_data(data_dir, ray_session):
         labels += int(batch["label"].sum())
         seen.update(batch["path"])
     assert rows == 16000 and labels == 8000 and len(seen) == 16000
+
+
+def test_decode_threads_split_the_rows_and_give_the_same_batch(kaggle_folder):
+    from catdog.data import decode_batch
+
+    (kaggle_folder / "dog.901.jpg").write_bytes(b"")
+    paths = np.array(list_images(STORAGE, str(kaggle_folder)), dtype=object)
+    presets = {"image": EvalPreset(24), "small": EvalPreset(16)}
+    one = decode_batch({"path": paths, "label": np.zeros(len(paths))}, STORAGE, presets)
+    three = decode_batch({"path": paths, "label": np.zeros(len(paths))}, STORAGE, presets, threads=3)
+    assert len(paths) > 3 and set(one) == set(three)
+    for column in one:
+        np.testing.assert_array_equal(one[column], three[column])
+    assert [p.rsplit("/", 1)[1] for p, e in zip(three["path"], three["error"]) if e] == ["dog.901.jpg"]
+    assert three["image"].shape == (len(paths), 24, 24, 3) and three["image"][0].any()
+    # more threads than rows, and a threaded batch that drops its unreadable row
+    tiny = decode_batch({"path": paths[:2], "label": np.zeros(2)}, STORAGE, presets, threads=8)
+    np.testing.assert_array_equal(tiny["image"], one["image"][:2])
+    dropped = decode_batch({"path": paths, "label": np.zeros(len(paths))}, STORAGE, presets, True, threads=2)
+    assert len(dropped["path"]) == len(paths) - 1 and not any(dropped["error"])

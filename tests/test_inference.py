@@ -376,6 +376,7 @@ def test_submission_keeps_one_row_per_id_and_warns_about_repeats_and_unreadable(
         (1, "in/1.jpg", 0.7, 1, None),  # same id as 1.png; "1.jpg" sorts first and wins
         (10, "in/10.jpg", None, None, "cannot identify image file"),
         (2, "in/a/2.jpg", 0.001, 0, None),  # same name in another folder; a/ wins
+        (1, "in/z/1.jpg", None, None, "image file is truncated"),  # a losing repeat: not counted unreadable
         (None, "in/readme.jpg", 0.5, 1, None),  # no numeric id: left out
     ]
     folder = tmp_path / "predictions"

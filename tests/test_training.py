@@ -74,7 +74,11 @@ def test_quick_run_trains_all_three_and_picks_the_best(quick_run):
     assert best["config"]["run_name"] == cfg.run_name
     assert (run / "config.yaml").exists() and load_config(run / "config.yaml") == cfg
     for row in board:
-        assert epochs_of(run / row["arch"] / "metrics.csv") == list(range(1, cfg.train.epochs + 1))
+        metrics = read_csv(run / row["arch"] / "metrics.csv")
+        assert [int(m["epoch"]) for m in metrics] == list(range(1, cfg.train.epochs + 1))
+        for m in metrics:  # the waits for data are parts of the epoch's time
+            waits = float(m["first_batch_seconds"]) + float(m["data_wait_seconds"])
+            assert float(m["first_batch_seconds"]) > 0 and 0 < waits < float(m["train_seconds"])
         meta = json.loads((Path(row["checkpoint"]) / "meta.json").read_text())
         assert meta["arch"] == row["arch"] and meta["class_map"] == {"0": "cat", "1": "dog"}
         assert meta["image_size"] == cfg.data.image_size and len(meta["mean"]) == 3
