@@ -199,6 +199,7 @@ def catdog_train(a: dict) -> dict:
             f"train.epochs={1 + a['repeats']}",
             f"train.batch_size={a['batch']}",
             f"train.torch_threads={a['threads']}",
+            "train.amp=false",  # the plain loops run fp32: compare like with like (bf16: NOTES.md)
             "ray.num_cpus=4",
         ],
     )
@@ -264,6 +265,7 @@ def catdog_predict(a: dict) -> dict:
             f"predict.batch_size={a['batch']}",
             f"predict.concurrency={actors}",
             f"predict.torch_threads={max(1, a['threads'] // actors)}",
+            "predict.amp=false",
             f"ray.num_cpus={actors + 2}",
         ],
     )

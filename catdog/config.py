@@ -78,6 +78,7 @@ class TrainConfig(_Section):
     crop_scale_min: float = Field(0.35, gt=0, le=1)
     num_workers: PositiveInt = 1
     use_gpu: bool = False
+    # bf16/fp16 autocast on GPU; bf16 on CPUs with AMX or AVX512-BF16 (elsewhere on CPU: fp32).
     amp: bool = True
     cpus_per_worker: PositiveFloat = 1
     max_failures: int = Field(2, ge=-1)
@@ -98,6 +99,8 @@ class PredictConfig(_Section):
     # Intra-op threads per predictor actor.  Ray caps an actor at its CPU count (1) by default;
     # on a small machine one actor with every core beats several single-thread actors.
     torch_threads: PositiveInt | None = None
+    # Same rule as train.amp; the training-time validation scores with it too.
+    amp: bool = True
 
 
 class RayConfig(_Section):

@@ -26,7 +26,7 @@ from catdog.data import DataError, image_dataset, list_entries
 from catdog.presets import MEAN, STD, EvalPreset
 from catdog.runtime import check_predict_resources, init_ray
 from catdog.storage import Storage, basename, join
-from catdog.training import CLIP, to_model_input
+from catdog.training import CLIP, autocast, to_model_input
 
 logger = logging.getLogger(__name__)
 
@@ -110,12 +110,13 @@ class Predictor:
         tta: bool,
         use_gpu: bool,
         torch_threads: int | None = None,
+        amp: bool = False,
     ):
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.models = [(ref, load_model(storage, ref.checkpoint)[0].to(self.device)) for ref in models]
-        self.threshold, self.tta = threshold, tta
+        self.threshold, self.tta, self.amp = threshold, tta, amp
         self.name = "+".join(ref.name for ref in models) + ("+tta" if tta else "")
 
     @torch.inference_mode()
@@ -124,9 +125,10 @@ class Predictor:
         for ref, model in self.models:
             images = torch.from_numpy(np.ascontiguousarray(batch[ref.column]))
             x = to_model_input(images, self.device, mean=ref.mean, std=ref.std)
-            p = torch.softmax(model(x).float(), dim=1)[:, 1]
-            if self.tta:
-                p = (p + torch.softmax(model(torch.flip(x, dims=[3])).float(), dim=1)[:, 1]) / 2
+            with autocast(self.device, self.amp):
+                p = torch.softmax(model(x).float(), dim=1)[:, 1]
+                if self.tta:
+                    p = (p + torch.softmax(model(torch.flip(x, dims=[3])).float(), dim=1)[:, 1]) / 2
             probs.append(p)
         return torch.stack(probs).mean(0).cpu().numpy().astype(np.float32)
 
@@ -161,7 +163,15 @@ def predictions_dataset(
     )
     return decoded.map_batches(
         Predictor,
-        fn_constructor_args=(storage, models, cfg.predict.threshold, tta, use_gpu, cfg.predict.torch_threads),
+        fn_constructor_args=(
+            storage,
+            models,
+            cfg.predict.threshold,
+            tta,
+            use_gpu,
+            cfg.predict.torch_threads,
+            cfg.predict.amp,
+        ),
         batch_size=cfg.predict.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.predict.concurrency),

@@ -107,11 +107,21 @@ def unreadable_paths(batch: dict) -> list[str]:
     return [path for path, ok in zip(batch["path"], batch["valid"].tolist()) if not ok]
 
 
+def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX512-BF16: oneDNN runs bf16 convolutions natively (ResNet18 trains ~2x faster on
+    a 2-core Sapphire Rapids). Elsewhere bf16 is emulated and slower than fp32."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    except AttributeError:  # private helpers: a future torch may move them
+        return False
+
+
 def autocast(device: torch.device, enabled: bool):
+    """Mixed precision where the hardware has it: bf16 (or fp16) on GPU, bf16 on CPUs with native bf16."""
     if device.type == "cuda" and enabled:
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast("cuda", dtype=dtype)
-    return torch.autocast("cpu", enabled=False)
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled and device.type == "cpu" and cpu_has_fast_bf16())
 
 
 def set_backbone_frozen(model: nn.Module, arch: str, frozen: bool) -> None:
@@ -162,7 +172,8 @@ def train_one_epoch(
         x, y = to_model_input(batch["image"], device, input_size), batch["label"].to(device, non_blocking=True)
         weight = batch["valid"].to(device, non_blocking=True).float()
         with autocast(device, cfg["amp"]):
-            loss = (loss_fn(model(x), y) * weight).sum() / weight.sum().clamp(min=1)
+            logits = model(x)
+        loss = (loss_fn(logits.float(), y) * weight).sum() / weight.sum().clamp(min=1)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

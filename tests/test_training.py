@@ -15,6 +15,7 @@ import torchvision
 from conftest import REPO, quick_overrides
 from faults import arm
 
+from catdog import training
 from catdog.checkpoints import load_model
 from catdog.config import load_config
 from catdog.data import decode_image, load_split
@@ -22,7 +23,7 @@ from catdog.models import split_parameters
 from catdog.presets import EvalPreset
 from catdog.storage import Storage
 from catdog.train_job import run_training
-from catdog.training import input_size_for_epoch, lr_factor, to_model_input
+from catdog.training import autocast, input_size_for_epoch, lr_factor, to_model_input
 
 STORAGE = Storage()
 
@@ -34,6 +35,20 @@ def read_csv(path: Path) -> list[dict]:
 
 def epochs_of(metrics_csv: Path) -> list[int]:
     return [int(row["epoch"]) for row in read_csv(metrics_csv)]
+
+
+@pytest.mark.parametrize("fast_bf16", [True, False])
+def test_cpu_autocast_uses_bf16_only_where_the_cpu_runs_it_natively(monkeypatch, fast_bf16):
+    monkeypatch.setattr(training, "cpu_has_fast_bf16", lambda: fast_bf16)
+    conv, x = torch.nn.Conv2d(3, 4, 3), torch.randn(2, 3, 8, 8)
+    with autocast(torch.device("cpu"), True):
+        amp_out = conv(x)
+    with autocast(torch.device("cpu"), False):
+        off_out = conv(x)
+    assert amp_out.dtype == (torch.bfloat16 if fast_bf16 else torch.float32)
+    assert off_out.dtype == torch.float32
+    # bf16 keeps ~3 significant digits: same answer, coarser.
+    torch.testing.assert_close(amp_out.float(), off_out, atol=0.05, rtol=0.02)
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -94,7 +109,8 @@ def test_best_checkpoint_reproduces_its_validation_accuracy(quick_run):
     preset = EvalPreset(meta["image_size"], meta["crop_fraction"])
     images = np.stack([decode_image(Path(r["path"]).read_bytes(), preset) for r in split.val])
     labels = torch.tensor([r["label"] for r in split.val])
-    with torch.no_grad():
+    # Same precision as training-time validation (bf16 on CPUs with AMX, else fp32).
+    with torch.no_grad(), autocast(torch.device("cpu"), cfg.train.amp):
         predicted = model(to_model_input(torch.from_numpy(images), torch.device("cpu"))).argmax(1)
     accuracy = float((predicted == labels).float().mean())
     assert accuracy == pytest.approx(best["val_acc"], abs=1.5 / len(split.val))
