@@ -252,7 +252,7 @@ class StubPredictor(Predictor):
         "dog.4.jpg": 1.0,
     }
 
-    def __init__(self, storage, models, threshold, tta, use_gpu, torch_threads=None):
+    def __init__(self, storage, models, threshold, tta, use_gpu, torch_threads=None, amp=False):
         self.threshold, self.tta, self.name, self.models = threshold, tta, "stub", []
 
     def prob_dog(self, batch):
