@@ -99,7 +99,8 @@ class PredictConfig(_Section):
     # Intra-op threads per predictor actor.  Ray caps an actor at its CPU count (1) by default;
     # on a small machine one actor with every core beats several single-thread actors.
     torch_threads: PositiveInt | None = None
-    # Same rule as train.amp; the training-time validation scores with it too.
+    # Same rule as train.amp, for predict, evaluate and the end-of-train validation study
+    # (the per-epoch validation during training follows train.amp).
     amp: bool = True
 
 
