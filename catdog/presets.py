@@ -74,4 +74,3 @@ class TrainPreset:
         if rng.random() < self.hflip:
             out = out.transpose(Image.FLIP_LEFT_RIGHT)
         return np.asarray(out, dtype=np.uint8)
-

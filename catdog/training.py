@@ -36,7 +36,12 @@ CLIP = (0.005, 0.995)  # Kaggle Redux: one confident mistake must not explode lo
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
     """Linear warm-up to 1, then cosine decay towards 0 (one-cycle shape); a pure function of step,
-    so a resumed run, or one whose epoch count changed, needs no scheduler state."""
+    so a resumed run, or one whose epoch count changed, needs no scheduler state.
+
+    Raising ``epochs`` on a run continues it from its last checkpoint (step and optimizer state)
+    on the schedule of the new count, as if that count had been planned from step 0: the rate at
+    the resumed step is the new plan's (after a finished run it jumps from the end-of-schedule
+    floor back up), then it decays to the floor at the new last step."""
     if total_steps <= 0:
         return 1.0
     if step < warmup_steps:
