@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import torch
 
 from catdog.checkpoints import CheckpointError, load_model, read_meta
@@ -195,9 +195,12 @@ def write_parquet_atomically(ds, storage: Storage, uri: str) -> None:
 
 
 def read_columns(storage: Storage, uri: str, columns: list[str]):
-    """Stream record batches of a few columns from a Parquet folder."""
-    fs, path = storage.resolve(uri)
-    return pads.dataset(path, filesystem=fs, format="parquet").to_batches(columns=columns)
+    """Stream record batches of a few columns from a Parquet folder, file by file; each file is read
+    whole through :meth:`Storage.read_bytes`, so a throttled or reset read is retried like any other."""
+    for info in sorted(storage.list_files(uri), key=lambda i: i.path):
+        if info.path.endswith(".parquet"):
+            data = storage.read_bytes(storage.uri_of(uri, info.path))
+            yield from pq.read_table(pa.BufferReader(data), columns=columns).to_batches()
 
 
 def submission_csv(storage: Storage, predictions_uri: str, cfg: CatdogConfig, proba: bool) -> tuple[str, list]:

@@ -141,11 +141,12 @@ def read_with_retries(uri: str, read, endpoint: str | None = None, retry_missing
         except FileNotFoundError:
             if not retry_missing:
                 raise StorageNotFound(f"{uri}: not found") from None
-            failure: OSError = FileNotFoundError(f"{uri} was listed but is gone")
+            failure: OSError | None = None
         except OSError as exc:
             failure = exc
-        if attempt == READ_ATTEMPTS or is_permanent(failure):
-            raise ReadError(f"{describe_error(uri, failure, endpoint)} ({READ_FAILED} {attempt} attempt(s))")
+        if attempt == READ_ATTEMPTS or (failure is not None and is_permanent(failure)):
+            why = f"{uri}: listed but gone" if failure is None else describe_error(uri, failure, endpoint)
+            raise ReadError(f"{why} ({READ_FAILED} {attempt} attempt(s))")
         time.sleep(READ_BACKOFF_S * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
     raise AssertionError("unreachable")
 

@@ -229,8 +229,9 @@ def train_architecture(cfg: CatdogConfig, spec: ModelSpec, split: Split, storage
 def record_result(storage: Storage, loop_cfg: dict, result) -> dict:
     """Write ``metrics.csv`` from the final checkpoint's history and ``result.json`` for this arch."""
     best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_acc"])
-    with result.checkpoint.as_directory() as folder, open(f"{folder}/meta.json") as handle:
-        history = json.load(handle)["history"]
+    # Through Storage (retried reads), not a download of the whole checkpoint.
+    final_uri = storage.uri_of(loop_cfg["arch_uri"], result.checkpoint.path)
+    history = json.loads(storage.read_text(join(final_uri, "meta.json")))["history"]
     storage.write_text(join(loop_cfg["arch_uri"], "metrics.csv"), metrics_csv(history))
     row = {
         "arch": loop_cfg["arch"],
