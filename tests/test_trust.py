@@ -159,13 +159,16 @@ def test_an_undecodable_file_leaves_batchnorm_statistics_as_the_batch_without_it
             frozen=False,
             device=torch.device("cpu"),
         )
-        assert stats["train_images"] == 12
+        assert stats["train_images"] == 12 and stats["step"] == 1  # one step over the whole batch
         return {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
 
     clean, dirty = running_stats(rows), running_stats(with_bad)
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in clean.items() if "mean" in k)  # they did move
+    # Equal up to float summation order (the batch is shuffled); a zero image counted by BatchNorm
+    # would move the first layer's running mean by about 1/13 of its value.
     for key in clean:
-        torch.testing.assert_close(dirty[key], clean[key], rtol=1e-5, atol=1e-6, msg=key)
+        gap = float((dirty[key] - clean[key]).abs().max())
+        assert torch.allclose(dirty[key], clean[key], rtol=1e-4, atol=1e-5), f"{key}: max difference {gap}"
 
 
 @pytest.mark.slow
