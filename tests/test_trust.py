@@ -251,7 +251,8 @@ def test_a_rerun_with_changed_settings_stops_and_an_unchanged_one_retrains_nothi
     expected = cfg.train.lr * lr_factor(2 * per_epoch - 1, total, int(cfg.train.warmup_fraction * total))
     assert float(history[1]["lr"]) == pytest.approx(expected, abs=1e-6)  # epoch 2 end, 3-epoch plan
     assert float(history[1]["lr"]) > 0.3 * cfg.train.lr  # not the floor that ended the 1-epoch run
-    assert float(history[0]["lr"]) == pytest.approx(0.02 * cfg.train.lr, abs=1e-6)
+    first_plan = cfg.train.lr * lr_factor(per_epoch - 1, per_epoch, int(cfg.train.warmup_fraction * per_epoch))
+    assert float(history[0]["lr"]) == pytest.approx(first_plan, abs=1e-6)  # epoch 1 as the 1-epoch run left it
 
 
 @pytest.mark.slow
