@@ -40,7 +40,7 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
 
     Raising ``epochs`` on a run continues it from its last checkpoint (step and optimizer state)
     on the schedule of the new count, as if that count had been planned from step 0: the rate at
-    the resumed step is the new plan's (after a finished run it jumps from the end-of-schedule
+    the resumed step is the new plan's (after a finished run it jumps from near the end-of-schedule
     floor back up), then it decays to the floor at the new last step."""
     if total_steps <= 0:
         return 1.0
