@@ -7,11 +7,16 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/local.yaml
 DATA_DIR ?= ../shared/data/dogs-vs-cats
-# Extra config overrides, e.g. make train SET="train.epochs=2 run_name=try2"
+# Extra config overrides, e.g. make train SET="train.epochs=2 run_name=try2".  Spaces inside [...], {...} or
+# quotes do not split: SET="models=[resnet18, mobilenet_v2]" is one override.
 SET ?=
 PYTEST_ARGS ?=
-DATA_SETS := --set data.train=$(DATA_DIR)/train --set data.test=$(DATA_DIR)/test1 $(foreach s,$(SET),--set $(s))
-export CATDOG_DATA ?= $(abspath $(DATA_DIR))
+# Recipes read these from the environment, always quoted, so paths and values with spaces stay whole.
+export SET DATA_DIR CONFIG INPUT
+# Prefix of a job command: puts its --set arguments (data.train/data.test from DATA_DIR, then SET) into the
+# bash array "sets".
+JOB_SETS = mapfile -d '' -t sets < <($(PY) -m catdog.config "$$DATA_DIR" "$$SET") &&
+export CATDOG_DATA ?= $(shell realpath -m -- "$(DATA_DIR)")
 
 .PHONY: install test lint format run train predict evaluate bench clean check-data
 
@@ -42,13 +47,14 @@ check-data:
 	  exit 1; fi
 
 train: $(STAMP) check-data
-	$(PY) jobs/train.py --config $(CONFIG) $(DATA_SETS)
+	$(JOB_SETS) $(PY) jobs/train.py --config "$$CONFIG" "$${sets[@]}"
 
 predict: $(STAMP) check-data
-	$(PY) jobs/predict.py --config $(CONFIG) $(DATA_SETS)
+	$(JOB_SETS) $(PY) jobs/predict.py --config "$$CONFIG" "$${sets[@]}"
 
+# Without INPUT: the run's validation split (never training images).
 evaluate: $(STAMP) check-data
-	$(PY) jobs/evaluate.py --config $(CONFIG) $(DATA_SETS) --input $(or $(INPUT),$(DATA_DIR)/train)
+	$(JOB_SETS) $(PY) jobs/evaluate.py --config "$$CONFIG" "$${sets[@]}" $${INPUT:+--input "$$INPUT"}
 
 run: train predict
 

@@ -12,7 +12,7 @@ from catdog.config import CatdogConfig, ConfigError, _set_dotted, load_config, p
 from catdog.data import DataError
 from catdog.models import InitError
 from catdog.runtime import ResourceError
-from catdog.storage import StorageError
+from catdog.storage import StorageError, read_failure_in
 
 # Problems a user fixes by changing a config, an argument or their data: one line, exit 2.
 USER_ERRORS = (ConfigError, DataError, InitError, ResourceError, StorageError, CheckpointError)
@@ -59,5 +59,13 @@ def run_job(args: argparse.Namespace, job: Callable[[CatdogConfig], str]) -> int
         print(job(cfg), flush=True)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        # A Ray task or Train worker that could not read an object (after every retry) fails the
+        # job with one line naming the object(s), not a Ray traceback.
+        failure = read_failure_in(exc)
+        if failure is None:
+            raise
+        print(f"error: {failure}", file=sys.stderr)
         return 2
     return 0

@@ -210,6 +210,32 @@ def parse_override(text: str, source: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def split_overrides(text: str) -> list[str]:
+    """``key=value`` items of a space-separated list (the Makefile's ``SET``); spaces inside
+    ``[...]``, ``{...}`` or quotes do not split, so ``models=[resnet18, mobilenet_v2]`` stays one."""
+    items, current, depth, quote = [], "", 0, ""
+    for char in text:
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth = max(0, depth - 1)
+        elif char.isspace() and depth == 0:
+            items, current = items + [current] if current else items, ""
+            continue
+        current += char
+    return items + [current] if current else items
+
+
+def make_job_sets(data_dir: str, overrides: str) -> list[str]:
+    """The ``--set`` arguments the Makefile passes to every job: the data folders, then ``SET``."""
+    pairs = [f"data.train={data_dir}/train", f"data.test={data_dir}/test1", *split_overrides(overrides)]
+    return [arg for pair in pairs for arg in ("--set", pair)]
+
+
 def _describe(error: dict) -> str:
     key = ".".join(str(p) for p in error["loc"]) or "<top level>"
     kind = error["type"]
@@ -265,3 +291,9 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         key, value = parse_override(item, source)
         _set_dotted(raw, key, value, source)
     return validate_config(raw, source)
+
+
+if __name__ == "__main__":  # the Makefile: python -m catdog.config DATA_DIR SET  →  NUL-separated job arguments
+    import sys
+
+    sys.stdout.write("".join(arg + "\0" for arg in make_job_sets(sys.argv[1], sys.argv[2])))

@@ -9,8 +9,15 @@ Wherever a job takes an image folder it also takes a shard set written by ``jobs
 reads the ``bytes`` column with ``read_parquet``, and the same :func:`decode_batch` decodes them.
 
 Stock ``ray.data.read_images`` fails the whole read on one corrupt file; here a file that cannot
-be decoded becomes a row with an ``error`` message that the caller drops (training) or keeps
-(predict, evaluate).
+be decoded becomes a row with an ``error`` message.  Training keeps those rows (every DDP rank
+must take the same number of steps) but leaves them out of the forward pass; predict and
+evaluate report them.
+
+Reading is not decoding: a file whose bytes cannot be read (S3 5xx or throttling, a timeout, a
+reset, an object listed but gone) is retried with backoff (:func:`catdog.storage.read_with_retries`);
+if it still fails the Ray Data task raises :class:`~catdog.storage.ReadError`, Ray Data retries
+the task (:data:`READ_TASK_RETRIES`), and then the job fails naming the object.  It never becomes
+an error row.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from catdog.presets import EvalPreset, TrainPreset
-from catdog.storage import Storage
+from catdog.storage import READ_FAILED, ReadError, Storage, read_with_retries
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +45,8 @@ _KAGGLE_NAME = re.compile(r"^(cat|dog)\.[^/]*$", re.IGNORECASE)
 _ID_NAME = re.compile(r"^(\d+)\.[^.]+$")
 # Decoded images bigger than this are reduced while decoding (JPEG draft / PIL reduce).
 MAX_DECODE_PIXELS = 4096 * 4096
+# Ray Data re-runs a decode task this many times when it failed with a ReadError.
+READ_TASK_RETRIES = 2
 
 
 class DataError(Exception):
@@ -175,10 +184,11 @@ def probe_decodable(storage: Storage, uri: str, paths: list[str], sample: int = 
     step = max(1, len(paths) // sample)
     first_error = None
     for path in paths[::step][:sample]:
+        data = read_uri(storage, path)  # a storage fault is not an undecodable image: it raises
         try:
-            decode_rgb(read_uri(storage, path), 32)
+            decode_rgb(data, 32)
             return
-        except Exception as exc:  # any failure: keep looking for one usable image
+        except Exception as exc:  # any decode failure: keep looking for one usable image
             first_error = first_error or f"{posixpath.basename(path)}: {type(exc).__name__}"
     checked = len(paths[::step][:sample])
     raise DataError(f"{uri}: no usable image: none of {checked} sampled files could be decoded (e.g. {first_error})")
@@ -225,13 +235,19 @@ _FILESYSTEMS: dict = {}
 
 
 def read_uri(storage: Storage, uri: str) -> bytes:
-    """Read a file in a Ray Data task; the filesystem is built once per process and storage."""
-    key = (storage, uri.startswith("s3://"))
+    """Read a listed file in a Ray Data task, with retries; raise :class:`ReadError` if it cannot
+    be read.  The filesystem is built once per process and storage."""
+    remote = uri.startswith("s3://")
+    key = (storage, remote)
     if key not in _FILESYSTEMS:
         _FILESYSTEMS[key] = storage.resolve(uri)[0]
-    fs_path = uri[len("s3://") :] if uri.startswith("s3://") else uri
-    with _FILESYSTEMS[key].open_input_stream(fs_path) as stream:
-        return stream.read()
+    fs_path = uri[len("s3://") :] if remote else uri
+
+    def read() -> bytes:
+        with _FILESYSTEMS[key].open_input_stream(fs_path) as stream:
+            return stream.read()
+
+    return read_with_retries(uri, read, storage.endpoint if remote else None)
 
 
 Presets = dict[str, TrainPreset | EvalPreset]
@@ -244,7 +260,7 @@ def error_text(exc: BaseException) -> str:
 
 def batch_bytes(batch: dict[str, np.ndarray], storage: Storage):
     """The byte source of a batch: its ``bytes`` column (rows read from Parquet shards), else the
-    files named in ``path``, each read when asked for (an unreadable file fails only its own row)."""
+    files named in ``path``, each read (with retries) when asked for."""
     if "bytes" in batch:
         column = batch["bytes"]
         return lambda i: column[i]
@@ -270,12 +286,15 @@ def decode_batch(
     With ``threads`` > 1 the rows are split across that many threads of one pool per process
     (Pillow releases the GIL while it decodes and resizes).
     With ``drop_errors`` unusable rows are removed; either way they are logged by name.
+    Only bytes that fail to decode make error rows: files that cannot be read (after retries) fail
+    the whole task with one :class:`ReadError` naming each of them, for Ray Data to retry.
     """
     paths = batch["path"]
     read = batch_bytes(batch, storage)
     batch = {key: value for key, value in batch.items() if key != "bytes"}
     images = {col: np.zeros((len(paths), p.size, p.size, 3), dtype=np.uint8) for col, p in presets.items()}
     errors = np.full(len(paths), "", dtype=object)
+    read_failures: list[str] = []
     known = batch.get("error")
 
     def decode_rows(rows: range) -> None:
@@ -286,7 +305,12 @@ def decode_batch(
                 errors[i] = known[i]
                 continue
             try:
-                rgb = decode_rgb(read(i), source_size)
+                data = read(i)
+            except ReadError as exc:  # not a bad image: the whole task fails below
+                read_failures.append(str(exc))
+                continue
+            try:
+                rgb = decode_rgb(data, source_size)
                 for col, preset in presets.items():
                     images[col][i] = preset(rgb, rng)
             except Exception as exc:  # an undecodable file becomes an error row, never a failed job
@@ -298,6 +322,8 @@ def decode_batch(
         list(_decode_pool(threads).map(decode_rows, spans))
     else:
         decode_rows(range(len(paths)))
+    if read_failures:
+        raise ReadError("; ".join(sorted(read_failures)))
     out = {**batch, **images, "error": errors}
     bad = errors != ""
     if bad.any():
@@ -351,18 +377,30 @@ def image_dataset(
     if shards is not None:
         from catdog.shards import shard_rows_dataset
 
-        return shard_rows_dataset(storage, shards, rows).map_batches(
+        return retry_read_failures(
+            shard_rows_dataset(storage, shards, rows).map_batches(
+                decode_batch,
+                fn_args=(storage, presets, drop_errors, threads),
+                batch_size=batch_size,
+                batch_format="numpy",
+                num_cpus=num_cpus,
+            )
+        )
+    blocks = max(1, math.ceil(len(rows) / batch_size))
+    return retry_read_failures(
+        ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
             decode_batch,
-            fn_args=(storage, presets, drop_errors, threads),
+            fn_args=(storage, presets, drop_errors),
             batch_size=batch_size,
             batch_format="numpy",
             num_cpus=num_cpus,
         )
-    blocks = max(1, math.ceil(len(rows) / batch_size))
-    return ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
-        decode_batch,
-        fn_args=(storage, presets, drop_errors),
-        batch_size=batch_size,
-        batch_format="numpy",
-        num_cpus=num_cpus,
     )
+
+
+def retry_read_failures(ds):
+    """Ray Data re-runs a map task that failed with a :class:`ReadError` (and only then) up to
+    ``READ_TASK_RETRIES`` times; datasets derived from ``ds`` inherit its context."""
+    ds.context.retried_map_errors = [READ_FAILED]
+    ds.context.max_map_retries = READ_TASK_RETRIES
+    return ds

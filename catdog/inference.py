@@ -17,15 +17,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import torch
 
 from catdog.checkpoints import CheckpointError, load_model, read_meta
 from catdog.config import CatdogConfig
-from catdog.data import DataError, image_dataset, list_entries
+from catdog.data import DataError, Split, image_dataset, list_entries, load_split
 from catdog.presets import MEAN, STD, EvalPreset
 from catdog.runtime import check_predict_resources, init_ray
-from catdog.storage import Storage, basename, join
+from catdog.storage import Storage, StorageError, basename, join
 from catdog.training import CLIP, autocast, to_model_input
 
 logger = logging.getLogger(__name__)
@@ -195,9 +195,12 @@ def write_parquet_atomically(ds, storage: Storage, uri: str) -> None:
 
 
 def read_columns(storage: Storage, uri: str, columns: list[str]):
-    """Stream record batches of a few columns from a Parquet folder."""
-    fs, path = storage.resolve(uri)
-    return pads.dataset(path, filesystem=fs, format="parquet").to_batches(columns=columns)
+    """Stream record batches of a few columns from a Parquet folder, file by file; each file is read
+    whole through :meth:`Storage.read_bytes`, so a throttled or reset read is retried like any other."""
+    for info in sorted(storage.list_files(uri), key=lambda i: i.path):
+        if info.path.endswith(".parquet"):
+            data = storage.read_bytes(storage.uri_of(uri, info.path))
+            yield from pq.read_table(pa.BufferReader(data), columns=columns).to_batches()
 
 
 def submission_csv(storage: Storage, predictions_uri: str, cfg: CatdogConfig, proba: bool) -> tuple[str, list]:
@@ -324,25 +327,69 @@ def classification_metrics(storage: Storage, predictions_uri: str) -> dict:
     }
 
 
-def run_evaluate(
-    cfg: CatdogConfig,
-    input_uri: str,
-    model_uri: str | None = None,
-    output_uri: str | None = None,
-    tta: bool = False,
-    ensemble: bool = False,
-) -> str:
-    """Score a labelled folder or shard set; write ``metrics.json`` and return its URI."""
-    storage = Storage.from_config(cfg.storage)
-    output_uri = output_uri or join(cfg.run_uri, "evaluate")
-    models = resolve_models(storage, cfg, model_uri, ensemble)
+def training_split(storage: Storage, cfg: CatdogConfig, model: ModelRef) -> tuple[Split, str]:
+    """The train/val split ``model`` was trained on (the data settings in its checkpoint's
+    fingerprint; ``cfg.data`` for checkpoints from before fingerprints), and how to name it."""
+    recorded = read_meta(storage, model.checkpoint).get("fingerprint") or {}
+    train_uri = recorded.get("data.train", cfg.data.train)
+    settings = {key: recorded.get(f"data.{key}", getattr(cfg.data, key)) for key in ("val_fraction", "seed", "limit")}
+    split = load_split(storage, train_uri, **settings)
+    described = ", ".join(f"{k} {v}" for k, v in settings.items())
+    return split, f"validation split of {train_uri} ({described})"
+
+
+def train_overlap(storage: Storage, cfg: CatdogConfig, model: ModelRef, rows: list[dict]) -> int | None:
+    """How many of ``rows`` are in ``model``'s training split (None when that cannot be listed).
+    The split assigns files by base name, so a copy of a training image counts too."""
+    try:
+        split, _ = training_split(storage, cfg, model)
+    except (DataError, StorageError) as exc:
+        logger.warning("cannot check the input against the training split: %s", exc)
+        return None
+    trained = {basename(r["path"]) for r in split.train}
+    return sum(basename(r["path"]) in trained for r in rows)
+
+
+def labelled_rows(entries: list[dict]) -> tuple[list[dict], list[str]]:
+    """Rows for evaluation (``truth`` from the name or the label column) and the unlabelled paths."""
     rows, unlabeled = [], []
-    entries, shards = list_entries(storage, input_uri)
     for entry in entries:
         if entry["label"] is None:
             unlabeled.append(entry["path"])
         else:
             rows.append({"path": entry["path"], "id": entry["id"], "truth": entry["label"]})
+    return rows, unlabeled
+
+
+def run_evaluate(
+    cfg: CatdogConfig,
+    input_uri: str | None = None,
+    model_uri: str | None = None,
+    output_uri: str | None = None,
+    tta: bool = False,
+    ensemble: bool = False,
+) -> str:
+    """Score a labelled folder or shard set, by default the run's validation split (never its
+    training images); write ``metrics.json`` and return its URI."""
+    storage = Storage.from_config(cfg.storage)
+    output_uri = output_uri or join(cfg.run_uri, "evaluate")
+    models = resolve_models(storage, cfg, model_uri, ensemble)
+    if input_uri is None:
+        split, split_name = training_split(storage, cfg, models[0])
+        rows = [{"path": r["path"], "id": None, "truth": r["label"]} for r in split.val]
+        unlabeled, shards, scored = [], split.shards, {"split": "validation", "input": split_name}
+    else:
+        entries, shards = list_entries(storage, input_uri)
+        rows, unlabeled = labelled_rows(entries)
+        scored = {"split": "input", "input": input_uri, "train_overlap": train_overlap(storage, cfg, models[0], rows)}
+        if scored["train_overlap"]:
+            logger.warning(
+                "%s: %d of its %d labelled images are in the model's training split; the metrics overstate "
+                "accuracy on unseen images (evaluate without --input scores the validation split)",
+                input_uri,
+                scored["train_overlap"],
+                len(rows),
+            )
     if unlabeled:
         logger.warning(
             "%s: skipped %d files whose names carry no label: %s",
@@ -351,17 +398,17 @@ def run_evaluate(
             ", ".join(basename(p) for p in unlabeled[:20]),
         )
     if not rows:
-        raise DataError(f"{input_uri}: no labelled images (cat.N.jpg / dog.N.jpg or cat(s)/ dog(s)/ folders)")
+        raise DataError(f"{scored['input']}: no labelled images (cat.N.jpg / dog.N.jpg or cat(s)/ dog(s)/ folders)")
     storage.check_bucket(output_uri)
     init_ray(cfg)
     check_predict_resources(cfg)
     predictions_uri = join(output_uri, "predictions")
     write_parquet_atomically(predictions_dataset(cfg, storage, rows, models, tta, shards), storage, predictions_uri)
-    metrics = {**classification_metrics(storage, predictions_uri), "input": input_uri}
+    metrics = {**classification_metrics(storage, predictions_uri), **scored}
     metrics_uri = join(output_uri, "metrics.json")
     storage.write_text(metrics_uri, json.dumps(metrics, indent=2) + "\n")
     if not metrics["n_images"]:
-        raise DataError(f"{input_uri}: none of the {metrics['n_unreadable']} labelled images could be read")
+        raise DataError(f"{scored['input']}: none of the {metrics['n_unreadable']} labelled images could be read")
     print(
         f"evaluate: accuracy {metrics['accuracy']:.4f} log_loss {metrics['log_loss']:.4f} on "
         f"{metrics['n_images']} images ({metrics['n_unreadable']} unreadable) with {metrics['model']}",

@@ -17,7 +17,7 @@ import torchvision
 from torch import nn
 
 from catdog.config import ARCHITECTURES
-from catdog.storage import Storage, StorageError, StorageNotFound, join
+from catdog.storage import ReadError, Storage, StorageError, StorageNotFound, join
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +107,8 @@ def load_weights_file(storage: Storage, uri: str) -> dict[str, torch.Tensor]:
         data = storage.read_bytes(uri)
     except StorageNotFound:
         raise InitError(f"{uri}: weights not found") from None
+    except ReadError:  # a storage fault that outlived the retries, not a bad init: say so as it is
+        raise
     except StorageError as exc:  # already one line naming the URI
         raise InitError(f"cannot read weights: {exc}") from None
     try:

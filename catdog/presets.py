@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageEnhance
+from PIL import Image
 
 # ImageNet statistics; stored in every checkpoint so predict never has to guess them.
 MEAN = (0.485, 0.456, 0.406)
@@ -41,13 +41,12 @@ class EvalPreset:
 
 @dataclass(frozen=True)
 class TrainPreset:
-    """Random resized crop + horizontal flip (+ optional colour jitter)."""
+    """Random resized crop + horizontal flip."""
 
     size: int
     scale: tuple[float, float] = (0.35, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5
-    color_jitter: float = 0.0
 
     @property
     def source_size(self) -> int:
@@ -74,18 +73,4 @@ class TrainPreset:
         out = image.resize((self.size, self.size), Image.BILINEAR, box=box, reducing_gap=3.0)
         if rng.random() < self.hflip:
             out = out.transpose(Image.FLIP_LEFT_RIGHT)
-        if self.color_jitter > 0:
-            for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
-                factor = 1.0 + rng.uniform(-self.color_jitter, self.color_jitter)
-                out = enhancer(out).enhance(factor)
         return np.asarray(out, dtype=np.uint8)
-
-
-PRESETS = {"train": TrainPreset, "eval": EvalPreset}
-
-
-def build_preset(name: str, size: int, **options) -> TrainPreset | EvalPreset:
-    try:
-        return PRESETS[name](size=size, **options)
-    except KeyError:
-        raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}") from None

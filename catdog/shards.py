@@ -280,10 +280,10 @@ def pack_shard(batch: dict[str, np.ndarray], storage: Storage, source: str, outp
             uri = join(source, name)
             label = label_from_path(uri)
             data, ok, reason, width, height = b"", True, "", 0, 0
+            data = read_uri(storage, uri)  # a read that fails every retry fails the task (ReadError)
             try:
-                data = read_uri(storage, uri)
                 width, height = validate_image(data)
-            except Exception as exc:  # any unreadable or undecodable file is rejected with its reason
+            except Exception as exc:  # any undecodable file is rejected with its reason
                 ok, reason = False, error_text(exc)
             digest = hashlib.sha256(data).hexdigest() if data else ""
             if ok:

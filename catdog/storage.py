@@ -1,9 +1,10 @@
 """One storage layer for every URI the jobs touch: local paths and ``s3://bucket/prefix``.
 
 Jobs never open files by their own path arithmetic; they ask a :class:`Storage` for bytes,
-listings, all-or-nothing writes, or for the filesystem objects that Ray Data, Ray Train, pyarrow
-and s3fs need.  S3 settings come from ``storage.endpoint_url`` / ``storage.region`` in the config,
-else from the standard AWS environment (``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``,
+listings, all-or-nothing writes, or for the filesystem objects that Ray Data, Ray Train and pyarrow
+need (pyarrow's ``S3FileSystem`` throughout; s3fs is not used).  S3 settings come from
+``storage.endpoint_url`` / ``storage.region`` in the config, else from the standard AWS
+environment (``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``,
 ``AWS_REGION``, ``AWS_DEFAULT_REGION``).  Credentials come from the AWS credential chain
 (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``, profiles, instance roles), never from config,
 and are never passed to, stored in or logged by catdog.
@@ -11,13 +12,20 @@ and are never passed to, stored in or logged by catdog.
 Every S3 request is bounded: 5 s to connect, 8 s without progress on an open connection, at most
 3 attempts.  A wrong endpoint, a missing bucket or refused credentials surface as one
 :class:`StorageError` line naming the URI, in seconds rather than minutes.
+
+Reading an object is retried on top of that (:func:`read_with_retries`): S3 5xx and throttling,
+timeouts, resets and an object that was listed but is gone get ``READ_ATTEMPTS`` tries with
+exponential backoff.  What still fails raises :class:`ReadError`, which is never mistaken for
+an undecodable image or for a bad ``init``.
 """
 
 from __future__ import annotations
 
 import os
 import posixpath
+import random
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -29,6 +37,12 @@ import pyarrow.fs as pafs
 S3_CONNECT_TIMEOUT_S = 5
 S3_REQUEST_TIMEOUT_S = 8  # no progress for this long on an open connection fails the attempt
 S3_MAX_ATTEMPTS = 3
+# Reads of one object, each with the client's own S3_MAX_ATTEMPTS; backoff doubles from READ_BACKOFF_S.
+READ_ATTEMPTS = 5
+READ_BACKOFF_S = 0.25
+# Every ReadError message contains this; Ray Data retries map tasks whose error matches it, and the
+# driver finds the failed objects in a Ray error by it.
+READ_FAILED = "read failed after"
 
 
 class StorageError(Exception):
@@ -37,6 +51,10 @@ class StorageError(Exception):
 
 class StorageNotFound(StorageError, FileNotFoundError):
     """The object or folder named by a URI does not exist (also a ``FileNotFoundError``)."""
+
+
+class ReadError(StorageError):
+    """An object that could not be read after every retry: a storage fault, not bad data."""
 
 
 def is_remote(uri: str) -> bool:
@@ -71,7 +89,7 @@ _ACCESS_CODES = {
 
 
 def describe_error(uri: str, exc: BaseException, endpoint: str | None = None) -> str:
-    """One line naming ``uri`` and what is wrong, from a pyarrow / s3fs / OS error."""
+    """One line naming ``uri`` and what is wrong, from a pyarrow / OS error."""
     text = " ".join(str(exc).split())
     text = re.sub(r"\s*\(Request ID: [^)]*\)", "", text)
     code_match = _AWS_CODE.search(text)
@@ -98,6 +116,69 @@ def describe_error(uri: str, exc: BaseException, endpoint: str | None = None) ->
     if isinstance(exc, FileNotFoundError) or code in ("NO_SUCH_KEY", "RESOURCE_NOT_FOUND"):
         return f"{uri}: not found"
     return f"{uri}: {detail[:300]}"
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """Errors that another try cannot fix: refused credentials, a missing bucket.  Everything
+    else (5xx, SlowDown, timeouts, resets, a listed object that is gone) is worth retrying."""
+    text = str(exc)
+    code_match = _AWS_CODE.search(text)
+    return (code_match is not None and code_match.group(1) in _ACCESS_CODES | {"NO_SUCH_BUCKET"}) or (
+        "AccessDenied" in text or "NoSuchBucket" in text
+    )
+
+
+def read_with_retries(uri: str, read, endpoint: str | None = None, retry_missing: bool = True) -> bytes:
+    """``read()`` (the bytes of ``uri``), retried with jittered exponential backoff on ``OSError``.
+
+    After ``READ_ATTEMPTS`` tries, or one permanent error (refused credentials, missing bucket),
+    raise :class:`ReadError`: one line that starts with ``uri``.  With ``retry_missing=False`` a
+    missing object raises :class:`StorageNotFound` at once (a path the user named); listed objects
+    that are gone are retried (eventual consistency) and then reported as unreadable."""
+    for attempt in range(1, READ_ATTEMPTS + 1):
+        try:
+            return read()
+        except FileNotFoundError:
+            if not retry_missing:
+                raise StorageNotFound(f"{uri}: not found") from None
+            failure: OSError | None = None
+        except OSError as exc:
+            failure = exc
+        if attempt == READ_ATTEMPTS or (failure is not None and is_permanent(failure)):
+            why = f"{uri}: listed but gone" if failure is None else describe_error(uri, failure, endpoint)
+            raise ReadError(f"{why} ({READ_FAILED} {attempt} attempt(s))")
+        time.sleep(READ_BACKOFF_S * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
+    raise AssertionError("unreachable")
+
+
+_READ_FAILURE = re.compile(r"((?:s3://|/)\S*?): ([^\n]*?) \(" + READ_FAILED + r" (\d+) attempt\(s\)\)")
+
+
+def _error_texts(exc: BaseException, seen: set[int]) -> Iterator[str]:
+    """The text of an error and of everything it wraps (causes, a Ray Train worker's failures)."""
+    if exc is None or id(exc) in seen:
+        return
+    seen.add(id(exc))
+    yield str(exc)
+    for inner in (exc.__cause__, exc.__context__, *getattr(exc, "worker_failures", {}).values()):
+        yield from _error_texts(inner, seen)
+
+
+def read_failure_in(exc: BaseException) -> ReadError | None:
+    """The :class:`ReadError` (one line naming every object) behind an error that Ray raised after
+    a task or a Train worker failed reading, else None."""
+    failures: dict[str, str] = {}
+    for text in _error_texts(exc, set()):
+        for uri, detail, _ in _READ_FAILURE.findall(text):
+            failures.setdefault(uri, detail)
+    if not failures:
+        return None
+    shown = "; ".join(f"{uri}: {detail}" for uri, detail in sorted(failures.items())[:10])
+    more = f" and {len(failures) - 10} more" if len(failures) > 10 else ""
+    return ReadError(
+        f"could not read {len(failures)} object(s) despite retries: {shown}{more}; "
+        "previous outputs are unchanged, rerun when the storage recovers"
+    )
 
 
 @dataclass(frozen=True)
@@ -146,20 +227,6 @@ class Storage:
             kwargs["scheme"] = scheme if host else "https"  # "http" for plain-HTTP endpoints (MinIO, moto)
         return pafs.S3FileSystem(**kwargs)
 
-    def s3fs(self):
-        """An ``s3fs.S3FileSystem`` (fsspec) with the same endpoint, region and time bounds."""
-        import s3fs
-
-        return s3fs.S3FileSystem(
-            endpoint_url=self.endpoint,
-            client_kwargs={"region_name": self.s3_region},
-            config_kwargs={
-                "connect_timeout": S3_CONNECT_TIMEOUT_S,
-                "read_timeout": S3_REQUEST_TIMEOUT_S,
-                "retries": {"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
-            },
-        )
-
     @contextmanager
     def errors(self, uri: str) -> Iterator[None]:
         """Turn pyarrow / OS errors into one-line :class:`StorageError` naming ``uri``."""
@@ -200,9 +267,18 @@ class Storage:
         return ""
 
     def read_bytes(self, uri: str) -> bytes:
+        """The bytes of one object: retried (:func:`read_with_retries`); a missing one raises
+        :class:`StorageNotFound`, one that cannot be read raises :class:`ReadError`."""
         fs, path = self.resolve(uri)
-        with self.errors(uri), fs.open_input_stream(path) as stream:
-            return stream.read()
+
+        def read() -> bytes:
+            with fs.open_input_stream(path) as stream:
+                return stream.read()
+
+        try:
+            return read_with_retries(uri, read, self.endpoint if is_remote(uri) else None, retry_missing=False)
+        except StorageNotFound:
+            raise StorageNotFound(f"{uri}: not found{self.why_missing(uri)}") from None
 
     def read_text(self, uri: str) -> str:
         return self.read_bytes(uri).decode("utf-8")

@@ -4,6 +4,12 @@ then write the leaderboard and ``best.json``.
 Each architecture is its own Ray Train run at ``<storage.root>/<run_name>/<arch>/``; Train V2
 resumes a run whose storage path and name are unchanged, and a ``result.json`` written after a
 finished run lets a re-run skip it.
+
+Both only ever reuse models trained with the same settings: every checkpoint and ``result.json``
+carries the :func:`run_fingerprint` of its architecture, and a re-run whose settings differ stops
+before any work (:func:`check_fingerprints`).  ``epochs`` is deliberately not in it: raising it
+continues the run (see ``lr_factor`` in training.py for the schedule), lowering it below what a
+finished run did keeps the longer-trained model.
 """
 
 from __future__ import annotations
@@ -12,18 +18,20 @@ import csv
 import io
 import json
 import logging
+import os
+import re
 import time
 
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from catdog.checkpoints import metrics_csv
-from catdog.config import CatdogConfig, ModelSpec
+from catdog.config import CatdogConfig, ConfigError, ModelSpec
 from catdog.data import Split, image_dataset, load_split, split_key
 from catdog.models import check_init
 from catdog.presets import EvalPreset, TrainPreset
 from catdog.report import validation_study, write_report
-from catdog.runtime import check_train_resources, init_ray
+from catdog.runtime import check_predict_resources, check_train_resources, init_ray
 from catdog.storage import Storage, join
 from catdog.training import train_loop_per_worker, write_json
 
@@ -56,6 +64,84 @@ class ShardConfig(DataConfig):
         return output
 
 
+class RunMismatch(ConfigError):
+    """A re-run whose model-shaping settings differ from what the run folder holds."""
+
+
+def run_fingerprint(cfg: CatdogConfig, spec: ModelSpec) -> dict:
+    """Every setting that shapes ``spec``'s model, resolved (per-architecture overrides applied) and
+    keyed by the config key a user changes.  Settings that do not shape a model (``predict.*``,
+    ``storage.*``, ``ray.*``, decode batching and threads, ``amp``, ``torch_threads``,
+    ``max_failures``, ``keep_checkpoints``) and ``epochs`` are left out."""
+    train, data = cfg.train, cfg.data
+    init = cfg.init_for(spec)
+    return {
+        "data.train": absolute(data.train),
+        "data.val_fraction": data.val_fraction,
+        "data.seed": data.seed,
+        "data.limit": data.limit,
+        "arch": spec.arch,
+        "image_size": cfg.image_size_for(spec),
+        "early_image_size": spec.early_image_size,
+        "early_epochs": spec.early_epochs,
+        "init": init if init in ("scratch", "imagenet") else absolute(init),
+        "train.optimizer": train.optimizer,
+        "train.lr": spec.lr or train.lr,
+        "train.weight_decay": train.weight_decay,
+        "train.momentum": train.momentum,
+        "train.warmup_fraction": train.warmup_fraction,
+        "train.label_smoothing": train.label_smoothing,
+        "train.crop_scale_min": train.crop_scale_min,
+        "train.batch_size": spec.batch_size or train.batch_size,
+        "train.num_workers": train.num_workers,
+        "train.freeze_backbone_epochs": train.freeze_backbone_epochs,
+        "train.backbone_lr_mult": train.backbone_lr_mult,
+    }
+
+
+def absolute(uri: str) -> str:
+    """A local path made absolute (the same folder named from another directory is the same data)."""
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
+def recorded_fingerprint(storage: Storage, arch_uri: str) -> dict | None:
+    """The fingerprint a previous run left for this architecture: its ``result.json``, else its
+    newest checkpoint's ``meta.json`` (an unfinished run); None when there is nothing to reuse."""
+    done = read_result(storage, arch_uri)
+    if done is not None:
+        return done.get("fingerprint", {})
+    if not storage.is_dir(arch_uri):
+        return None
+    metas = sorted(
+        info.path for info in storage.list_files(arch_uri) if re.search(r"/epoch_\d+/meta\.json$", info.path)
+    )
+    if not metas:
+        return None
+    return json.loads(storage.read_text(storage.uri_of(arch_uri, metas[-1]))).get("fingerprint", {})
+
+
+def check_fingerprints(cfg: CatdogConfig, storage: Storage) -> None:
+    """Stop (one line, before any work) when a re-run under the same ``run_name`` would reuse or
+    resume models trained with other settings; name each changed key with its old and new value."""
+    changes = []
+    for spec in cfg.models:
+        old = recorded_fingerprint(storage, join(cfg.run_uri, spec.arch))
+        if old is None:
+            continue
+        if not old:
+            logger.warning("%s: the previous run recorded no settings fingerprint; reusing it unchecked", spec.arch)
+            continue
+        new = run_fingerprint(cfg, spec)
+        changes += [
+            f"{spec.arch}: {key} {old.get(key)!r} -> {value!r}" for key, value in new.items() if old.get(key) != value
+        ]
+    if changes:
+        raise RunMismatch(
+            f"{cfg.run_uri}: settings differ from the models already trained in this run ({'; '.join(changes)}); "
+            "use --restart to move the old run aside, or a new run_name"
+        )
+
+
 def loop_config(cfg: CatdogConfig, spec: ModelSpec, storage: Storage, n_train: int) -> dict:
     """The plain dict each Train worker gets: everything resolved, nothing left to look up."""
     train = cfg.train
@@ -75,6 +161,7 @@ def loop_config(cfg: CatdogConfig, spec: ModelSpec, storage: Storage, n_train: i
         "storage": storage,
         "arch_uri": join(cfg.run_uri, spec.arch),
         "config_hash": cfg.hash(),
+        "fingerprint": run_fingerprint(cfg, spec),
         "run_name": cfg.run_name,
     }
 
@@ -142,8 +229,9 @@ def train_architecture(cfg: CatdogConfig, spec: ModelSpec, split: Split, storage
 def record_result(storage: Storage, loop_cfg: dict, result) -> dict:
     """Write ``metrics.csv`` from the final checkpoint's history and ``result.json`` for this arch."""
     best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_acc"])
-    with result.checkpoint.as_directory() as folder, open(f"{folder}/meta.json") as handle:
-        history = json.load(handle)["history"]
+    # Through Storage (retried reads), not a download of the whole checkpoint.
+    final_uri = storage.uri_of(loop_cfg["arch_uri"], result.checkpoint.path)
+    history = json.loads(storage.read_text(join(final_uri, "meta.json")))["history"]
     storage.write_text(join(loop_cfg["arch_uri"], "metrics.csv"), metrics_csv(history))
     row = {
         "arch": loop_cfg["arch"],
@@ -155,6 +243,7 @@ def record_result(storage: Storage, loop_cfg: dict, result) -> dict:
         "images_per_s": round(sum(h["images_per_s"] for h in history) / len(history), 1),
         "checkpoint": storage.uri_of(loop_cfg["arch_uri"], best_checkpoint.path),
         "image_size": loop_cfg["image_size"],
+        "fingerprint": loop_cfg["fingerprint"],
     }
     write_json(storage, join(loop_cfg["arch_uri"], RESULT_FILE), row)
     return row
@@ -190,8 +279,11 @@ def run_training(cfg: CatdogConfig, restart: bool = False) -> str:
     for spec in cfg.models:
         check_init(spec.arch, cfg.init_for(spec), storage)
     storage.check_bucket(cfg.run_uri)  # a missing bucket / wrong endpoint fails before Ray starts
+    if not restart:
+        check_fingerprints(cfg, storage)
     init_ray(cfg)
     check_train_resources(cfg)
+    check_predict_resources(cfg)  # the validation study after training starts the predict actors
     prepare_run(cfg, storage, restart)
     logger.info(
         "run %s: %d train and %d val images (%s), models: %s",

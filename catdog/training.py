@@ -7,6 +7,7 @@ checkpoint it reports each epoch (weights, optimizer, step, metric history).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -35,7 +36,12 @@ CLIP = (0.005, 0.995)  # Kaggle Redux: one confident mistake must not explode lo
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
     """Linear warm-up to 1, then cosine decay towards 0 (one-cycle shape); a pure function of step,
-    so a resumed run, or one whose epoch count changed, needs no scheduler state."""
+    so a resumed run, or one whose epoch count changed, needs no scheduler state.
+
+    Raising ``epochs`` on a run continues it from its last checkpoint (step and optimizer state)
+    on the schedule of the new count, as if that count had been planned from step 0: the rate at
+    the resumed step is the new plan's (after a finished run it jumps from near the end-of-schedule
+    floor back up), then it decays to the floor at the new last step."""
     if total_steps <= 0:
         return 1.0
     if step < warmup_steps:
@@ -138,6 +144,30 @@ def set_backbone_frozen(model: nn.Module, arch: str, frozen: bool) -> None:
                 module.eval()
 
 
+@contextlib.contextmanager
+def batchnorm_stats_frozen(model: nn.Module, frozen: bool):
+    """While ``frozen``, BatchNorm layers normalise with batch statistics as usual but leave their
+    running statistics as they are (momentum 0): a step that only keeps DDP ranks in lock-step."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if frozen else []
+    saved = [m.momentum for m in layers]
+    for m in layers:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(layers, saved):
+            m.momentum = momentum
+
+
+def valid_rows(batch: dict) -> tuple[torch.Tensor, bool]:
+    """Indices of the rows to train on: those that decoded.  A batch without any keeps its first row
+    (weight 0, BatchNorm statistics untouched) so that this rank still takes its step."""
+    valid = batch["valid"]
+    if valid.any():
+        return valid.nonzero().squeeze(1), False
+    return torch.zeros(1, dtype=torch.long), True
+
+
 def train_one_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -153,8 +183,9 @@ def train_one_epoch(
 ) -> dict:
     """One pass over this worker's shard. Returns plain numbers (and the next global step).
 
-    Rows that failed to decode stay in the batch with weight 0, so every DDP rank still takes
-    the same number of steps; their paths are returned in ``unreadable``."""
+    Rows that failed to decode never enter the forward pass (they would skew BatchNorm's running
+    statistics), but every DDP rank still takes the same number of steps; their paths are
+    returned in ``unreadable``."""
     set_backbone_frozen(model, cfg["arch"], frozen)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"], reduction="none")
     scaler = torch.amp.GradScaler(
@@ -171,11 +202,12 @@ def train_one_epoch(
     waits: list[float] = []
     for batch in timed_batches(batches, waits):
         lr = set_learning_rates(optimizer, cfg, step, total_steps, frozen)
-        x, y = to_model_input(batch["image"], device, input_size), batch["label"].to(device, non_blocking=True)
-        weight = batch["valid"].to(device, non_blocking=True).float()
-        with autocast(device, cfg["amp"]):
+        rows, placeholder = valid_rows(batch)
+        x = to_model_input(batch["image"][rows], device, input_size)
+        y = batch["label"][rows].to(device, non_blocking=True)
+        with autocast(device, cfg["amp"]), batchnorm_stats_frozen(model, placeholder):
             logits = model(x)
-        loss = (loss_fn(logits.float(), y) * weight).sum() / weight.sum().clamp(min=1)
+        loss = loss_fn(logits.float(), y).mean() * (0.0 if placeholder else 1.0)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -223,6 +255,16 @@ def gather_lists(items: list) -> list:
     parts: list = [None] * dist.get_world_size()
     dist.all_gather_object(parts, items)
     return [item for part in parts for item in part]
+
+
+def sync_buffers_from_rank0(model: nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank.  Each rank's last training
+    step updated them with its own batch; without this, ranks would validate slightly different
+    models and the all-reduced metrics would describe none of them, least of all the checkpoint."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for buffer in getattr(model, "module", model).buffers():
+        dist.broadcast(buffer, src=0)
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
@@ -290,7 +332,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     total_steps = steps_per_epoch * cfg["epochs"]
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     for epoch in range(len(history) + 1, cfg["epochs"] + 1):
-        frozen = epoch <= cfg["freeze_backbone_epochs"]
+        frozen = cfg["fine_tune"] and epoch <= cfg["freeze_backbone_epochs"]  # a random backbone is never frozen
         stats = train_one_epoch(
             model,
             optimizer,
@@ -303,15 +345,18 @@ def train_loop_per_worker(cfg: dict) -> None:
             input_size=input_size_for_epoch(epoch, cfg),
         )
         step = stats.pop("step")
+        sync_buffers_from_rank0(model)  # validate the model that rank 0 checkpoints
         val = evaluate(model, val_shard, cfg, device)
         unreadable = sorted(gather_lists(stats.pop("unreadable") + val.pop("unreadable")))
         metrics = {"epoch": epoch, **stats, **val, "unreadable_images": len(unreadable)}
         history.append(metrics)
-        if rank == 0 and unreadable:
-            print(
-                f"[{cfg['arch']}] skipped {len(unreadable)} unreadable images; list: {cfg['arch_uri']}/unreadable.txt"
-            )
-            cfg["storage"].write_text(join(cfg["arch_uri"], "unreadable.txt"), "\n".join(unreadable) + "\n")
+        if rank == 0:  # rewritten every epoch (empty when none), so it never shows an earlier epoch's list
+            if unreadable:
+                print(
+                    f"[{cfg['arch']}] skipped {len(unreadable)} unreadable images; "
+                    f"list: {cfg['arch_uri']}/unreadable.txt"
+                )
+            cfg["storage"].write_text(join(cfg["arch_uri"], "unreadable.txt"), "".join(p + "\n" for p in unreadable))
         report_epoch(model, optimizer, cfg, metrics, history, step, rank)
 
 

@@ -34,12 +34,12 @@ cluster-status: $(STAMP)
 	@$(CLUSTER_ENV) bash cluster/scripts/status.sh
 
 submit-train: $(STAMP) check-data
-	$(SUBMIT) train --config $(CONFIG) $(DATA_SETS)
+	$(JOB_SETS) $(SUBMIT) train --config "$$CONFIG" "$${sets[@]}"
 
 submit-predict: $(STAMP) check-data
-	$(SUBMIT) predict --config $(CONFIG) $(DATA_SETS)
+	$(JOB_SETS) $(SUBMIT) predict --config "$$CONFIG" "$${sets[@]}"
 
 # Sequential on purpose (also under make -j): predict reads the model that train wrote.
 submit-run: $(STAMP) check-data
-	$(SUBMIT) train --config $(CONFIG) $(DATA_SETS)
-	$(SUBMIT) predict --config $(CONFIG) $(DATA_SETS)
+	$(JOB_SETS) $(SUBMIT) train --config "$$CONFIG" "$${sets[@]}"
+	$(JOB_SETS) $(SUBMIT) predict --config "$$CONFIG" "$${sets[@]}"

@@ -63,13 +63,9 @@ setsid "$RAY" start --head "${COMMON[@]}" --temp-dir "$CLUSTER_TMP/head" \
 HEAD_PID=$!
 echo "$HEAD_PID" >"$CLUSTER_DIR/head.pid"
 
-cat >"$STATE_FILE" <<EOF
-CLUSTER_ADDRESS=$CLUSTER_ADDRESS
-GCS_ADDRESS=$GCS_ADDRESS
-CLUSTER_TMP=$CLUSTER_TMP
-TOKEN_FILE=$TOKEN_FILE
-HEAD_PID=$HEAD_PID
-EOF
+# Values shell-quoted (printf %q): load_state sources this file, and paths may hold spaces.
+printf '%s=%q\n' CLUSTER_ADDRESS "$CLUSTER_ADDRESS" GCS_ADDRESS "$GCS_ADDRESS" CLUSTER_TMP "$CLUSTER_TMP" \
+  TOKEN_FILE "$TOKEN_FILE" HEAD_PID "$HEAD_PID" >"$STATE_FILE"
 
 # True once the job server answers an authenticated request and reports $1 live nodes.
 cluster_ready() {
@@ -113,17 +109,13 @@ setsid "$RAY" start "${COMMON[@]}" --temp-dir "$CLUSTER_TMP/worker" \
   >"$CLUSTER_DIR/worker.log" 2>&1 </dev/null &
 WORKER_PID=$!
 echo "$WORKER_PID" >"$CLUSTER_DIR/worker.pid"
-echo "WORKER_PID=$WORKER_PID" >>"$STATE_FILE"
+printf 'WORKER_PID=%q\n' "$WORKER_PID" >>"$STATE_FILE"
 
 wait_ready 2
 
 # For a shell that wants the plain ray CLI:  source .cluster/env.sh && ray job list
-cat >"$CLUSTER_DIR/env.sh" <<EOF
-export RAY_AUTH_MODE=token
-export RAY_AUTH_TOKEN_PATH=$TOKEN_FILE
-export RAY_API_SERVER_ADDRESS=$CLUSTER_ADDRESS
-export RAY_ADDRESS=$GCS_ADDRESS
-EOF
+printf 'export %s=%q\n' RAY_AUTH_MODE token RAY_AUTH_TOKEN_PATH "$TOKEN_FILE" \
+  RAY_API_SERVER_ADDRESS "$CLUSTER_ADDRESS" RAY_ADDRESS "$GCS_ADDRESS" >"$CLUSTER_DIR/env.sh"
 
 TOTAL_CPUS=$((CLUSTER_HEAD_CPUS + CLUSTER_WORKER_CPUS))
 cat <<EOF
@@ -131,7 +123,7 @@ catdog cluster: up, 2 nodes (head ${CLUSTER_HEAD_CPUS} CPUs + worker ${CLUSTER_W
   dashboard / job server: $CLUSTER_ADDRESS   (127.0.0.1 only; the browser asks for the token)
   GCS address:            $GCS_ADDRESS
   auth token:             $TOKEN_FILE   (mode 600; 'cat' it to paste into the dashboard)
-  ray CLI in a shell:     source $CLUSTER_DIR/env.sh && ray job list
+  ray CLI in a shell:     source $(printf %q "$CLUSTER_DIR/env.sh") && ray job list
   submit:                 make submit-train | submit-predict | submit-run  [CONFIG=...]
   stop:                   make cluster-down
 EOF

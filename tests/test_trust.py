@@ -1,0 +1,386 @@
+"""Trust at scale: a rerun never reuses stale models, a storage fault never becomes a wrong label,
+and the numbers a run reports describe the model it checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import REPO, copy_images, jpeg_bytes, printed_result, quick_overrides, write_image
+from s3proxy import FaultyS3Proxy
+
+from catdog import storage as storage_module
+from catdog.checkpoints import load_model
+from catdog.config import load_config, split_overrides
+from catdog.data import decode_batch, decode_image, image_dataset, list_images, load_split
+from catdog.presets import EvalPreset
+from catdog.runtime import ResourceError
+from catdog.storage import ReadError, Storage, read_failure_in, read_with_retries
+from catdog.train_job import run_fingerprint, run_training
+from catdog.training import CLIP, build_optimizer, lr_factor, to_model_input, train_one_epoch
+
+STORAGE = Storage()
+
+
+def tiny_cfg(data: Path, root: Path, run_name: str, **extra):
+    """One small Sequential CNN: 96 real images at 32 px, one epoch, fp32 (exact comparisons)."""
+    sets = {"models": "[sequential_cnn]", "data.limit": 96, "data.image_size": 32, "train.amp": False, **extra}
+    return load_config(REPO / "configs" / "quick.yaml", quick_overrides(data, root, run_name, **sets))
+
+
+def set_args(cfg_sets: list[str]) -> list[str]:
+    return [arg for item in cfg_sets for arg in ("--set", item)]
+
+
+def train_job(*args: str, cwd: Path, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "train.py"), "--config", str(REPO / "configs" / "quick.yaml"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env=env,
+    )
+
+
+def read_metrics(arch: Path) -> list[dict]:
+    return list(csv.DictReader(io.StringIO((arch / "metrics.csv").read_text())))
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error: ")]
+
+
+# -- small pieces, no Ray ----------------------------------------------------------------------------
+
+
+def test_make_set_values_split_on_spaces_outside_brackets_and_quotes():
+    assert split_overrides("models=[resnet18, mobilenet_v2]  train.epochs=2 run_name='a b' x={a: 1, b: 2}") == [
+        "models=[resnet18, mobilenet_v2]",
+        "train.epochs=2",
+        "run_name='a b'",
+        "x={a: 1, b: 2}",
+    ]
+    assert split_overrides("") == []
+
+
+def test_reads_are_retried_and_a_lasting_failure_names_the_object(monkeypatch):
+    monkeypatch.setattr(storage_module, "READ_BACKOFF_S", 0.0)
+    attempts = []
+
+    def flaky() -> bytes:
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise OSError("AWS Error SLOW_DOWN during GetObject operation: Please reduce your request rate.")
+        return b"ok"
+
+    assert read_with_retries("s3://b/cat.1.jpg", flaky) == b"ok" and len(attempts) == 3
+
+    def always_slow() -> bytes:
+        raise OSError("AWS Error SLOW_DOWN during GetObject operation: Please reduce your request rate.")
+
+    with pytest.raises(ReadError) as info:
+        read_with_retries("s3://b/cat.2.jpg", always_slow)
+    assert str(info.value).startswith("s3://b/cat.2.jpg: Please reduce your request rate.")
+    # Deep inside whatever Ray wraps it in, the driver still finds the object and says it in one line.
+    wrapped = RuntimeError(f"Training failed due to worker errors:\nTraceback ...\nReadError: {info.value}\n...")
+    found = read_failure_in(wrapped)
+    assert found is not None and "\n" not in str(found) and "s3://b/cat.2.jpg" in str(found)
+    assert read_failure_in(RuntimeError("something else")) is None
+
+
+def test_a_file_that_cannot_be_read_fails_the_batch_and_bytes_that_do_not_decode_become_an_error_row(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(storage_module, "READ_BACKOFF_S", 0.0)
+    good = write_image(tmp_path / "cat.1.jpg")
+    corrupt = tmp_path / "cat.2.jpg"
+    corrupt.write_bytes(jpeg_bytes()[:100])
+    gone = tmp_path / "dog.3.jpg"  # listed, then deleted before the task read it
+    presets = {"image": EvalPreset(16)}
+    batch = {"path": np.array([str(good), str(corrupt)], dtype=object), "label": np.zeros(2)}
+    out = decode_batch(batch, STORAGE, presets)
+    assert [bool(e) for e in out["error"]] == [False, True]
+    batch = {"path": np.array([str(good), str(corrupt), str(gone)], dtype=object), "label": np.zeros(3)}
+    with pytest.raises(ReadError, match=re.escape(f"{gone}: listed but gone (read failed after 5 attempt(s))")):
+        decode_batch(batch, STORAGE, presets, threads=2)
+
+
+# -- the training loop -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_an_undecodable_file_leaves_batchnorm_statistics_as_the_batch_without_it(tmp_path, ray_session):
+    from catdog.models import build_model
+
+    folder = tmp_path / "train"
+    for i in range(6):
+        write_image(folder / f"cat.{i}.jpg", color=(200, 30 + 20 * i, 40), size=(40, 40))
+        write_image(folder / f"dog.{i}.jpg", color=(30, 40 + 20 * i, 200), size=(40, 40))
+    paths = list_images(STORAGE, str(folder))
+    rows = [{"path": p, "label": int("dog" in Path(p).name)} for p in paths]
+    (folder / "cat.99.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    with_bad = [*rows, {"path": str(folder / "cat.99.jpg"), "label": 0}]
+    cfg = {
+        "arch": "sequential_cnn",
+        "batch_size": 16,  # every row in one step
+        "label_smoothing": 0.0,
+        "amp": False,
+        "optimizer": "adamw",
+        "lr": 1e-3,
+        "weight_decay": 0.0,
+        "warmup_fraction": 0.0,
+        "fine_tune": False,
+        "backbone_lr_mult": 1.0,
+        "image_size": 32,
+    }
+
+    def running_stats(dataset_rows: list[dict]) -> dict:
+        torch.manual_seed(0)
+        model = build_model("sequential_cnn")
+        stats = train_one_epoch(
+            model,
+            build_optimizer(model, "sequential_cnn", cfg),
+            image_dataset(STORAGE, dataset_rows, EvalPreset(32), batch_size=16),
+            cfg,
+            step=0,
+            total_steps=1,
+            frozen=False,
+            device=torch.device("cpu"),
+        )
+        assert stats["train_images"] == 12 and stats["step"] == 1  # one step over the whole batch
+        return {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+
+    clean, dirty = running_stats(rows), running_stats(with_bad)
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in clean.items() if "mean" in k)  # they did move
+    # Equal up to float summation order (the batch is shuffled); a zero image counted by BatchNorm
+    # would move the first layer's running mean by about 1/13 of its value.
+    for key in clean:
+        gap = float((dirty[key] - clean[key]).abs().max())
+        assert torch.allclose(dirty[key], clean[key], rtol=1e-4, atol=1e-5), f"{key}: max difference {gap}"
+
+
+@pytest.mark.slow
+def test_a_scratch_model_never_freezes_its_backbone(small_real_data, tmp_path, ray_session):
+    cfg = tiny_cfg(small_real_data, tmp_path, "scratch-frozen", **{"train.freeze_backbone_epochs": 1})
+    run_training(cfg)
+    after = torch.load(tmp_path / "scratch-frozen" / "sequential_cnn" / "epoch_001" / "model.pt", weights_only=True)
+    # BatchNorm starts at weight 1, bias 0, running mean 0: epoch 1 moved the backbone's (layer 1 is its first BN).
+    assert not torch.equal(after["1.weight"], torch.ones_like(after["1.weight"]))
+    assert not torch.equal(after["1.running_mean"], torch.zeros_like(after["1.running_mean"]))
+
+
+@pytest.mark.slow
+def test_two_workers_report_the_accuracy_of_the_checkpoint_they_write(small_real_data, tmp_path, ray_session):
+    cfg = tiny_cfg(small_real_data, tmp_path, "ddp-val", **{"train.num_workers": 2, "data.limit": 160})
+    run_training(cfg)
+    arch = tmp_path / "ddp-val" / "sequential_cnn"
+    reported = read_metrics(arch)[0]
+    model, meta = load_model(STORAGE, str(arch / "epoch_001"))
+    split = load_split(STORAGE, cfg.data.train, cfg.data.val_fraction, cfg.data.seed, cfg.data.limit)
+    preset = EvalPreset(meta["image_size"])
+    images = torch.from_numpy(np.stack([decode_image(Path(r["path"]).read_bytes(), preset) for r in split.val]))
+    labels = torch.tensor([r["label"] for r in split.val])
+    with torch.inference_mode():
+        logits = model(to_model_input(images, torch.device("cpu"))).float()
+    prob_dog = torch.softmax(logits, dim=1)[:, 1].clamp(*CLIP)
+    accuracy = float((logits.argmax(1) == labels).float().mean())
+    log_loss = float(torch.nn.functional.binary_cross_entropy(prob_dog, labels.float()))
+    assert int(reported["val_images"]) == len(split.val)
+    assert float(reported["val_acc"]) == pytest.approx(accuracy, abs=1e-6)
+    assert float(reported["val_log_loss"]) == pytest.approx(log_loss, rel=1e-4)
+
+
+# -- reruns ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_rerun_with_changed_settings_stops_and_an_unchanged_one_retrains_nothing(
+    small_real_data, tmp_path, ray_session
+):
+    sets = quick_overrides(
+        small_real_data,
+        tmp_path,
+        "rerun",
+        **{"models": "[sequential_cnn]", "data.limit": 96, "data.image_size": 32, "train.amp": False},
+    )
+    cfg = load_config(REPO / "configs" / "quick.yaml", sets)
+    run_training(cfg)
+    run, arch = tmp_path / "rerun", tmp_path / "rerun" / "sequential_cnn"
+    result = json.loads((arch / "result.json").read_text())
+    assert result["fingerprint"] == json.loads(json.dumps(run_fingerprint(cfg, cfg.models[0])))
+    assert json.loads((arch / "epoch_001" / "meta.json").read_text())["fingerprint"] == result["fingerprint"]
+    kept = {name: (run / name).read_bytes() for name in ("best.json", "leaderboard.csv", "config.yaml")}
+    first = read_metrics(arch)
+    stamp = (arch / "epoch_001" / "model.pt").stat().st_mtime_ns
+
+    changed = train_job(*set_args(sets), "--set", "train.lr=0.0005", "--set", "data.val_fraction=0.3", cwd=tmp_path)
+    lines = error_lines(changed.stderr)
+    assert changed.returncode == 2 and len(lines) == 1, changed.stderr[-3000:]
+    assert "sequential_cnn: train.lr 0.002 -> 0.0005" in lines[0] and "data.val_fraction 0.25 -> 0.3" in lines[0]
+    assert "--restart" in lines[0] and "run_name" in lines[0]
+    assert {name: (run / name).read_bytes() for name in kept} == kept
+
+    # Settings that do not shape a model may change; a finished run is then reused as it is.
+    same = train_job(*set_args(sets), "--set", "predict.batch_size=32", cwd=tmp_path)
+    assert same.returncode == 0, same.stderr[-3000:]
+    assert printed_result(same.stdout) == str(run / "best.json")
+    assert "already trained for 1 epochs, skipping" in same.stderr
+    assert (arch / "epoch_001" / "model.pt").stat().st_mtime_ns == stamp
+    assert sorted(p.name for p in arch.glob("epoch_*")) == ["epoch_001"]
+
+    # Raising epochs continues from the checkpoint on the schedule of the new count (training.lr_factor).
+    longer = load_config(REPO / "configs" / "quick.yaml", [*sets, "train.epochs=3"])
+    run_training(longer)
+    history = read_metrics(arch)
+    assert [int(h["epoch"]) for h in history] == [1, 2, 3] and history[0] == first[0]  # epoch 1 not run again
+    n_train = len(load_split(STORAGE, cfg.data.train, cfg.data.val_fraction, cfg.data.seed, cfg.data.limit).train)
+    per_epoch = -(-n_train // cfg.train.batch_size)
+    total = 3 * per_epoch
+    expected = cfg.train.lr * lr_factor(2 * per_epoch - 1, total, int(cfg.train.warmup_fraction * total))
+    assert float(history[1]["lr"]) == pytest.approx(expected, abs=1e-6)  # epoch 2 end, 3-epoch plan
+    assert float(history[1]["lr"]) > 0.3 * cfg.train.lr  # not the floor that ended the 1-epoch run
+    first_plan = cfg.train.lr * lr_factor(per_epoch - 1, per_epoch, int(cfg.train.warmup_fraction * per_epoch))
+    assert float(history[0]["lr"]) == pytest.approx(first_plan, abs=1e-6)  # epoch 1 as the 1-epoch run left it
+
+
+@pytest.mark.slow
+def test_a_predict_section_that_can_never_be_placed_stops_training_before_it_starts(
+    small_real_data, tmp_path, ray_session
+):
+    cfg = tiny_cfg(small_real_data, tmp_path, "unplaceable", **{"predict.concurrency": 9})
+    with pytest.raises(ResourceError, match=r"^predict needs 9 CPUs \(predict.concurrency=9"):
+        run_training(cfg)
+    assert not (tmp_path / "unplaceable").exists()
+
+
+# -- evaluate --------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_evaluate_scores_the_validation_split_and_counts_training_images_in_an_input(
+    small_real_data, tmp_path, ray_session, caplog
+):
+    from catdog.inference import run_evaluate
+
+    cfg = tiny_cfg(small_real_data, tmp_path, "evaluate")
+    run_training(cfg)
+    split = load_split(STORAGE, cfg.data.train, cfg.data.val_fraction, cfg.data.seed, cfg.data.limit)
+    metrics = json.loads(Path(run_evaluate(cfg)).read_text())
+    assert metrics["split"] == "validation" and metrics["n_images"] == len(split.val)
+    assert metrics["input"].startswith(f"validation split of {cfg.data.train}")
+    val = {Path(r["path"]).name for r in split.val}
+    scored = pq.read_table(tmp_path / "evaluate" / "evaluate" / "predictions").column("path").to_pylist()
+    assert {Path(p).name for p in scored} == val
+    with caplog.at_level(logging.WARNING):
+        metrics = json.loads(Path(run_evaluate(cfg, cfg.data.train)).read_text())
+    # data.limit keeps 96 of the 400 images: 72 of them trained the model.
+    assert metrics["split"] == "input" and metrics["train_overlap"] == len(split.train) == 72
+    assert f"{len(split.train)} of its 400 labelled images are in the model's training split" in caplog.text
+
+
+# -- storage faults through a proxy in front of moto_server ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def faulty_s3(tmp_path_factory, small_real_data):
+    """moto_server with 120 training images (60 cats, 60 dogs) and 20 test images."""
+    from test_s3 import MotoServer
+
+    server = MotoServer(tmp_path_factory.mktemp("moto-faults") / "moto_server.log")
+    name = server.bucket("catdog-faults")
+    staging = tmp_path_factory.mktemp("faults-data")
+    names = [f"{kind}.{i}.jpg" for kind in ("cat", "dog") for i in range(60)]
+    copy_images(small_real_data / "train", staging / "train", names)
+    copy_images(small_real_data / "test1", staging / "test1", [f"{i}.jpg" for i in range(1, 21)])
+    pafs.copy_files(
+        str(staging), f"{name}/data", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=server.fs()
+    )
+    yield server, name
+    server.stop()
+
+
+def fault_job(job: str, endpoint: str, name: str, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
+    from test_s3 import job_env
+
+    sets = {
+        "storage.endpoint_url": endpoint,
+        "storage.root": f"s3://{name}/runs",
+        "run_name": "faulty",
+        "data.train": f"s3://{name}/data/train",
+        "data.test": f"s3://{name}/data/test1",
+        "data.limit": "null",
+        "data.image_size": 32,
+        "models": "[sequential_cnn]",
+        "train.amp": "false",
+    }
+    args = [sys.executable, str(REPO / "jobs" / f"{job}.py"), "--config", str(REPO / "configs" / "quick.yaml")]
+    args += [*set_args([f"{k}={v}" for k, v in sets.items()]), *extra]
+    return subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=cwd, env=job_env())
+
+
+def s3_text(server, key: str) -> str:
+    with server.fs().open_input_stream(key) as stream:
+        return stream.read().decode()
+
+
+@pytest.fixture(scope="module")
+def survived_slowdowns(faulty_s3, tmp_path_factory):
+    """Train and predict through a proxy that answers 503 SlowDown to 20% of object GETs."""
+    server, name = faulty_s3
+    cwd = tmp_path_factory.mktemp("faults-cwd")
+    with FaultyS3Proxy(server.port, slowdown=0.2, seed=14) as proxy:
+        train = fault_job("train", proxy.endpoint, name, cwd)
+        predict = fault_job("predict", proxy.endpoint, name, cwd)
+    return {"train": train, "predict": predict, "faults": proxy.faults["503 SlowDown"], "gets": proxy.object_gets}
+
+
+@pytest.mark.slow
+def test_train_and_predict_use_every_image_through_20_percent_slowdowns(faulty_s3, survived_slowdowns):
+    server, name = faulty_s3
+    train, predict = survived_slowdowns["train"], survived_slowdowns["predict"]
+    assert train.returncode == 0, train.stderr[-4000:]
+    assert predict.returncode == 0, predict.stderr[-4000:]
+    print(
+        f"\nsurvived {survived_slowdowns['faults']} injected 503 SlowDown answers "
+        f"out of {survived_slowdowns['gets']} object GETs"
+    )
+    assert survived_slowdowns["faults"] >= 20
+    epoch = next(csv.DictReader(io.StringIO(s3_text(server, f"{name}/runs/faulty/sequential_cnn/metrics.csv"))))
+    assert int(epoch["train_images"]) + int(epoch["val_images"]) == 120
+    assert int(epoch["unreadable_images"]) == 0
+    assert s3_text(server, f"{name}/runs/faulty/sequential_cnn/unreadable.txt") == ""
+    submission = s3_text(server, f"{name}/runs/faulty/submission.csv").splitlines()
+    assert submission[0] == "id,label" and len(submission) == 21
+    infos = server.fs().get_file_info(pafs.FileSelector(f"{name}/runs/faulty/predictions"))
+    tables = [pq.read_table(server.fs().open_input_file(i.path)) for i in infos if i.path.endswith(".parquet")]
+    errors = [e for t in tables for e in t.column("error").to_pylist()]
+    assert len(errors) == 20 and not any(errors)
+
+
+@pytest.mark.slow
+def test_a_denied_test_image_fails_predict_naming_it_and_keeps_the_old_submission(
+    faulty_s3, survived_slowdowns, tmp_path
+):
+    server, name = faulty_s3
+    assert survived_slowdowns["predict"].returncode == 0
+    before = s3_text(server, f"{name}/runs/faulty/submission.csv")
+    denied = f"{name}/data/test1/7.jpg"
+    with FaultyS3Proxy(server.port, denied={denied}) as proxy:
+        proc = fault_job("predict", proxy.endpoint, name, tmp_path)
+    lines = error_lines(proc.stderr)
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr[-4000:]
+    assert f"s3://{denied}" in lines[0] and "access denied" in lines[0], lines[0]
+    assert proxy.faults["403 AccessDenied"] >= 1
+    assert s3_text(server, f"{name}/runs/faulty/submission.csv") == before
