@@ -194,6 +194,7 @@ def test_train_and_predict_jobs(cluster, small_real_data, tmp_path):
             "storage.root": storage,
             "run_name": "cluster",
             "models": "[sequential_cnn]",  # one architecture keeps this test short
+            "train.report": "false",
         }
     )
 

@@ -191,6 +191,7 @@ def test_training_on_a_folder_full_of_bad_files(nasty_train_folder, tmp_path, ra
             "models=[sequential_cnn]",
             "data.limit=null",
             "data.val_fraction=0.25",
+            "train.report=false",
         ],
     )
     run_training(cfg)
