@@ -7,6 +7,7 @@ environment; the credentials are only ever environment variables, never config f
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -14,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -28,7 +30,7 @@ from conftest import REPO, printed_result, write_image
 
 from catdog.config import load_config
 from catdog.models import build_model, check_init, load_weights_file
-from catdog.storage import Storage, StorageError, StorageNotFound
+from catdog.storage import S3_REQUEST_TIMEOUT_S, Storage, StorageError, StorageNotFound
 from catdog.train_job import prepare_run
 
 MOTO_SERVER = Path(sys.executable).parent / "moto_server"
@@ -140,14 +142,16 @@ def read_object(server: MotoServer, path: str) -> bytes:
         return stream.read()
 
 
-def run_job(job: str, *args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_job(
+    job: str, *args: str, cwd: Path, timeout: int = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(REPO / "jobs" / job), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=cwd,
-        env=job_env(),
+        env=env or job_env(),
     )
 
 
@@ -245,6 +249,54 @@ def test_storage_errors_are_one_line_naming_the_uri(case, s3_server, s3_auth_ser
         assert CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in message
 
 
+@pytest.mark.parametrize("variable", ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"])
+def test_endpoint_and_region_come_from_the_environment(variable, s3_server, bucket, monkeypatch):
+    monkeypatch.setenv(variable, s3_server.endpoint)
+    storage = Storage()  # nothing from the config
+    storage.write_text(f"s3://{bucket}/env/x.json", "{}")
+    assert keys(s3_server, bucket) == ["env/x.json"] and storage.read_text(f"s3://{bucket}/env/x.json") == "{}"
+    assert storage.resolve(f"s3://{bucket}/env")[0].region == "us-east-1"  # AWS_DEFAULT_REGION (s3_env)
+    monkeypatch.setenv("AWS_REGION", "eu-west-3")
+    assert Storage().resolve(f"s3://{bucket}/env")[0].region == "eu-west-3"
+    monkeypatch.delenv("AWS_REGION")
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    assert Storage().resolve(f"s3://{bucket}/env")[0].region == "us-east-1"  # the default
+    assert Storage(region="ap-south-1").resolve(f"s3://{bucket}/env")[0].region == "ap-south-1"
+
+
+def test_an_endpoint_that_accepts_connections_and_never_answers_fails_in_about_26_s(s3_env):
+    """README: each request is bounded (5 s to connect, 8 s without progress, 3 attempts)."""
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        server.settimeout(0.2)
+
+        def accept_and_say_nothing():
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    accepted.append(server.accept()[0])
+
+        thread = threading.Thread(target=accept_and_say_nothing, daemon=True)
+        thread.start()
+        storage = Storage(endpoint_url=f"http://127.0.0.1:{server.getsockname()[1]}")
+        start = time.monotonic()
+        try:
+            with pytest.raises(StorageError) as info:
+                storage.check_bucket("s3://catdog-silent/runs")
+        finally:
+            elapsed = time.monotonic() - start
+            stop.set()
+            thread.join(timeout=5)
+            for conn in accepted:
+                conn.close()
+    assert len(accepted) >= 3, "the client did not retry on a new connection"
+    assert 3 * S3_REQUEST_TIMEOUT_S <= elapsed < 40, elapsed
+    message = str(info.value)
+    assert message.startswith("s3://catdog-silent/runs") and "\n" not in message
+
+
 @pytest.fixture(scope="module")
 def tiny_bucket(s3_server, tmp_path_factory) -> str:
     """A bucket holding 10 cats and 10 dogs in train/ and 4 unlabelled images in test1/."""
@@ -259,8 +311,17 @@ def tiny_bucket(s3_server, tmp_path_factory) -> str:
     return name
 
 
-@pytest.mark.parametrize("job", ["train.py", "predict.py", "prepare.py"])
-@pytest.mark.parametrize("case", ["wrong endpoint", "missing bucket", "bad credentials"])
+# Every job and every kind of error once (each kind is checked on every storage call above); train twice
+# because a missing bucket stops it at the run root, the other errors at the data folder.
+@pytest.mark.parametrize(
+    "job, case",
+    [
+        ("train.py", "missing bucket"),
+        ("train.py", "bad credentials"),
+        ("predict.py", "wrong endpoint"),
+        ("prepare.py", "missing bucket"),
+    ],
+)
 def test_jobs_stop_with_one_error_line_naming_the_uri(job, case, s3_server, s3_auth_server, tiny_bucket, tmp_path):
     endpoint = {
         "wrong endpoint": f"http://127.0.0.1:{free_port()}",
