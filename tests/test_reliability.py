@@ -7,7 +7,6 @@ import io
 import json
 import math
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -63,8 +62,11 @@ def alive(pid: int) -> bool:
 
 def recorded_checkpoints(arch: Path) -> set[str]:
     """The checkpoints Ray Train's checkpoint manager has registered (what a restart resumes from)."""
-    snapshot = arch / "checkpoint_manager_snapshot.json"
-    return set(re.findall(r"epoch_\d{3}", snapshot.read_text())) if snapshot.exists() else set()
+    try:
+        snapshot = json.loads((arch / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, ValueError):  # not written yet, or caught half written
+        return set()
+    return {result["checkpoint_dir_name"] for result in snapshot["checkpoint_results"]}
 
 
 def step_starts(faults_dir: Path) -> list[int]:
@@ -240,3 +242,37 @@ def test_training_on_a_folder_full_of_bad_files(nasty_train_folder, tmp_path, ra
     # 80 real images + 12 odd but decodable ones; the 3 broken files and 2 unlabelled names are not used.
     assert int(row["train_images"]) + int(row["val_images"]) == 92
     assert "readme.jpg" in caplog.text and "bird.7.jpg" in caplog.text
+
+
+def test_more_worker_deaths_than_max_failures_fail_the_run_without_a_result(
+    small_real_data, tmp_path, faults_dir, ray_session
+):
+    from ray.train import TrainingFailedError
+
+    cfg = cfg_for(small_real_data, tmp_path, "deaths", **{"train.epochs": 2, "train.max_failures": 0})
+    arm(faults_dir, "exit", min_step=0, after_batches=1)  # one death, none allowed
+    with pytest.raises(TrainingFailedError):
+        run_training(cfg)
+    assert (faults_dir / "exit.fired").exists(), "the fault never fired"
+    assert step_starts(faults_dir) == [0], "training went on after a death that max_failures=0 does not allow"
+    run = tmp_path / "deaths"
+    assert not (run / "sequential_cnn" / "result.json").exists() and not (run / "best.json").exists()
+    assert not list((run / "sequential_cnn").glob("epoch_*"))
+
+
+def test_train_job_restart_moves_the_previous_run_aside_and_trains_afresh(small_real_data, tmp_path):
+    previous = tmp_path / "restart" / "sequential_cnn"
+    previous.mkdir(parents=True)
+    (previous / "result.json").write_text('{"epochs": 99}')  # a plain re-run would skip this architecture
+    args = [sys.executable, str(REPO / "jobs" / "train.py"), "--config", str(REPO / "configs" / "quick.yaml")]
+    small = {"models": "[sequential_cnn]", "data.limit": 120, "data.image_size": 32}
+    for item in quick_overrides(small_real_data, tmp_path, "restart", **small):
+        args += ["--set", item]
+    done = subprocess.run([*args, "--restart"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("restart.old-")]
+    assert len(aside) == 1 and f"--restart: moved the previous run to {aside[0]}" in done.stderr
+    assert (aside[0] / "sequential_cnn" / "result.json").read_text() == '{"epochs": 99}'
+    assert printed_result(done.stdout) == str(tmp_path / "restart" / "best.json")
+    assert json.loads((previous / "result.json").read_text())["epochs"] == 1
+    assert epochs_of(previous / "metrics.csv") == [1]

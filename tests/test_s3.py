@@ -415,7 +415,24 @@ def s3_run(s3_server, small_real_data, tmp_path_factory):
     proc = run_job("train.py", *sets, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-4000:]
     timings["train"] = time.monotonic() - start
-    return {"bucket": name, "cwd": cwd, "sets": sets, "train": proc, "prepared": prepared, "timings": timings}
+    # What the first training left, read now: a later test may train this run further.
+    arch = f"{name}/runs/s3run/sequential_cnn"
+    trained = {
+        "keys": keys(s3_server, f"{name}/runs/s3run"),
+        "best": json.loads(read_object(s3_server, f"{name}/runs/s3run/best.json")),
+        "meta": json.loads(read_object(s3_server, f"{arch}/epoch_001/meta.json")),
+        "metrics": read_object(s3_server, f"{arch}/metrics.csv").decode(),
+        "model_mtime": fs.get_file_info(f"{arch}/epoch_001/model.pt").mtime,
+    }
+    return {
+        "bucket": name,
+        "cwd": cwd,
+        "sets": sets,
+        "train": proc,
+        "trained": trained,
+        "prepared": prepared,
+        "timings": timings,
+    }
 
 
 def assert_nothing_local(run: dict) -> None:
@@ -441,7 +458,7 @@ def test_prepare_on_s3_packs_validates_and_reports(s3_server, s3_run):
 def test_train_from_shards_on_s3_writes_every_output_to_the_bucket(s3_server, s3_run):
     name = s3_run["bucket"]
     assert printed_result(s3_run["train"].stdout) == f"s3://{name}/runs/s3run/best.json"
-    found = keys(s3_server, f"{name}/runs/s3run")
+    found = s3_run["trained"]["keys"]
     for key in (
         "config.yaml",
         "leaderboard.csv",
@@ -453,9 +470,9 @@ def test_train_from_shards_on_s3_writes_every_output_to_the_bucket(s3_server, s3
         "sequential_cnn/epoch_001/train_state.pt",
     ):
         assert key in found, (key, found)
-    best = json.loads(read_object(s3_server, f"{name}/runs/s3run/best.json"))
+    best = s3_run["trained"]["best"]
     assert best["checkpoint"] == f"s3://{name}/runs/s3run/sequential_cnn/epoch_001"
-    meta = json.loads(read_object(s3_server, f"{name}/runs/s3run/sequential_cnn/epoch_001/meta.json"))
+    meta = s3_run["trained"]["meta"]
     assert meta["arch"] == "sequential_cnn" and [h["epoch"] for h in meta["history"]] == [1]
     assert not [k for k in found if ".tmp-" in k]
     assert_nothing_local(s3_run)
@@ -490,15 +507,48 @@ def test_predict_and_evaluate_on_s3_folder_and_shards_agree(s3_server, s3_run):
 
 
 @pytest.mark.slow
+def test_predict_with_model_and_output_on_s3_and_the_endpoint_from_the_environment(s3_server, s3_run):
+    name, cwd = s3_run["bucket"], s3_run["cwd"]
+    bucket = f"s3://{name}"
+    sets = [a for pair in zip(s3_run["sets"][::2], s3_run["sets"][1::2]) if "endpoint_url" not in pair[1] for a in pair]
+    assert sets != s3_run["sets"]
+    env = {k: v for k, v in job_env().items() if k != "AWS_DEFAULT_REGION"}
+    env.update(AWS_ENDPOINT_URL_S3=s3_server.endpoint, AWS_REGION=REGION)
+    model = f"{bucket}/runs/s3run/sequential_cnn/epoch_001"
+    output = f"{bucket}/elsewhere/scored"
+    in_run_before = keys(s3_server, f"{name}/runs/s3run")
+    proc = run_job(
+        "predict.py", *sets, "--model", model, "--input", f"{bucket}/data/test1", "--output", output, cwd=cwd, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert printed_result(proc.stdout) == f"{output}/submission.csv"
+    found = keys(s3_server, f"{name}/elsewhere/scored")
+    assert "submission.csv" in found and any(k.startswith("predictions/") and k.endswith(".parquet") for k in found)
+    submission = read_object(s3_server, f"{name}/elsewhere/scored/submission.csv").decode().splitlines()
+    assert submission[0] == "id,label" and len(submission) == 121
+    parts = [k for k in found if k.endswith(".parquet")]
+    models = set()
+    for part in parts:
+        models |= set(
+            pq.read_table(io.BytesIO(read_object(s3_server, f"{name}/elsewhere/scored/{part}")))
+            .column("model")
+            .to_pylist()
+        )
+    assert models == {"sequential_cnn:epoch_001"}
+    assert keys(s3_server, f"{name}/runs/s3run") == in_run_before  # nothing written into the run
+    assert_nothing_local(s3_run)
+
+
+@pytest.mark.slow
 def test_rerun_with_one_more_epoch_resumes_from_the_checkpoint_in_the_bucket(s3_server, s3_run):
     arch = f"{s3_run['bucket']}/runs/s3run/sequential_cnn"
 
     def metrics() -> list[dict]:
         return list(csv.DictReader(io.StringIO(read_object(s3_server, f"{arch}/metrics.csv").decode())))
 
-    first = metrics()
+    first = list(csv.DictReader(io.StringIO(s3_run["trained"]["metrics"])))
     assert [int(r["epoch"]) for r in first] == [1]
-    stamp = s3_server.fs().get_file_info(f"{arch}/epoch_001/model.pt").mtime
+    stamp = s3_run["trained"]["model_mtime"]
     proc = run_job("train.py", *s3_run["sets"], "--set", "train.epochs=2", cwd=s3_run["cwd"])
     assert proc.returncode == 0, proc.stderr[-4000:]
     second = metrics()
