@@ -148,7 +148,7 @@ def test_sigkilled_driver_resumes_and_skips_finished_architectures(small_real_da
     try:
         # metrics.csv appears when the worker reports; the controller registers the checkpoint up to
         # a poll later.  Only a registered checkpoint is a resume point.
-        wait_for(lambda: "epoch_001" in recorded_checkpoints(run / "mobilenet_v2"), 400, "mobilenet_v2 epoch_001")
+        wait_for(lambda: "epoch_001" in recorded_checkpoints(run / "mobilenet_v2"), 900, "mobilenet_v2 epoch_001")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
