@@ -95,7 +95,7 @@ def test_sigkilled_worker_with_two_workers_resumes_and_logs_each_epoch_once(
     # then the only right resume point is epoch 2's first step, and a restart from scratch would show.
     wait_for(
         lambda: "epoch_001" in recorded_checkpoints(arch) and step_starts(faults_dir).count(per_epoch) == 2,
-        300,
+        900,
         "epoch_001 registered and both workers in epoch 2",
     )
     victims = [int(p.read_text()) for p in faults_dir.glob("train-worker-*.pid") if alive(int(p.read_text()))]
