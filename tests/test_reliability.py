@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -144,13 +145,21 @@ def test_sigkilled_driver_resumes_and_skips_finished_architectures(small_real_da
     ):
         args += ["--set", item]
     run = tmp_path / "driver"
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = tmp_path / "first-run.log"
+    with open(log, "wb") as handle:
+        proc = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         # metrics.csv appears when the worker reports; the controller registers the checkpoint up to
         # a poll later.  Only a registered checkpoint is a resume point.
-        wait_for(lambda: "epoch_001" in recorded_checkpoints(run / "mobilenet_v2"), 900, "mobilenet_v2 epoch_001")
+        wait_for(
+            lambda: "epoch_001" in recorded_checkpoints(run / "mobilenet_v2") or proc.poll() is not None,
+            900,
+            "mobilenet_v2 epoch_001",
+        )
+        assert proc.poll() is None, f"the first run ended before it was killed:\n{log.read_text()[-3000:]}"
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     finished = (run / "sequential_cnn" / "result.json").read_text()
