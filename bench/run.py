@@ -1,7 +1,7 @@
 """Side-by-side benchmarks: each catdog path beside its plain baseline, same files, threads, batch size.
 
     python bench/run.py [--smoke] [--full] [--data DIR] [--repeats N] [--groups ingest,train,predict]
-                        [--archs resnet18,...]
+                        [--archs resnet18,...] [--paths catdog_folder,...] [--no-scaling]
 
 Prints a table and writes bench/results/<timestamp>.json and bench/results/latest.md.  Every
 figure is the median of several runs (``--repeats``, else the mode's count per group), with the
@@ -187,10 +187,12 @@ def main() -> int:
     parser.add_argument(
         "--groups", default="ingest,train,predict", help="comma-separated subset of ingest,train,predict"
     )
+    parser.add_argument("--paths", default=None, help="comma-separated subset of the paths (rows), e.g. catdog_train")
+    parser.add_argument("--no-scaling", action="store_true", help="leave out the 1-worker scaling rows")
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args()
     mode = "smoke" if args.smoke else "full" if args.full else "default"
-    workers = [2, 1]
+    workers = [2] if args.no_scaling else [2, 1]
     results = []
     groups = set(args.groups.split(","))
     sizes = dict(SIZES[mode])
@@ -198,7 +200,10 @@ def main() -> int:
         keep = args.archs.split(",")
         for key in ("train_archs", "predict_archs"):
             sizes[key] = tuple(a for a in sizes[key] if a in keep)
-    for group, name, path_args in plan(sizes, Path(args.data), workers, groups):
+    rows = plan(sizes, Path(args.data), workers, groups)
+    if args.paths:
+        rows = [row for row in rows if row[1] in args.paths.split(",")]
+    for group, name, path_args in rows:
         path_args.setdefault("ray_workers", 2)
         runs = measure_runs(name, path_args, args.repeats or sizes["repeats"][group])
         results.append({"group": group, "path": name, "args": path_args, "summary": summarise(runs), "runs": runs})
@@ -229,6 +234,8 @@ def main() -> int:
         name += "-" + "-".join(sorted(groups))
     if args.archs:
         name += "-" + "-".join(args.archs.split(","))
+    if args.paths or args.no_scaling:
+        name += "-partial"
     (out / f"{name}.md").write_text(table)
     print(table)
     return 0

@@ -87,6 +87,9 @@ class TrainConfig(_Section):
     backbone_lr_mult: float = Field(0.1, gt=0, le=1)
     keep_checkpoints: PositiveInt = 2
     torch_threads: PositiveInt | None = None
+    # After training: score the validation split (val_study.json) and write report.html; predict and
+    # evaluate refresh the report.  Off skips all of it (tests that look at neither run faster).
+    report: bool = True
 
 
 class PredictConfig(_Section):

@@ -255,9 +255,11 @@ def unique_ids_in_order(ids: list[int], paths: list[str]) -> tuple[list[int], li
 
 
 def refresh_report(cfg: CatdogConfig, storage: Storage, output_uri: str) -> None:
-    """Outputs that land in the run folder also refresh its ``report.html``."""
-    if output_uri.rstrip("/").startswith(cfg.run_uri.rstrip("/")) and storage.exists(
-        join(cfg.run_uri, "leaderboard.csv")
+    """Outputs that land in the run folder also refresh its ``report.html`` (unless ``train.report`` is off)."""
+    if (
+        cfg.train.report
+        and output_uri.rstrip("/").startswith(cfg.run_uri.rstrip("/"))
+        and storage.exists(join(cfg.run_uri, "leaderboard.csv"))
     ):
         from catdog.report import write_report  # report builds on this module
 

@@ -305,8 +305,9 @@ def run_training(cfg: CatdogConfig, restart: bool = False) -> str:
             "config": cfg.model_dump(mode="json"),
         },
     )
-    validation_study(cfg, storage, split.val, split.shards)
-    logger.info("report: %s", write_report(cfg, storage))
+    if cfg.train.report:
+        validation_study(cfg, storage, split.val, split.shards)
+        logger.info("report: %s", write_report(cfg, storage))
     for row in rows:
         logger.info(
             "leaderboard: %-14s val_acc %.4f val_log_loss %.4f (%s)",

@@ -1,11 +1,18 @@
-"""Shared fixtures: a session-scoped Ray, the real data folder, synthetic images, one quick run."""
+"""Shared fixtures: a session-scoped Ray, the real data folder, synthetic images, one quick run.
+
+``CATDOG_REQUIRE=data,chromium,moto,mlflow`` (set by ``.ci/run``) turns the skips for a missing
+component into failures: the session stops at start with a line naming what is missing, and any
+test that still skips for another reason than the ``gpu`` marker is reported as failed.
+"""
 
 from __future__ import annotations
 
+import importlib
 import io
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,25 +22,111 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "dogs-vs-cats"
 
 
+VENV_BIN = Path(sys.executable).parent
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
 def real_data_dir() -> Path | None:
     path = Path(os.environ.get("CATDOG_DATA", DEFAULT_DATA))
     return path if (path / "train").is_dir() and (path / "test1").is_dir() else None
 
 
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except Exception:  # noqa: BLE001 - any import failure means the component is unusable
+        return False
+    return True
+
+
+def missing_data() -> str | None:
+    if real_data_dir() is None:
+        where = os.environ.get("CATDOG_DATA", DEFAULT_DATA)
+        return f"CATDOG_DATA: real Kaggle images not found in {where} (needs train/ and test1/)"
+    return None
+
+
+def missing_chromium() -> str | None:
+    return None if CHROMIUM else "chromium: no chromium or chromium-browser on PATH (.ci/run installs it)"
+
+
+def missing_moto() -> str | None:
+    if not (VENV_BIN / "moto_server").exists() or not _importable("moto"):
+        return f"moto: {VENV_BIN / 'moto_server'} or the moto package is missing (install the dev extras)"
+    return None
+
+
+def missing_mlflow() -> str | None:
+    if not (VENV_BIN / "mlflow").exists() or not _importable("mlflow"):
+        return f"mlflow: {VENV_BIN / 'mlflow'} or the mlflow package is missing (install the dev extras)"
+    return None
+
+
+REQUIREMENTS = {"data": missing_data, "chromium": missing_chromium, "moto": missing_moto, "mlflow": missing_mlflow}
+
+
+def required() -> set[str]:
+    return {name.strip() for name in os.environ.get("CATDOG_REQUIRE", "").split(",") if name.strip()}
+
+
+def pytest_sessionstart(session):
+    """With CATDOG_REQUIRE set, stop at once (not after 30 minutes of other tests) naming what is missing."""
+    wanted = required()
+    unknown = wanted - REQUIREMENTS.keys()
+    problems = [f"CATDOG_REQUIRE: unknown component {name!r} (known: {', '.join(REQUIREMENTS)})" for name in unknown]
+    problems += [problem for name in sorted(wanted & REQUIREMENTS.keys()) if (problem := REQUIREMENTS[name]())]
+    if problems:
+        pytest.exit("required component missing: " + "; ".join(problems), returncode=3)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """With CATDOG_REQUIRE set, only the gpu marker may skip: every other skip is a failure."""
+    report = yield
+    if report.skipped and required() and item.get_closest_marker("gpu") is None and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CATDOG_REQUIRE={os.environ['CATDOG_REQUIRE']}: {reason}"
+    return report
+
+
+def require_or_skip(component: str) -> None:
+    """Skip a test whose component is missing (a failure when CATDOG_REQUIRE names it)."""
+    problem = REQUIREMENTS[component]()
+    if problem is None:
+        return
+    if component in required():
+        pytest.fail(f"required by CATDOG_REQUIRE: {problem}")
+    pytest.skip(problem)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    path = real_data_dir()
-    if path is None:
-        pytest.skip(
-            f"real Kaggle images not found: set CATDOG_DATA to a folder with train/ and test1/ "
-            f"(looked in {os.environ.get('CATDOG_DATA', DEFAULT_DATA)})"
-        )
-    return path
+    require_or_skip("data")
+    return real_data_dir()
 
 
 @pytest.fixture(scope="session")
 def faults_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("faults")
+
+
+@pytest.fixture(autouse=True)
+def disarmed_faults(request):
+    """Every test starts and ends with no fault armed and no fault-hook records (a fault that never
+    fired must not kill a process in a later test).  Only touches the folder when a test uses it."""
+    if "faults_dir" not in request.fixturenames:
+        yield
+        return
+    folder = request.getfixturevalue("faults_dir")
+    _clear(folder)
+    yield
+    _clear(folder)
+
+
+def _clear(folder: Path) -> None:
+    for path in folder.iterdir():
+        path.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")
@@ -110,12 +203,14 @@ def small_real_data(tmp_path_factory, data_dir) -> Path:
 
 
 def quick_overrides(data: Path, root: Path, run_name: str = "quick", **extra) -> list[str]:
+    """The quick config on ``data``; no validation study or report unless ``train.report=true`` is passed."""
     sets = {
         "data.train": str(data / "train"),
         "data.test": str(data / "test1"),
         "storage.root": str(root),
         "run_name": run_name,
         "data.limit": None,
+        "train.report": False,
         **extra,
     }
     return [f"{k}={'null' if v is None else v}" for k, v in sets.items()]
@@ -128,6 +223,11 @@ def quick_run(tmp_path_factory, small_real_data, ray_session):
     from catdog.train_job import run_training
 
     root = tmp_path_factory.mktemp("runs")
-    cfg = load_config(REPO / "configs" / "quick.yaml", quick_overrides(small_real_data, root))
+    # The report and validation-study tests read this run: keep both.  fp32 throughout: tests compare
+    # accuracies of the same images scored twice, and bf16 (CPUs with AMX) would move near ties.
+    fp32 = {"train.amp": False, "predict.amp": False}
+    cfg = load_config(
+        REPO / "configs" / "quick.yaml", quick_overrides(small_real_data, root, **{"train.report": True, **fp32})
+    )
     best_uri = run_training(cfg)
     return cfg, best_uri

@@ -6,7 +6,8 @@ worker process.  A test arms a fault by writing a small JSON file into ``CATDOG_
     exit.json {"min_step": 8, "after_batches": 2}: in the first epoch that starts at global step >= 8,
         the worker calls os._exit(1) after 2 batches (mid-epoch), once; "delay_s" waits first.
 
-    ckpt_exit.json {"epoch": 2}: the worker dies while writing epoch 2's checkpoint files.
+    upload_exit.json {"epoch": 2}: the worker dies inside ``ray.train.report`` while uploading epoch 2's
+        checkpoint to storage: the other files arrive whole, ``model.pt`` half, and the report never returns.
     predict_exit.json {}: an inference actor dies on its next batch.
 
 Every patched Train worker also writes ``train-worker-<pid>.pid`` so tests can kill it from outside,
@@ -78,21 +79,29 @@ def _patch_train_one_epoch(training) -> None:
     training.train_one_epoch = train_one_epoch
 
 
-def _patch_save_checkpoint(training) -> None:
-    """ckpt_exit.json {"epoch": N}: die half way through writing epoch N's checkpoint files."""
-    original = training.save_checkpoint
+def _patch_checkpoint_upload() -> None:
+    """upload_exit.json {"epoch": N}: die half way through uploading epoch N's checkpoint to storage."""
+    from ray.train.v2._internal.execution import storage as train_storage
 
-    def save_checkpoint(folder, model, optimizer, **kwargs):
-        pending = faults_dir() / "ckpt_exit.json"
-        if pending.exists() and kwargs["epoch"] == json.loads(pending.read_text())["epoch"] and _take("ckpt_exit"):
-            meta = original(folder, model, optimizer, **kwargs)
-            with open(os.path.join(folder, "model.pt"), "r+b") as handle:
-                handle.truncate(100)  # the weights file is half written when the process dies
-            os._exit(1)
-            return meta
-        return original(folder, model, optimizer, **kwargs)
+    original = train_storage.StorageContext.persist_current_checkpoint
 
-    training.save_checkpoint = save_checkpoint
+    def persist_current_checkpoint(self, checkpoint, checkpoint_dir_name):
+        pending = faults_dir() / "upload_exit.json"
+        if (
+            pending.exists()
+            and checkpoint_dir_name == f"epoch_{json.loads(pending.read_text())['epoch']:03d}"
+            and _take("upload_exit")
+        ):
+            destination = self.build_checkpoint_path_from_name(checkpoint_dir_name)
+            self.storage_filesystem.create_dir(destination)
+            for name in sorted(os.listdir(checkpoint.path)):
+                data = Path(checkpoint.path, name).read_bytes()
+                with self.storage_filesystem.open_output_stream(f"{destination}/{name}") as out:
+                    out.write(data[: len(data) // 2] if name == "model.pt" else data)
+            os._exit(1)  # the upload is cut short: the controller never hears of this checkpoint
+        return original(self, checkpoint, checkpoint_dir_name)
+
+    train_storage.StorageContext.persist_current_checkpoint = persist_current_checkpoint
 
 
 def _patch_predictor(inference) -> None:
@@ -118,5 +127,5 @@ def install() -> None:
         return
     training._faults_installed = True
     _patch_train_one_epoch(training)
-    _patch_save_checkpoint(training)
+    _patch_checkpoint_upload()
     _patch_predictor(inference)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO
@@ -12,16 +13,34 @@ from conftest import REPO
 pytestmark = pytest.mark.slow
 
 
-def test_bench_smoke_prints_every_row(data_dir, tmp_path):
+def bench_smoke(data_dir: Path, out: Path, *args: str) -> str:
     proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "run.py"), "--smoke", "--data", str(data_dir), "--out", str(tmp_path)],
+        [sys.executable, str(REPO / "bench" / "run.py"), "--smoke", "--data", str(data_dir), "--out", str(out), *args],
         capture_output=True,
         text=True,
         timeout=1200,
         cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    table = (tmp_path / "smoke.md").read_text()
+    return next(out.glob("smoke*.md")).read_text()
+
+
+def test_bench_smoke_one_catdog_row_per_group(data_dir, tmp_path):
+    """What CI runs: one measurement per group (the full table is the `bench` marker's)."""
+    paths = ("catdog_folder", "catdog_train", "catdog_predict")
+    table = bench_smoke(data_dir, tmp_path, "--paths", ",".join(paths), "--no-scaling")
+    rows = [line for line in table.splitlines() if line.startswith(("| ingest", "| train", "| predict"))]
+    assert [row.split(" | ")[1] for row in rows] == list(paths)
+    assert all("| 2 |" in row for row in rows)
+    results = json.loads(next(tmp_path.glob("*.json")).read_text())["results"]
+    assert [r["group"] for r in results] == ["ingest", "train", "predict"]
+    assert all(r["summary"]["images"] > 0 and r["summary"]["images_per_s"] > 0 for r in results)
+    assert results[2]["summary"]["steady_images_per_s"] > 0
+
+
+@pytest.mark.bench
+def test_bench_smoke_prints_every_row(data_dir, tmp_path):
+    table = bench_smoke(data_dir, tmp_path)
     expected = [
         ("ingest", "pillow_single", ""),
         ("ingest", "dataloader_2", ""),

@@ -194,6 +194,7 @@ def test_train_and_predict_jobs(cluster, small_real_data, tmp_path):
             "storage.root": storage,
             "run_name": "cluster",
             "models": "[sequential_cnn]",  # one architecture keeps this test short
+            "train.report": "false",
         }
     )
 
@@ -202,6 +203,13 @@ def test_train_and_predict_jobs(cluster, small_real_data, tmp_path):
     best = storage / "cluster" / "best.json"
     assert printed_result(train.stdout) == str(best)
     assert json.loads(best.read_text())
+    # Two nodes in name only would prove nothing: some of the job's work ran on the worker node.
+    token = cluster.token_file.read_text().strip()
+    nodes = api(cluster, "/api/v0/nodes?limit=100&detail=true", token)["data"]["result"]["result"]
+    worker_node = next(n["node_id"] for n in nodes if n["state"] == "ALIVE" and not n["is_head_node"])
+    tasks = api(cluster, "/api/v0/tasks?limit=10000&detail=true", token)["data"]["result"]["result"]
+    on_worker = sorted({t["name"] for t in tasks if t.get("node_id") == worker_node})
+    assert on_worker, "no task or actor of the train job ran on the worker node"
 
     predict = submit(cluster, "predict", sets)
     assert predict.returncode == 0, "predict job did not succeed"
@@ -222,3 +230,86 @@ def test_failed_job_fails_the_submit(cluster, tmp_path):
     )
     assert result.returncode != 0
     assert "FAILED" in result.stderr
+
+
+PLACEMENT_PROBE = """
+import json, logging, os
+import ray
+from catdog.config import CatdogConfig
+from catdog.runtime import ResourceError, check_predict_resources, check_train_resources
+
+warnings = []
+handler = logging.Handler()
+handler.emit = lambda record: warnings.append(record.getMessage())
+logging.getLogger("catdog.runtime").addHandler(handler)
+logging.getLogger("catdog.runtime").setLevel(logging.WARNING)
+ray.init()
+
+
+def attempt(check, autoscaling=False, **sections):
+    warnings.clear()
+    os.environ.pop("CATDOG_AUTOSCALING_CLUSTER", None)
+    if autoscaling:
+        os.environ["CATDOG_AUTOSCALING_CLUSTER"] = "1"
+    try:
+        check(CatdogConfig.model_validate(sections))
+        outcome = "ok"
+    except ResourceError as exc:
+        outcome = f"refused: {exc}"
+    return {"outcome": outcome, "warnings": list(warnings)}
+
+
+print("PROBE " + json.dumps({
+    "train 1x4": attempt(check_train_resources, train={"cpus_per_worker": 4}),
+    "train 1x4 autoscaling": attempt(check_train_resources, True, train={"cpus_per_worker": 4}),
+    "predict 1x4": attempt(check_predict_resources, predict={"cpus_per_actor": 4}),
+    "predict 1x4 autoscaling": attempt(check_predict_resources, True, predict={"cpus_per_actor": 4}),
+    "train 1x3": attempt(check_train_resources, train={"cpus_per_worker": 3}),
+    "train 2x1": attempt(check_train_resources, train={"num_workers": 2}),
+    "train 5x1": attempt(check_train_resources, train={"num_workers": 5}),
+    "predict 5x1": attempt(check_predict_resources, predict={"concurrency": 5}),
+}))
+"""
+
+
+def test_train_that_fits_the_cluster_total_but_no_single_node_fails_naming_it(cluster, small_real_data, tmp_path):
+    """5 CPUs in all (2 + 3), but no node has the 4 one worker asks for: exit 2 up front, not a wait forever."""
+    sets = overrides(
+        {
+            "data.train": small_real_data / "train",
+            "storage.root": tmp_path / "runs",
+            "models": "[sequential_cnn]",
+            "train.cpus_per_worker": 4,
+        }
+    )
+    result = submit(cluster, "train", sets)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "FAILED" in result.stderr
+    assert "error: train needs a node with 4 CPUs and 0 GPUs for each worker but the Ray cluster has 5 CPUs" in output
+    assert "CATDOG_AUTOSCALING_CLUSTER=1" in output
+    assert not (tmp_path / "runs" / "quick" / "sequential_cnn").exists()
+
+
+def test_placement_checks_on_two_nodes_autoscaling_bypass_and_no_cpu_left_warning(cluster, tmp_path):
+    """The placement rules on a real two-node cluster (probe job through the job server)."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (probe / "probe.py").write_text(PLACEMENT_PROBE)
+    env = clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(cluster.token_file))
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    cmd = [ray_cli, "job", "submit", "--address", cluster.address, "--working-dir", str(probe), "--", "python"]
+    result = run([*cmd, "probe.py"], env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("PROBE "))
+    found = json.loads(line[len("PROBE ") :])
+    for job, unit in (("train", "worker"), ("predict", "predictor actor")):
+        refused = found[f"{job} 1x4"]["outcome"]
+        assert refused.startswith(f"refused: {job} needs a node with 4 CPUs and 0 GPUs for each {unit}"), refused
+        assert "the Ray cluster has 5 CPUs and 0 GPUs" in refused
+        assert found[f"{job} 1x4 autoscaling"] == {"outcome": "ok", "warnings": []}
+    assert found["train 1x3"] == {"outcome": "ok", "warnings": []}  # fits the 3-CPU worker node
+    assert found["train 2x1"] == {"outcome": "ok", "warnings": []}
+    for case, who in (("train 5x1", "Train workers"), ("predict 5x1", "Predictor actors")):
+        assert found[case]["outcome"] == "ok"
+        assert [w.split(";")[0] for w in found[case]["warnings"]] == [f"{who} take all 5 CPUs"], found[case]
+        assert "Ray Data will have none left to decode images" in found[case]["warnings"][0]

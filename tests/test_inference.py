@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -221,6 +222,18 @@ def test_ensemble_averages_every_leaderboard_model(quick_run, small_real_data, t
     assert table.num_rows == 120 and table.schema.equals(PREDICTION_SCHEMA)
     model = table.column("model")[0].as_py()
     assert sorted(part.split(":")[0] for part in model.split("+")) == ["mobilenet_v2", "resnet18", "sequential_cnn"]
+    # Each probability is the mean of the members' own: score a few images with each member alone.
+    from catdog.inference import model_ref
+
+    board = (Path(cfg.run_uri) / "leaderboard.csv").read_text().splitlines()[1:]
+    refs = [model_ref(Storage(), line.split(",")[-1]) for line in board]
+    assert len(refs) == 3 and not cfg.predict.amp
+    batch = four_test_images(small_real_data, refs[0])
+    assert all(ref.column == refs[0].column for ref in refs)  # one image size: one decoded column
+    members = [Predictor(Storage(), [ref], 0.5, tta=False, use_gpu=False).prob_dog(batch) for ref in refs]
+    ensemble = {row["id"]: row["prob_dog"] for row in table.to_pylist()}
+    np.testing.assert_allclose([ensemble[i] for i in batch["id"]], np.mean(members, axis=0), atol=1e-5)
+    assert np.ptp(members, axis=0).max() > 1e-3  # the members disagree, so the mean is not any one of them
 
 
 def test_evaluate_production_path_on_labelled_images(quick_run, small_real_data, tmp_path):
@@ -328,42 +341,47 @@ def test_failed_write_leaves_the_previous_file_whole(tmp_path, monkeypatch):
 
 
 def test_killed_predict_job_leaves_the_previous_complete_submission(quick_run, data_dir, tmp_path):
-    """SIGKILL the predict job mid-run: submission.csv is the previous complete one, never a partial one."""
+    """SIGKILL the predict job once scoring has written output: the previous submission.csv and
+    predictions/ are left exactly as they were, never a partial or a mixed one."""
     cfg, best_uri = quick_run
     out = tmp_path / "out"
-    out.mkdir()
+    (out / "predictions").mkdir(parents=True)
     (out / "submission.csv").write_text("id,label\n1,1\n")
+    previous = pa.table(
+        {"id": [1], "path": ["old/1.jpg"], "prob_dog": [0.9], "label": [1], "model": ["old"], "error": [None]},
+        schema=PREDICTION_SCHEMA,
+    )
+    pq.write_table(previous, out / "predictions" / "part-old.parquet")
+    seeded = {p.name: p.read_bytes() for p in (out / "predictions").iterdir()}
     config = tmp_path / "cfg.yaml"
     config.write_text(cfg.to_yaml())
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(REPO / "jobs" / "predict.py"),
-            "--config",
-            str(config),
-            "--model",
-            best_uri,
-            "--input",
-            str(data_dir / "test1"),
-            "--output",
-            str(out),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    log = tmp_path / "predict.log"
+    args = ["--config", str(config), "--model", best_uri, "--input", str(data_dir / "test1"), "--output", str(out)]
+    with open(log, "wb") as handle:
+        proc = subprocess.Popen(
+            [sys.executable, str(REPO / "jobs" / "predict.py"), *args],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def scored_parts() -> list[Path]:
+        return [p for p in out.rglob("*.parquet") if p.name not in seeded]
+
     try:
-        deadline = time.time() + 180
-        for line in proc.stdout:
-            if "predicting" in line or time.time() > deadline:
-                break
-        time.sleep(3)  # well inside the Ray Data job over 5,000 images
+        deadline = time.monotonic() + 300
+        while not scored_parts():  # scoring has started: the first scored part file is on disk
+            assert proc.poll() is None, f"predict ended before it was killed:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no scored output within 300 s:\n{log.read_text()[-3000:]}"
+            time.sleep(0.1)
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
     assert (out / "submission.csv").read_text() == "id,label\n1,1\n"
-    assert not (out / "predictions").exists() or pq.read_table(out / "predictions").num_rows == 5000
+    assert {p.name: p.read_bytes() for p in (out / "predictions").iterdir()} == seeded
 
 
 def test_submission_keeps_one_row_per_id_and_warns_about_repeats_and_unreadable(tmp_path, caplog):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+import math
 import os
 import signal
 import subprocess
@@ -16,12 +18,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from conftest import REPO, copy_images, jpeg_bytes, printed_result, quick_overrides
 from faults import arm
 from PIL import Image
 
 from catdog.config import load_config
+from catdog.data import load_split
 from catdog.inference import run_predict
+from catdog.storage import Storage
 from catdog.train_job import run_training
 
 pytestmark = pytest.mark.slow
@@ -56,28 +61,54 @@ def alive(pid: int) -> bool:
     return True
 
 
+def recorded_checkpoints(arch: Path) -> set[str]:
+    """The checkpoints Ray Train's checkpoint manager has registered (what a restart resumes from)."""
+    try:
+        snapshot = json.loads((arch / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, ValueError):  # not written yet, or caught half written
+        return set()
+    return {result["checkpoint_dir_name"] for result in snapshot["checkpoint_results"]}
+
+
+def step_starts(faults_dir: Path) -> list[int]:
+    """The global step each train_one_epoch call started at, in order (written by tests/faults.py)."""
+    log = faults_dir / "train-steps.log"
+    return [int(line) for line in log.read_text().split()] if log.exists() else []
+
+
+def steps_per_epoch(cfg, workers: int = 1) -> int:
+    n_train = len(load_split(Storage(), cfg.data.train, cfg.data.val_fraction, cfg.data.seed, cfg.data.limit).train)
+    return math.ceil(n_train // workers / cfg.train.batch_size)
+
+
 def test_sigkilled_worker_with_two_workers_resumes_and_logs_each_epoch_once(
     small_real_data, tmp_path, faults_dir, ray_session
 ):
     cfg = cfg_for(
         small_real_data, tmp_path, "sigkill", **{"train.epochs": 3, "train.num_workers": 2, "train.max_failures": 2}
     )
-    metrics = tmp_path / "sigkill" / "sequential_cnn" / "metrics.csv"
-    for stale in faults_dir.glob("train-worker-*.pid"):
-        stale.unlink()
+    arch = tmp_path / "sigkill" / "sequential_cnn"
+    per_epoch = steps_per_epoch(cfg, workers=2)
     errors: list[BaseException] = []
     runner = threading.Thread(target=lambda: _capture(errors, run_training, cfg))
     runner.start()
-    wait_for(lambda: metrics.exists() and epochs_of(metrics) == [1], 300, "epoch 1")
-    time.sleep(1.0)  # now inside epoch 2
+    # Kill only once the controller has registered epoch 1's checkpoint and both workers are in epoch 2:
+    # then the only right resume point is epoch 2's first step, and a restart from scratch would show.
+    wait_for(
+        lambda: "epoch_001" in recorded_checkpoints(arch) and step_starts(faults_dir).count(per_epoch) == 2,
+        900,
+        "epoch_001 registered and both workers in epoch 2",
+    )
     victims = [int(p.read_text()) for p in faults_dir.glob("train-worker-*.pid") if alive(int(p.read_text()))]
     assert len(victims) == 2, victims
     os.kill(victims[0], signal.SIGKILL)
     runner.join(timeout=600)
     assert not runner.is_alive() and not errors, errors
-    assert epochs_of(metrics) == [1, 2, 3]
+    assert epochs_of(arch / "metrics.csv") == [1, 2, 3]
     restarted = {int(p.read_text()) for p in faults_dir.glob("train-worker-*.pid")} - set(victims)
     assert restarted, "no new Train worker was started after the kill"
+    # Two workers per epoch: epochs 1 and 2, then both restarted workers at epoch 2's first step, then epoch 3.
+    assert step_starts(faults_dir) == [0, 0, per_epoch, per_epoch, per_epoch, per_epoch, 2 * per_epoch, 2 * per_epoch]
 
 
 def _capture(errors: list, fn, *args):
@@ -87,19 +118,23 @@ def _capture(errors: list, fn, *args):
         errors.append(exc)
 
 
-def test_death_while_writing_a_checkpoint_never_resumes_from_the_partial_one(
+def test_death_while_uploading_a_checkpoint_never_resumes_from_the_partial_one(
     small_real_data, tmp_path, faults_dir, ray_session
 ):
     cfg = cfg_for(small_real_data, tmp_path, "ckpt-kill", **{"train.epochs": 3, "train.max_failures": 1})
-    arm(faults_dir, "ckpt_exit", epoch=2)
+    per_epoch = steps_per_epoch(cfg)
+    arm(faults_dir, "upload_exit", epoch=2)
     run_training(cfg)
-    assert (faults_dir / "ckpt_exit.fired").exists(), "the fault never fired"
-    (faults_dir / "ckpt_exit.fired").unlink()
+    assert (faults_dir / "upload_exit.fired").exists(), "the fault never fired"
     arch = tmp_path / "ckpt-kill" / "sequential_cnn"
     assert epochs_of(arch / "metrics.csv") == [1, 2, 3]
-    for folder in arch.glob("epoch_*"):
+    # Resumed at epoch 2's first step from epoch_001, not from the half-uploaded epoch_002 (nor from scratch).
+    assert step_starts(faults_dir) == [0, per_epoch, per_epoch, 2 * per_epoch]
+    folders = sorted(arch.glob("epoch_*"))
+    assert [f.name for f in folders][-1] == "epoch_003" and "epoch_002" in {f.name for f in folders}
+    for folder in folders:
         meta = json.loads((folder / "meta.json").read_text())
-        assert (folder / "model.pt").stat().st_size > 1000, f"{folder} holds a truncated model.pt"
+        torch.load(folder / "model.pt", weights_only=True)  # whole: the retried upload replaced the half file
         assert [h["epoch"] for h in meta["history"]] == list(range(1, meta["epoch"] + 1))
 
 
@@ -110,15 +145,27 @@ def test_sigkilled_driver_resumes_and_skips_finished_architectures(small_real_da
     ):
         args += ["--set", item]
     run = tmp_path / "driver"
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = tmp_path / "first-run.log"
+    with open(log, "wb") as handle:
+        proc = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_for(lambda: (run / "mobilenet_v2" / "metrics.csv").exists(), 400, "mobilenet_v2 epoch 1")
+        # metrics.csv appears when the worker reports; the controller registers the checkpoint up to
+        # a poll later.  Only a registered checkpoint is a resume point.
+        wait_for(
+            lambda: "epoch_001" in recorded_checkpoints(run / "mobilenet_v2") or proc.poll() is not None,
+            900,
+            "mobilenet_v2 epoch_001",
+        )
+        assert proc.poll() is None, f"the first run ended before it was killed:\n{log.read_text()[-3000:]}"
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
     finished = (run / "sequential_cnn" / "result.json").read_text()
     finished_stamp = (run / "sequential_cnn" / "result.json").stat().st_mtime_ns
     first_epoch = (run / "mobilenet_v2" / "metrics.csv").read_text().splitlines()[:2]
+    epoch1_stamp = (run / "mobilenet_v2" / "epoch_001" / "model.pt").stat().st_mtime_ns
     assert not (run / "best.json").exists()
     done = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -128,6 +175,7 @@ def test_sigkilled_driver_resumes_and_skips_finished_architectures(small_real_da
     assert "sequential_cnn: already trained" in done.stderr
     metrics = (run / "mobilenet_v2" / "metrics.csv").read_text().splitlines()
     assert metrics[:2] == first_epoch and epochs_of(run / "mobilenet_v2" / "metrics.csv") == [1, 2]
+    assert (run / "mobilenet_v2" / "epoch_001" / "model.pt").stat().st_mtime_ns == epoch1_stamp  # not retrained
     best = json.loads((run / "best.json").read_text())
     assert best["arch"] in ("sequential_cnn", "mobilenet_v2")
 
@@ -138,7 +186,6 @@ def test_inference_actor_death_is_retried_without_duplicates_or_gaps(quick_run, 
     arm(faults_dir, "predict_exit")
     run_predict(cfg, best_uri, str(images), str(tmp_path / "out"))
     assert (faults_dir / "predict_exit.fired").exists(), "the inference actor was never killed"
-    (faults_dir / "predict_exit.fired").unlink()
     ids = pq.read_table(tmp_path / "out" / "predictions", columns=["id"]).column("id").to_pylist()
     assert len(ids) == 600 and sorted(ids) == list(range(1, 601))
     with open(tmp_path / "out" / "submission.csv", newline="") as handle:
@@ -191,6 +238,7 @@ def test_training_on_a_folder_full_of_bad_files(nasty_train_folder, tmp_path, ra
             "models=[sequential_cnn]",
             "data.limit=null",
             "data.val_fraction=0.25",
+            "train.report=false",
         ],
     )
     run_training(cfg)
@@ -203,3 +251,37 @@ def test_training_on_a_folder_full_of_bad_files(nasty_train_folder, tmp_path, ra
     # 80 real images + 12 odd but decodable ones; the 3 broken files and 2 unlabelled names are not used.
     assert int(row["train_images"]) + int(row["val_images"]) == 92
     assert "readme.jpg" in caplog.text and "bird.7.jpg" in caplog.text
+
+
+def test_more_worker_deaths_than_max_failures_fail_the_run_without_a_result(
+    small_real_data, tmp_path, faults_dir, ray_session
+):
+    from ray.train import TrainingFailedError
+
+    cfg = cfg_for(small_real_data, tmp_path, "deaths", **{"train.epochs": 2, "train.max_failures": 0})
+    arm(faults_dir, "exit", min_step=0, after_batches=1)  # one death, none allowed
+    with pytest.raises(TrainingFailedError):
+        run_training(cfg)
+    assert (faults_dir / "exit.fired").exists(), "the fault never fired"
+    assert step_starts(faults_dir) == [0], "training went on after a death that max_failures=0 does not allow"
+    run = tmp_path / "deaths"
+    assert not (run / "sequential_cnn" / "result.json").exists() and not (run / "best.json").exists()
+    assert not list((run / "sequential_cnn").glob("epoch_*"))
+
+
+def test_train_job_restart_moves_the_previous_run_aside_and_trains_afresh(small_real_data, tmp_path):
+    previous = tmp_path / "restart" / "sequential_cnn"
+    previous.mkdir(parents=True)
+    (previous / "result.json").write_text('{"epochs": 99}')  # a plain re-run would skip this architecture
+    args = [sys.executable, str(REPO / "jobs" / "train.py"), "--config", str(REPO / "configs" / "quick.yaml")]
+    small = {"models": "[sequential_cnn]", "data.limit": 120, "data.image_size": 32}
+    for item in quick_overrides(small_real_data, tmp_path, "restart", **small):
+        args += ["--set", item]
+    done = subprocess.run([*args, "--restart"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("restart.old-")]
+    assert len(aside) == 1 and f"--restart: moved the previous run to {aside[0]}" in done.stderr
+    assert (aside[0] / "sequential_cnn" / "result.json").read_text() == '{"epochs": 99}'
+    assert printed_result(done.stdout) == str(tmp_path / "restart" / "best.json")
+    assert json.loads((previous / "result.json").read_text())["epochs"] == 1
+    assert epochs_of(previous / "metrics.csv") == [1]

@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import CHROMIUM
 
 from catdog.inference import run_predict
 from catdog.report import write_report
@@ -17,12 +18,16 @@ from catdog.storage import Storage
 pytestmark = pytest.mark.slow
 
 SECTIONS = ["leaderboard", "curves", "confusion", "wrong", "tta", "histogram", "throughput"]
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="module")
-def report(quick_run, small_real_data):
+def report(quick_run, small_real_data, tmp_path_factory):
+    """The report of a copy of the shared quick run (predict writes into the run folder; other tests
+    read the original)."""
     cfg, _ = quick_run
+    root = tmp_path_factory.mktemp("report-runs")
+    shutil.copytree(cfg.run_uri, root / cfg.run_name)
+    cfg = cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"root": str(root)})})
     run_predict(cfg, input_uri=str(small_real_data / "test1"))  # into the run folder: adds the histogram
     return Path(write_report(cfg, Storage())), cfg
 

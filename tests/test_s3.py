@@ -7,6 +7,7 @@ environment; the credentials are only ever environment variables, never config f
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -14,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -28,7 +30,7 @@ from conftest import REPO, printed_result, write_image
 
 from catdog.config import load_config
 from catdog.models import build_model, check_init, load_weights_file
-from catdog.storage import Storage, StorageError, StorageNotFound
+from catdog.storage import S3_REQUEST_TIMEOUT_S, Storage, StorageError, StorageNotFound
 from catdog.train_job import prepare_run
 
 MOTO_SERVER = Path(sys.executable).parent / "moto_server"
@@ -140,14 +142,16 @@ def read_object(server: MotoServer, path: str) -> bytes:
         return stream.read()
 
 
-def run_job(job: str, *args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_job(
+    job: str, *args: str, cwd: Path, timeout: int = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(REPO / "jobs" / job), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=cwd,
-        env=job_env(),
+        env=env or job_env(),
     )
 
 
@@ -243,6 +247,54 @@ def test_storage_errors_are_one_line_naming_the_uri(case, s3_server, s3_auth_ser
         assert CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in message
 
 
+@pytest.mark.parametrize("variable", ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"])
+def test_endpoint_and_region_come_from_the_environment(variable, s3_server, bucket, monkeypatch):
+    monkeypatch.setenv(variable, s3_server.endpoint)
+    storage = Storage()  # nothing from the config
+    storage.write_text(f"s3://{bucket}/env/x.json", "{}")
+    assert keys(s3_server, bucket) == ["env/x.json"] and storage.read_text(f"s3://{bucket}/env/x.json") == "{}"
+    assert storage.resolve(f"s3://{bucket}/env")[0].region == "us-east-1"  # AWS_DEFAULT_REGION (s3_env)
+    monkeypatch.setenv("AWS_REGION", "eu-west-3")
+    assert Storage().resolve(f"s3://{bucket}/env")[0].region == "eu-west-3"
+    monkeypatch.delenv("AWS_REGION")
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    assert Storage().resolve(f"s3://{bucket}/env")[0].region == "us-east-1"  # the default
+    assert Storage(region="ap-south-1").resolve(f"s3://{bucket}/env")[0].region == "ap-south-1"
+
+
+def test_an_endpoint_that_accepts_connections_and_never_answers_fails_in_about_26_s(s3_env):
+    """README: each request is bounded (5 s to connect, 8 s without progress, 3 attempts)."""
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        server.settimeout(0.2)
+
+        def accept_and_say_nothing():
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    accepted.append(server.accept()[0])
+
+        thread = threading.Thread(target=accept_and_say_nothing, daemon=True)
+        thread.start()
+        storage = Storage(endpoint_url=f"http://127.0.0.1:{server.getsockname()[1]}")
+        start = time.monotonic()
+        try:
+            with pytest.raises(StorageError) as info:
+                storage.check_bucket("s3://catdog-silent/runs")
+        finally:
+            elapsed = time.monotonic() - start
+            stop.set()
+            thread.join(timeout=5)
+            for conn in accepted:
+                conn.close()
+    assert len(accepted) >= 3, "the client did not retry on a new connection"
+    assert 3 * S3_REQUEST_TIMEOUT_S <= elapsed < 40, elapsed
+    message = str(info.value)
+    assert message.startswith("s3://catdog-silent/runs") and "\n" not in message
+
+
 @pytest.fixture(scope="module")
 def tiny_bucket(s3_server, tmp_path_factory) -> str:
     """A bucket holding 10 cats and 10 dogs in train/ and 4 unlabelled images in test1/."""
@@ -257,8 +309,17 @@ def tiny_bucket(s3_server, tmp_path_factory) -> str:
     return name
 
 
-@pytest.mark.parametrize("job", ["train.py", "predict.py", "prepare.py"])
-@pytest.mark.parametrize("case", ["wrong endpoint", "missing bucket", "bad credentials"])
+# Every job and every kind of error once (each kind is checked on every storage call above); train twice
+# because a missing bucket stops it at the run root, the other errors at the data folder.
+@pytest.mark.parametrize(
+    "job, case",
+    [
+        ("train.py", "missing bucket"),
+        ("train.py", "bad credentials"),
+        ("predict.py", "wrong endpoint"),
+        ("prepare.py", "missing bucket"),
+    ],
+)
 def test_jobs_stop_with_one_error_line_naming_the_uri(job, case, s3_server, s3_auth_server, tiny_bucket, tmp_path):
     endpoint = {
         "wrong endpoint": f"http://127.0.0.1:{free_port()}",
@@ -314,6 +375,7 @@ def s3_run(s3_server, small_real_data, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("cwd")
     bucket = f"s3://{name}"
     config = ["--config", str(REPO / "configs" / "quick.yaml"), "--set", f"storage.endpoint_url={s3_server.endpoint}"]
+    config += ["--set", "train.report=false"]  # no test here reads the report
     timings = {}
     prepared = {}
     for part in ("train", "test1"):
@@ -351,7 +413,24 @@ def s3_run(s3_server, small_real_data, tmp_path_factory):
     proc = run_job("train.py", *sets, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-4000:]
     timings["train"] = time.monotonic() - start
-    return {"bucket": name, "cwd": cwd, "sets": sets, "train": proc, "prepared": prepared, "timings": timings}
+    # What the first training left, read now: a later test may train this run further.
+    arch = f"{name}/runs/s3run/sequential_cnn"
+    trained = {
+        "keys": keys(s3_server, f"{name}/runs/s3run"),
+        "best": json.loads(read_object(s3_server, f"{name}/runs/s3run/best.json")),
+        "meta": json.loads(read_object(s3_server, f"{arch}/epoch_001/meta.json")),
+        "metrics": read_object(s3_server, f"{arch}/metrics.csv").decode(),
+        "model_mtime": fs.get_file_info(f"{arch}/epoch_001/model.pt").mtime,
+    }
+    return {
+        "bucket": name,
+        "cwd": cwd,
+        "sets": sets,
+        "train": proc,
+        "trained": trained,
+        "prepared": prepared,
+        "timings": timings,
+    }
 
 
 def assert_nothing_local(run: dict) -> None:
@@ -377,7 +456,7 @@ def test_prepare_on_s3_packs_validates_and_reports(s3_server, s3_run):
 def test_train_from_shards_on_s3_writes_every_output_to_the_bucket(s3_server, s3_run):
     name = s3_run["bucket"]
     assert printed_result(s3_run["train"].stdout) == f"s3://{name}/runs/s3run/best.json"
-    found = keys(s3_server, f"{name}/runs/s3run")
+    found = s3_run["trained"]["keys"]
     for key in (
         "config.yaml",
         "leaderboard.csv",
@@ -389,9 +468,9 @@ def test_train_from_shards_on_s3_writes_every_output_to_the_bucket(s3_server, s3
         "sequential_cnn/epoch_001/train_state.pt",
     ):
         assert key in found, (key, found)
-    best = json.loads(read_object(s3_server, f"{name}/runs/s3run/best.json"))
+    best = s3_run["trained"]["best"]
     assert best["checkpoint"] == f"s3://{name}/runs/s3run/sequential_cnn/epoch_001"
-    meta = json.loads(read_object(s3_server, f"{name}/runs/s3run/sequential_cnn/epoch_001/meta.json"))
+    meta = s3_run["trained"]["meta"]
     assert meta["arch"] == "sequential_cnn" and [h["epoch"] for h in meta["history"]] == [1]
     assert not [k for k in found if ".tmp-" in k]
     assert_nothing_local(s3_run)
@@ -426,15 +505,48 @@ def test_predict_and_evaluate_on_s3_folder_and_shards_agree(s3_server, s3_run):
 
 
 @pytest.mark.slow
+def test_predict_with_model_and_output_on_s3_and_the_endpoint_from_the_environment(s3_server, s3_run):
+    name, cwd = s3_run["bucket"], s3_run["cwd"]
+    bucket = f"s3://{name}"
+    sets = [a for pair in zip(s3_run["sets"][::2], s3_run["sets"][1::2]) if "endpoint_url" not in pair[1] for a in pair]
+    assert sets != s3_run["sets"]
+    env = {k: v for k, v in job_env().items() if k != "AWS_DEFAULT_REGION"}
+    env.update(AWS_ENDPOINT_URL_S3=s3_server.endpoint, AWS_REGION=REGION)
+    model = f"{bucket}/runs/s3run/sequential_cnn/epoch_001"
+    output = f"{bucket}/elsewhere/scored"
+    in_run_before = keys(s3_server, f"{name}/runs/s3run")
+    proc = run_job(
+        "predict.py", *sets, "--model", model, "--input", f"{bucket}/data/test1", "--output", output, cwd=cwd, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert printed_result(proc.stdout) == f"{output}/submission.csv"
+    found = keys(s3_server, f"{name}/elsewhere/scored")
+    assert "submission.csv" in found and any(k.startswith("predictions/") and k.endswith(".parquet") for k in found)
+    submission = read_object(s3_server, f"{name}/elsewhere/scored/submission.csv").decode().splitlines()
+    assert submission[0] == "id,label" and len(submission) == 121
+    parts = [k for k in found if k.endswith(".parquet")]
+    models = set()
+    for part in parts:
+        models |= set(
+            pq.read_table(io.BytesIO(read_object(s3_server, f"{name}/elsewhere/scored/{part}")))
+            .column("model")
+            .to_pylist()
+        )
+    assert models == {"sequential_cnn:epoch_001"}
+    assert keys(s3_server, f"{name}/runs/s3run") == in_run_before  # nothing written into the run
+    assert_nothing_local(s3_run)
+
+
+@pytest.mark.slow
 def test_rerun_with_one_more_epoch_resumes_from_the_checkpoint_in_the_bucket(s3_server, s3_run):
     arch = f"{s3_run['bucket']}/runs/s3run/sequential_cnn"
 
     def metrics() -> list[dict]:
         return list(csv.DictReader(io.StringIO(read_object(s3_server, f"{arch}/metrics.csv").decode())))
 
-    first = metrics()
+    first = list(csv.DictReader(io.StringIO(s3_run["trained"]["metrics"])))
     assert [int(r["epoch"]) for r in first] == [1]
-    stamp = s3_server.fs().get_file_info(f"{arch}/epoch_001/model.pt").mtime
+    stamp = s3_run["trained"]["model_mtime"]
     proc = run_job("train.py", *s3_run["sets"], "--set", "train.epochs=2", cwd=s3_run["cwd"])
     assert proc.returncode == 0, proc.stderr[-4000:]
     second = metrics()

@@ -1,0 +1,76 @@
+"""The test harness itself: CATDOG_REQUIRE turns missing components and skips into failures, quickly."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import REPO
+
+TESTS = REPO / "tests"
+
+
+def pytest_in(folder: Path, *args: str, **env: str) -> tuple[subprocess.CompletedProcess, float]:
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=folder,
+        env={**os.environ, **env},
+    )
+    return proc, time.monotonic() - start
+
+
+def test_a_required_component_that_is_missing_stops_the_session_at_once_naming_it(tmp_path):
+    proc, elapsed = pytest_in(
+        REPO, "tests/test_config.py", CATDOG_DATA=str(tmp_path / "nonexistent"), CATDOG_REQUIRE="data"
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 3, output[-3000:]
+    assert "required component missing: CATDOG_DATA" in output and str(tmp_path / "nonexistent") in output
+    assert " passed" not in output  # not a single test ran
+    assert elapsed < 60
+
+
+def test_an_unknown_required_component_is_refused(tmp_path):
+    proc, _ = pytest_in(REPO, "tests/test_config.py", CATDOG_REQUIRE="data,chromuim")
+    assert proc.returncode == 3 and "unknown component 'chromuim'" in proc.stdout + proc.stderr
+
+
+def test_under_require_only_the_gpu_marker_may_skip(tmp_path):
+    (tmp_path / "test_probe.py").write_text(
+        "import pytest\n\n"
+        "def test_skips_for_a_missing_thing():\n    pytest.skip('something is missing')\n\n"
+        "@pytest.mark.gpu\ndef test_needs_a_gpu():\n    pytest.skip('no CUDA')\n\n"
+        "def test_plain():\n    pass\n"
+    )
+    fake_data = tmp_path / "data"
+    (fake_data / "train").mkdir(parents=True)
+    (fake_data / "test1").mkdir()
+    # tests/conftest.py as a plugin: its hooks apply to a test file outside tests/.
+    env = {"PYTHONPATH": f"{REPO}:{TESTS}", "CATDOG_DATA": str(fake_data)}
+    plain, _ = pytest_in(tmp_path, "-p", "conftest", "-rs", "test_probe.py", **env)
+    assert plain.returncode == 0 and "1 passed, 2 skipped" in plain.stdout, plain.stdout[-3000:]
+    required, _ = pytest_in(tmp_path, "-p", "conftest", "-rfs", "test_probe.py", CATDOG_REQUIRE="data", **env)
+    assert required.returncode == 1, required.stdout[-3000:]
+    assert "1 failed, 1 passed, 1 skipped" in required.stdout, required.stdout[-3000:]
+    assert "FAILED test_probe.py::test_skips_for_a_missing_thing" in required.stdout
+    assert "skipped under CATDOG_REQUIRE=data: Skipped: something is missing" in required.stdout
+
+
+def test_ci_script_exits_quickly_naming_a_missing_data_folder(tmp_path):
+    start = time.monotonic()
+    proc = subprocess.run(
+        ["bash", str(REPO / ".ci" / "run")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "CATDOG_DATA": str(tmp_path / "nonexistent")},
+    )
+    assert proc.returncode == 3 and "required component missing: CATDOG_DATA" in proc.stderr, proc.stderr
+    assert time.monotonic() - start < 10
