@@ -211,13 +211,14 @@ def test_real_train_folder_through_ray_data(data_dir, ray_session):
     train_paths, val_paths = {r["path"] for r in split.train}, {r["path"] for r in split.val}
     assert not train_paths & val_paths and len(train_paths | val_paths) == 16000
     ds = image_dataset(STORAGE, everything, EvalPreset(64), batch_size=128, drop_errors=True)
-    rows, labels, seen = 0, 0, set()
-    for batch in ds.iter_torch_batches(batch_size=512, collate_fn=Collate()):
+    rows, labels, seen, collate = 0, 0, set(), Collate()
+    for batch in ds.iter_torch_batches(batch_size=512, collate_fn=collate):
         assert batch["image"].dtype == torch.uint8 and tuple(batch["image"].shape[1:]) == (64, 64, 3)
         assert batch["label"].dtype == torch.int64
-        rows += len(batch["path"])
+        paths = collate.paths(batch)
+        rows += len(paths)
         labels += int(batch["label"].sum())
-        seen.update(batch["path"])
+        seen.update(paths)
     assert rows == 16000 and labels == 8000 and len(seen) == 16000
 
 
