@@ -55,9 +55,11 @@ def test_init_weights_missing_on_a_worker_node_stop_the_job_before_training(
     result = submit(cluster, "train", sets)
     assert result.returncode != 0
     output = result.stdout + result.stderr
-    errors = [line for line in output.splitlines() if "error:" in line]
+    # One line, exit code 2 (`ray job submit` repeats the job's last log lines when it fails).
+    errors = sorted({line for line in output.splitlines() if "error:" in line})
     assert len(errors) == 1, output[-4000:]
     assert str(worker_home) in errors[0] and "[on node " in errors[0] and "1 of 2 nodes" in errors[0]
+    assert "failed with exit code 2" in output
     # Stopped before the run folder was made: no Train worker started, no retry was spent.
     assert not (storage / "init-check").exists()
     assert "training 1 epochs" not in output and "Worker group" not in output
