@@ -17,6 +17,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -32,6 +33,7 @@ PROFILES = {
             "device": "cuda",
             "size": 128,
             "batch": 64,
+            "train_limit": None,
             "train_images": 3000,
             "predict_images": 5000,
             "predict_batch": 256,
@@ -40,12 +42,13 @@ PROFILES = {
     },
     "cpu": {
         "budget_s": 290,
-        "timeouts": {"pytest_gpu": 60, "train": 130, "train_timing": 100, "predict": 90},
+        "timeouts": {"pytest_gpu": 45, "train": 110, "train_timing": 75, "predict": 60},
         "args": {
             "device": "cpu",
             "size": 64,
             "batch": 32,
-            "train_images": 320,
+            "train_limit": 160,
+            "train_images": 240,
             "predict_images": 400,
             "predict_batch": 64,
             "loader_workers": 2,
@@ -105,24 +108,25 @@ def run_step(name: str, cmd: list[str], timeout_s: float, log, env: dict) -> dic
         cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
     lines: list[str] = []
+
+    def tee() -> None:
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            log.write(line)
+            sys.stdout.write(line)
+        log.flush()
+
+    reader = threading.Thread(target=tee, daemon=True)
+    reader.start()
     timed_out = False
-    deadline = start + timeout_s
-    os.set_blocking(proc.stdout.fileno(), False)
-    while True:
-        chunk = proc.stdout.read()
-        if chunk:
-            lines.extend(chunk.splitlines())
-            log.write(chunk)
-            log.flush()
-            sys.stdout.write(chunk)
-            sys.stdout.flush()
-        if proc.poll() is not None and not chunk:
-            break
-        if time.monotonic() > deadline and not timed_out:
-            timed_out = True
-            log.write(f"\n===== {name}: timed out after {timeout_s:.0f}s; stopping it\n")
-            stop_group(proc)
-        time.sleep(0.2)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        stop_group(proc)
+    reader.join(timeout=10)
+    if timed_out:
+        log.write(f"\n===== {name}: timed out after {timeout_s:.0f}s; stopped\n")
     result = next((json.loads(line[len(RESULT_TAG) :]) for line in reversed(lines) if line.startswith(RESULT_TAG)), {})
     return {
         "name": name,

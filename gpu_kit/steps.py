@@ -67,7 +67,9 @@ def train(a: dict) -> dict:
     from catdog.training import amp_dtype
 
     arches = ["resnet18", "mobilenet_v2"]
-    cfg = catdog_config(a, "smoke", f"{a['data']}/train", models=f"[{','.join(arches)}]", **{"train.epochs": 2})
+    limit = "null" if a["train_limit"] is None else a["train_limit"]
+    sets = {"train.epochs": 2, "data.limit": limit}
+    cfg = catdog_config(a, "smoke", f"{a['data']}/train", models=f"[{','.join(arches)}]", **sets)
     run_training(cfg)
     results = arch_results(Path(a["work"], "runs", "smoke"), arches)
     passed = all(r["epochs"] == 2 and 0 <= r["val_acc"] <= 1 for r in results.values())
