@@ -123,7 +123,9 @@ def run_step(name: str, cmd: list[str], timeout_s: float, log, env: dict) -> dic
         proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         timed_out = True
-        stop_group(proc)
+    finally:  # also when run.sh itself is stopped (SIGTERM): the step's group goes with it
+        if proc.poll() is None:
+            stop_group(proc)
     reader.join(timeout=10)
     if timed_out:
         log.write(f"\n===== {name}: timed out after {timeout_s:.0f}s; stopped\n")
@@ -168,7 +170,14 @@ def main() -> int:
     parser.add_argument("out", help="output folder: gpu-check.json and gpu-check.log")
     parser.add_argument("--kit", required=True, help="the kit folder (its data/ holds the images)")
     parser.add_argument("--cpu", action="store_true", help="this machine, no GPU: same steps, smaller work")
+    parser.add_argument(
+        "--timeout-scale",
+        type=float,
+        default=float(os.environ.get("CATDOG_KIT_TIMEOUT_SCALE", "1")),
+        help="multiply every timeout and the budget (a busy shared machine; default 1, or CATDOG_KIT_TIMEOUT_SCALE)",
+    )
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds run_step, which stops its step
     out, kit = Path(args.out).resolve(), Path(args.kit).resolve()
     out.mkdir(parents=True, exist_ok=True)
     profile = PROFILES["cpu" if args.cpu else "gpu"]
@@ -188,11 +197,11 @@ def main() -> int:
     with open(out / "gpu-check.log", "w") as log:
         log.write(json.dumps(report, indent=2) + "\n")
         for name, cmd in steps:
-            left = profile["budget_s"] - (time.monotonic() - start)
+            left = profile["budget_s"] * args.timeout_scale - (time.monotonic() - start)
             if left < 10:
                 results.append({"name": name, "passed": False, "skipped": "no time left in the budget"})
                 continue
-            step = run_step(name, cmd, min(profile["timeouts"][name], left), log, env)
+            step = run_step(name, cmd, min(profile["timeouts"][name] * args.timeout_scale, left), log, env)
             if name == "pytest_gpu":
                 step["result"] = pytest_counts(step["tail"])
                 step["passed"] = step["rc"] == 0 and not step["timed_out"]
