@@ -14,9 +14,11 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -171,6 +173,9 @@ def main() -> int:
     parser.add_argument("--kit", required=True, help="the kit folder (its data/ holds the images)")
     parser.add_argument("--cpu", action="store_true", help="this machine, no GPU: same steps, smaller work")
     parser.add_argument(
+        "--work", help="keep runs, checkpoints and image links here (default: a temp folder, deleted at the end)"
+    )
+    parser.add_argument(
         "--timeout-scale",
         type=float,
         default=float(os.environ.get("CATDOG_KIT_TIMEOUT_SCALE", "1")),
@@ -181,10 +186,15 @@ def main() -> int:
     out, kit = Path(args.out).resolve(), Path(args.kit).resolve()
     out.mkdir(parents=True, exist_ok=True)
     profile = PROFILES["cpu" if args.cpu else "gpu"]
-    work = out / "work"
+    # Runs, checkpoints and thousands of image links stay out of OUTDIR, which holds the two reports only.
+    work = Path(args.work).resolve() if args.work else Path(tempfile.mkdtemp(prefix="catdog-gpu-check-"))
     step_args = {**profile["args"], "data": str(kit / "data"), "work": str(work)}
     env = {**os.environ, "CATDOG_DATA": str(kit / "data"), "PYTHONUNBUFFERED": "1"}
-    report: dict = {"mode": "cpu" if args.cpu else "gpu", "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    report: dict = {
+        "mode": "cpu" if args.cpu else "gpu",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "work": str(work),
+    }
     report["versions"] = versions()
     steps = [
         ("pytest_gpu", [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *pytest_files()])
@@ -209,6 +219,8 @@ def main() -> int:
                 step["passed"] = step["rc"] == 0 and not step["timed_out"] and bool(step["result"].get("passed"))
             results.append(step)
     report["steps"] = results
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
     report["seconds"] = round(time.monotonic() - start, 1)
     by_name = {s["name"]: s.get("result", {}) for s in results}
     report["summary"] = {
