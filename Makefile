@@ -18,7 +18,7 @@ export SET DATA_DIR CONFIG INPUT
 JOB_SETS = mapfile -d '' -t sets < <($(PY) -m catdog.config "$$DATA_DIR" "$$SET") &&
 export CATDOG_DATA ?= $(shell realpath -m -- "$(DATA_DIR)")
 
-.PHONY: install test lint format run train predict evaluate bench clean check-data
+.PHONY: install test lint format run train predict evaluate bench clean check-data gpu-kit
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,12 +32,12 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(PY) -m ruff check catdog jobs tests bench
-	$(PY) -m ruff format --check catdog jobs tests bench
+	$(PY) -m ruff check catdog jobs tests bench gpu_kit
+	$(PY) -m ruff format --check catdog jobs tests bench gpu_kit
 
 format: $(STAMP)
-	$(PY) -m ruff format catdog jobs tests bench
-	$(PY) -m ruff check --fix catdog jobs tests bench
+	$(PY) -m ruff format catdog jobs tests bench gpu_kit
+	$(PY) -m ruff check --fix catdog jobs tests bench gpu_kit
 
 check-data:
 	@if [ ! -d "$(DATA_DIR)/train" ] || [ ! -d "$(DATA_DIR)/test1" ]; then \
@@ -60,6 +60,11 @@ run: train predict
 
 bench: $(STAMP) check-data
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# The GPU check kit in .gpu-kit/ (git-ignored, <= 60 MiB): cp312 wheels, real images, run.sh (README, "GPU check").
+# Downloads from PyPI.  Needs only pip and the standard library, so it does not set up .venv.
+gpu-kit: check-data
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m gpu_kit.build --out .gpu-kit --data $(DATA_DIR)
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache catdog.egg-info

@@ -127,7 +127,7 @@ def catdog_folder(a: dict) -> dict:
         return image_dataset(Storage(), rows, EvalPreset(a["size"], crop_fraction=1.0), **READER)
 
     files = train_files(a["data"], a["n"])
-    return warm_then_time(build, files, a["batch"], "path", startup, collate_fn=Collate())
+    return warm_then_time(build, files, a["batch"], "label", startup, collate_fn=Collate())
 
 
 def catdog_shards(a: dict) -> dict:
@@ -149,7 +149,7 @@ def catdog_shards(a: dict) -> dict:
         rows = [by_path[p] for p in paths]
         return image_dataset(storage, rows, EvalPreset(a["size"], crop_fraction=1.0), shards=shards, **READER)
 
-    return warm_then_time(build, list(by_path), a["batch"], "path", startup, collate_fn=Collate())
+    return warm_then_time(build, list(by_path), a["batch"], "label", startup, collate_fn=Collate())
 
 
 def plain_train(a: dict) -> dict:

@@ -52,8 +52,11 @@ def save_checkpoint(
     epoch: int,
     step: int,
     history: list[dict],
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict:
-    """Write a checkpoint into ``folder`` and return its metadata."""
+    """Write a checkpoint into ``folder`` and return its metadata.  ``train_state.pt`` holds what
+    resuming needs beyond the weights: optimizer, step, and the fp16 loss scaler's state
+    (empty when the run does not scale: bf16 or fp32)."""
     net = getattr(model, "module", model)
     meta = {
         "arch": cfg["arch"],
@@ -70,9 +73,13 @@ def save_checkpoint(
         "run_name": cfg["run_name"],
     }
     torch.save(net.state_dict(), os.path.join(folder, MODEL_FILE))
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch}, os.path.join(folder, TRAIN_STATE_FILE)
-    )
+    train_state = {
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "epoch": epoch,
+        "scaler": scaler.state_dict() if scaler is not None else {},
+    }
+    torch.save(train_state, os.path.join(folder, TRAIN_STATE_FILE))
     with open(os.path.join(folder, META_FILE), "w") as handle:
         json.dump(meta, handle, indent=2)
     return meta

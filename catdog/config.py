@@ -78,7 +78,8 @@ class TrainConfig(_Section):
     crop_scale_min: float = Field(0.35, gt=0, le=1)
     num_workers: PositiveInt = 1
     use_gpu: bool = False
-    # bf16/fp16 autocast on GPU; bf16 on CPUs with AMX or AVX512-BF16 (elsewhere on CPU: fp32).
+    # Autocast where the hardware runs it natively: bf16 on GPUs of compute capability >= 8.0 and on
+    # CPUs with AMX or AVX512-BF16; fp16 with a checkpointed loss scaler on older GPUs; else fp32.
     amp: bool = True
     cpus_per_worker: PositiveFloat = 1
     max_failures: int = Field(2, ge=-1)

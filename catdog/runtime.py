@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -108,3 +110,40 @@ def check_predict_resources(cfg) -> None:
             "Raise ray.num_cpus or lower predict.concurrency.",
             cluster_cpus,
         )
+
+
+def worker_nodes(cpus: float, gpus: float) -> list[dict]:
+    """Alive nodes with room for one worker of ``cpus`` CPUs and ``gpus`` GPUs (where Ray may place one)."""
+    import ray
+
+    return [
+        node
+        for node in ray.nodes()
+        if node.get("Alive") and node["Resources"].get("CPU", 0) >= cpus and node["Resources"].get("GPU", 0) >= gpus
+    ]
+
+
+def run_on_worker_nodes(
+    fn: Callable[..., Any], *args: Any, cpus: float, gpus: float, timeout_s: float = 300
+) -> dict[str, Any]:
+    """``fn(*args)`` once on every node that could run a worker, as a zero-CPU task pinned to the
+    node; returns {node name: result}.  Nodes that do not answer within ``timeout_s`` are left out
+    with a warning (the check is a courtesy: the job itself will meet the same node)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    task = ray.remote(num_cpus=0, max_retries=0)(fn)
+    refs = {}
+    for node in worker_nodes(cpus, gpus):
+        name = f"{node['NodeManagerAddress']} ({node['NodeID'][:8]})"
+        strategy = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+        refs[name] = task.options(scheduling_strategy=strategy).remote(*args)
+    if not refs:
+        return {}
+    ready, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+    if pending:
+        late = [name for name, ref in refs.items() if ref in pending]
+        logger.warning("no answer within %gs from node(s) %s; not checked", timeout_s, ", ".join(late))
+        for ref in pending:
+            ray.cancel(ref, force=True)
+    return {name: ray.get(ref) for name, ref in refs.items() if ref in ready}

@@ -28,10 +28,10 @@ from ray.train.torch import TorchTrainer
 from catdog.checkpoints import metrics_csv
 from catdog.config import CatdogConfig, ConfigError, ModelSpec
 from catdog.data import Split, image_dataset, load_split, split_key
-from catdog.models import check_init
+from catdog.models import InitError, check_init
 from catdog.presets import EvalPreset, TrainPreset
 from catdog.report import validation_study, write_report
-from catdog.runtime import check_predict_resources, check_train_resources, init_ray
+from catdog.runtime import check_predict_resources, check_train_resources, init_ray, run_on_worker_nodes
 from catdog.storage import Storage, join
 from catdog.training import train_loop_per_worker, write_json
 
@@ -262,6 +262,36 @@ def rank_results(rows: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda r: (-r["val_acc"], r["val_log_loss"]))
 
 
+def init_problems(pairs: list[tuple[str, str]], storage: Storage) -> list[str]:
+    """On one node: what ``check_init`` says for each (arch, init) that cannot be had there."""
+    problems = []
+    for arch, init in pairs:
+        try:
+            check_init(arch, init, storage)
+        except InitError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def check_init_on_worker_nodes(cfg: CatdogConfig, storage: Storage) -> None:
+    """The driver's ``check_init`` proves nothing for the other nodes: an air-gapped GPU node
+    without the ImageNet cache, or a local path that only the head has, would make every worker
+    fail at start and use up ``train.max_failures`` first.  Ask each node before ``fit()``."""
+    pairs = sorted({(spec.arch, cfg.init_for(spec)) for spec in cfg.models if cfg.init_for(spec) != "scratch"})
+    if not pairs:
+        return
+    answers = run_on_worker_nodes(
+        init_problems, pairs, storage, cpus=cfg.train.cpus_per_worker, gpus=1 if cfg.train.use_gpu else 0
+    )
+    failed = sorted((node, problems) for node, problems in answers.items() if problems)
+    if failed:
+        node, problems = failed[0]
+        raise InitError(
+            f"{problems[0]} [on node {node}: {len(failed)} of {len(answers)} nodes that can run a Train worker "
+            "lack the init weights]"
+        )
+
+
 def prepare_run(cfg: CatdogConfig, storage: Storage, restart: bool) -> None:
     """``--restart`` moves a previous run aside instead of deleting it (on S3: copy, then delete)."""
     if restart and storage.exists(cfg.run_uri):
@@ -284,6 +314,7 @@ def run_training(cfg: CatdogConfig, restart: bool = False) -> str:
     init_ray(cfg)
     check_train_resources(cfg)
     check_predict_resources(cfg)  # the validation study after training starts the predict actors
+    check_init_on_worker_nodes(cfg, storage)
     prepare_run(cfg, storage, restart)
     logger.info(
         "run %s: %d train and %d val images (%s), models: %s",

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import logging
 import math
 import tempfile
+import threading
 import time
 import warnings
 
@@ -94,24 +96,42 @@ def input_size_for_epoch(epoch: int, cfg: dict) -> int:
 
 
 class Collate(NumpyBatchCollateFn):
-    """Zero-copy numpy → torch.  ``valid`` marks rows that decoded; paths stay a list."""
+    """Zero-copy numpy → torch.  ``valid`` marks rows that decoded.
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict:
+    Every value of the batch is a tensor, so Ray's ``pin_memory`` pins it (its wrapper skips any
+    batch holding a list) and the ``non_blocking`` copies to the GPU really are asynchronous.
+    Paths stay beside the batch: ``paths(batch)`` returns them, by the batch's ``batch_id``."""
+
+    def __init__(self):
+        super().__init__()
+        self._paths: dict[int, list[str]] = {}
+        self._ids = itertools.count()
+        self._lock = threading.Lock()  # Ray collates in a thread pool
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         with warnings.catch_warnings():  # Arrow buffers are read-only; we only ever read them
             warnings.simplefilter("ignore", UserWarning)
             image = torch.from_numpy(np.ascontiguousarray(batch["image"]))
         errors = batch.get("error")
         valid = np.ones(len(image), dtype=bool) if errors is None else np.array([not e for e in errors])
+        with self._lock:
+            batch_id = next(self._ids)
+            self._paths[batch_id] = list(batch["path"])
         return {
             "image": image,
             "label": torch.from_numpy(batch["label"].astype(np.int64)),
             "valid": torch.from_numpy(valid),
-            "path": list(batch["path"]),
+            "batch_id": torch.tensor(batch_id),
         }
 
+    def paths(self, batch: dict[str, torch.Tensor]) -> list[str]:
+        """The paths of ``batch``'s rows (once per batch: they are released here)."""
+        with self._lock:
+            return self._paths.pop(int(batch["batch_id"]))
 
-def unreadable_paths(batch: dict) -> list[str]:
-    return [path for path, ok in zip(batch["path"], batch["valid"].tolist()) if not ok]
+
+def unreadable_paths(paths: list[str], batch: dict) -> list[str]:
+    return [path for path, ok in zip(paths, batch["valid"].tolist()) if not ok]
 
 
 @functools.cache  # asked on every batch; the answer never changes
@@ -124,12 +144,34 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
+@functools.cache  # asked on every batch; a process drives one GPU (Train worker, predictor actor)
+def cuda_has_native_bf16() -> bool:
+    """Ampere (compute capability 8.0) and later. ``is_bf16_supported()`` alone also says yes on
+    7.x GPUs (T4, V100), where bf16 is only emulated: slow, or unsupported by some kernels."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """The autocast dtype where the hardware runs it natively: bf16 on Ampere+ GPUs and on CPUs
+    with AMX / AVX512-BF16, fp16 on older GPUs (with a GradScaler); None means fp32."""
+    if not enabled:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if cuda_has_native_bf16() else torch.float16
+    if device.type == "cpu" and cpu_has_fast_bf16():
+        return torch.bfloat16
+    return None
+
+
 def autocast(device: torch.device, enabled: bool):
-    """Mixed precision where the hardware has it: bf16 (or fp16) on GPU, bf16 on CPUs with native bf16."""
-    if device.type == "cuda" and enabled:
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled and device.type == "cpu" and cpu_has_fast_bf16())
+    """Mixed precision as :func:`amp_dtype` chooses it; a no-op context for fp32."""
+    dtype = amp_dtype(device, enabled)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device, enabled: bool) -> torch.amp.GradScaler:
+    """Loss scaling is needed for fp16 only; a disabled scaler passes everything through."""
+    return torch.amp.GradScaler("cuda", enabled=amp_dtype(device, enabled) == torch.float16)
 
 
 def set_backbone_frozen(model: nn.Module, arch: str, frozen: bool) -> None:
@@ -159,10 +201,13 @@ def batchnorm_stats_frozen(model: nn.Module, frozen: bool):
             m.momentum = momentum
 
 
-def valid_rows(batch: dict) -> tuple[torch.Tensor, bool]:
-    """Indices of the rows to train on: those that decoded.  A batch without any keeps its first row
-    (weight 0, BatchNorm statistics untouched) so that this rank still takes its step."""
+def valid_rows(batch: dict) -> tuple[torch.Tensor | slice, bool]:
+    """The rows to train on: those that decoded (a plain slice, so no copy, when all did).  A batch
+    without any keeps its first row (weight 0, BatchNorm statistics untouched) so that this rank
+    still takes its step."""
     valid = batch["valid"]
+    if valid.all():
+        return slice(None), False
     if valid.any():
         return valid.nonzero().squeeze(1), False
     return torch.zeros(1, dtype=torch.long), True
@@ -179,28 +224,26 @@ def train_one_epoch(
     frozen: bool,
     device: torch.device,
     input_size: int | None = None,
+    scaler: torch.amp.GradScaler | None = None,
     seen: list | None = None,
 ) -> dict:
     """One pass over this worker's shard. Returns plain numbers (and the next global step).
 
     Rows that failed to decode never enter the forward pass (they would skew BatchNorm's running
     statistics), but every DDP rank still takes the same number of steps; their paths are
-    returned in ``unreadable``."""
+    returned in ``unreadable``.  ``scaler`` lives as long as the run (its scale carries over
+    epochs and checkpoints); the loss is summed on the device and read once, so no step waits
+    for the GPU."""
     set_backbone_frozen(model, cfg["arch"], frozen)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"], reduction="none")
-    scaler = torch.amp.GradScaler(
-        "cuda", enabled=device.type == "cuda" and cfg["amp"] and not torch.cuda.is_bf16_supported()
-    )
-    loss_sum, images, lr, start, unreadable = 0.0, 0, 0.0, time.perf_counter(), []
-    batches = shard.iter_torch_batches(
-        batch_size=cfg["batch_size"],
-        collate_fn=Collate(),
-        prefetch_batches=2,
-        local_shuffle_buffer_size=cfg["batch_size"] * 8,
-        pin_memory=device.type == "cuda",
-    )
+    scaler = grad_scaler(device, cfg["amp"]) if scaler is None else scaler
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    images, lr, start, unreadable = 0, 0.0, time.perf_counter(), []
+    collate = Collate()
+    batches = iter_batches(shard, cfg["batch_size"], collate, device, local_shuffle_buffer_size=cfg["batch_size"] * 8)
     waits: list[float] = []
     for batch in timed_batches(batches, waits):
+        paths = collate.paths(batch)
         lr = set_learning_rates(optimizer, cfg, step, total_steps, frozen)
         rows, placeholder = valid_rows(batch)
         x = to_model_input(batch["image"][rows], device, input_size)
@@ -212,15 +255,16 @@ def train_one_epoch(
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        n_valid = int(batch["valid"].sum())
-        loss_sum += float(loss.detach()) * n_valid
+        n_valid = int(batch["valid"].sum())  # a host tensor: no sync
+        loss_sum += loss.detach() * n_valid
         images += n_valid
         step += 1
-        unreadable += unreadable_paths(batch)
+        unreadable += unreadable_paths(paths, batch)
         if seen is not None:
-            seen.extend(p for p, ok in zip(batch["path"], batch["valid"].tolist()) if ok)
+            seen.extend(p for p, ok in zip(paths, batch["valid"].tolist()) if ok)
+    loss_total = float(loss_sum)  # the epoch's one wait for the device, before the clock stops
     seconds = time.perf_counter() - start
-    totals = all_reduce_sum([loss_sum, images], device)
+    totals = all_reduce_sum([loss_total, images], device)
     return {
         "train_loss": totals[0] / max(totals[1], 1),
         "train_images": int(totals[1]),
@@ -234,6 +278,20 @@ def train_one_epoch(
         "step": step,
         "unreadable": unreadable,
     }
+
+
+def iter_batches(shard, batch_size: int, collate: Collate, device: torch.device, **options):
+    """Batches of pinned host tensors (on a GPU worker).  ``device="cpu"`` keeps Ray from moving
+    them itself: the loop copies the images with ``non_blocking`` and reads the ``valid`` mask on
+    the host without waiting for the GPU."""
+    return shard.iter_torch_batches(
+        batch_size=batch_size,
+        collate_fn=collate,
+        prefetch_batches=2,
+        pin_memory=device.type == "cuda",
+        device="cpu",
+        **options,
+    )
 
 
 def timed_batches(batches, waits: list[float]):
@@ -280,21 +338,30 @@ def evaluate(model: nn.Module, shard, cfg: dict, device: torch.device) -> dict:
     """Validation loss, accuracy and clipped log loss over every rank's share of the val set."""
     net = getattr(model, "module", model)  # no DDP collectives: ranks may see unequal val shares
     net.eval()
-    totals, unreadable = [0.0, 0.0, 0.0, 0], []  # loss, correct, log loss, images
-    for batch in shard.iter_torch_batches(batch_size=cfg["batch_size"] * 2, collate_fn=Collate(), prefetch_batches=2):
-        unreadable += unreadable_paths(batch)
+    # loss, correct, log loss: summed on the device, read once at the end; the image count on the host
+    sums, n_images, unreadable = torch.zeros(3, dtype=torch.float64, device=device), 0, []
+    collate = Collate()
+    for batch in iter_batches(shard, cfg["batch_size"] * 2, collate, device):
+        unreadable += unreadable_paths(collate.paths(batch), batch)
         valid = batch["valid"]
         if not valid.any():
             continue
-        x, y = to_model_input(batch["image"][valid], device), batch["label"][valid].to(device)
+        images, labels = (
+            (batch["image"], batch["label"]) if valid.all() else (batch["image"][valid], batch["label"][valid])
+        )
+        x, y = to_model_input(images, device), labels.to(device, non_blocking=True)
         with autocast(device, cfg["amp"]):
             logits = net(x).float()
         prob_dog = torch.softmax(logits, dim=1)[:, 1].clamp(*CLIP)
-        totals[0] += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-        totals[1] += float((logits.argmax(1) == y).sum())
-        totals[2] += float(nn.functional.binary_cross_entropy(prob_dog, y.float(), reduction="sum"))
-        totals[3] += len(y)
-    loss, correct, log_loss, n = all_reduce_sum(totals, device)
+        sums += torch.stack(
+            [
+                nn.functional.cross_entropy(logits, y, reduction="sum"),
+                (logits.argmax(1) == y).sum(),
+                nn.functional.binary_cross_entropy(prob_dog, y.float(), reduction="sum"),
+            ]
+        ).double()
+        n_images += len(labels)
+    loss, correct, log_loss, n = all_reduce_sum([*sums.tolist(), n_images], device)
     n = max(n, 1)
     return {
         "val_loss": loss / n,
@@ -324,10 +391,12 @@ def train_loop_per_worker(cfg: dict) -> None:
     model = model.to(device, memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
     optimizer = build_optimizer(model, cfg["arch"], cfg)
+    scaler = grad_scaler(device, cfg["amp"])  # one per run: its scale is learnt across epochs
     history: list[dict] = state["meta"]["history"] if state else []
     step = state["train_state"]["step"] if state else 0
     if state:
         optimizer.load_state_dict(state["train_state"]["optimizer"])
+        restore_scaler(scaler, state["train_state"])
     steps_per_epoch = math.ceil(cfg["n_train"] // world / cfg["batch_size"])
     total_steps = steps_per_epoch * cfg["epochs"]
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
@@ -343,6 +412,7 @@ def train_loop_per_worker(cfg: dict) -> None:
             frozen=frozen,
             device=device,
             input_size=input_size_for_epoch(epoch, cfg),
+            scaler=scaler,
         )
         step = stats.pop("step")
         sync_buffers_from_rank0(model)  # validate the model that rank 0 checkpoints
@@ -357,10 +427,26 @@ def train_loop_per_worker(cfg: dict) -> None:
                     f"list: {cfg['arch_uri']}/unreadable.txt"
                 )
             cfg["storage"].write_text(join(cfg["arch_uri"], "unreadable.txt"), "".join(p + "\n" for p in unreadable))
-        report_epoch(model, optimizer, cfg, metrics, history, step, rank)
+        report_epoch(model, optimizer, cfg, metrics, history, step, rank, scaler=scaler)
 
 
-def report_epoch(model, optimizer, cfg: dict, metrics: dict, history: list[dict], step: int, rank: int) -> None:
+def restore_scaler(scaler: torch.amp.GradScaler, train_state: dict) -> None:
+    """Resume the loss scale where it was.  A checkpoint from a run without fp16 (bf16, fp32)
+    holds an empty state, and a disabled scaler ignores what it is given."""
+    if train_state.get("scaler"):
+        scaler.load_state_dict(train_state["scaler"])
+
+
+def report_epoch(
+    model,
+    optimizer,
+    cfg: dict,
+    metrics: dict,
+    history: list[dict],
+    step: int,
+    rank: int,
+    scaler: torch.amp.GradScaler | None = None,
+) -> None:
     """Every rank reports; rank 0 also writes the checkpoint and refreshes ``metrics.csv``."""
     if rank != 0:
         ray.train.report(metrics)
@@ -372,7 +458,9 @@ def report_epoch(model, optimizer, cfg: dict, metrics: dict, history: list[dict]
         flush=True,
     )
     with tempfile.TemporaryDirectory(prefix="catdog-ckpt-") as folder:
-        save_checkpoint(folder, model, optimizer, cfg=cfg, epoch=metrics["epoch"], step=step, history=history)
+        save_checkpoint(
+            folder, model, optimizer, cfg=cfg, epoch=metrics["epoch"], step=step, history=history, scaler=scaler
+        )
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(folder),

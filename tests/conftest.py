@@ -141,7 +141,10 @@ def ray_session(faults_dir):
             num_cpus=4,
             log_to_driver=True,
             runtime_env={
-                "env_vars": {"PYTHONPATH": f"{REPO}:{REPO / 'tests'}", "CATDOG_FAULTS_DIR": str(faults_dir)},
+                "env_vars": {
+                    "PYTHONPATH": f"{REPO}:{REPO / 'tests'}:${{PYTHONPATH}}",
+                    "CATDOG_FAULTS_DIR": str(faults_dir),
+                },
                 "worker_process_setup_hook": "faults.install",
             },
         )

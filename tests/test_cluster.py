@@ -113,9 +113,10 @@ def submit(cluster: Cluster, job: str, sets: list[str]) -> subprocess.CompletedP
     return run(cmd, cluster.env, timeout=600)
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    cluster_dir = tmp_path_factory.mktemp("cluster")
+@contextlib.contextmanager
+def started_cluster(cluster_dir: Path, **extra_env: str):
+    """Start the two-node cluster through up.sh (``extra_env``: more settings for the scripts and the
+    head node's environment) and always tear it down, checking that nothing of it is left."""
     # Short on purpose: Ray's socket paths under it must stay below the 107-byte Unix limit.
     ray_tmp = tempfile.mkdtemp(prefix="catdog-ray-test-")
     env = clean_env(
@@ -126,6 +127,7 @@ def cluster(tmp_path_factory):
         CLUSTER_WORKER_CPUS=str(WORKER_CPUS),
         CLUSTER_OBJECT_STORE_MB="512",
         CLUSTER_VENV_BIN=str(Path(sys.executable).parent),
+        **extra_env,
     )
     state: dict[str, str] = {}
     try:
@@ -153,6 +155,12 @@ def cluster(tmp_path_factory):
         shutil.rmtree(ray_tmp, ignore_errors=True)
         assert down.returncode == 0, f"cluster-down failed:\n{down.stdout}\n{down.stderr}"
         assert not survivors, f"cluster-down left processes behind: {survivors}"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with started_cluster(tmp_path_factory.mktemp("cluster")) as running:
+        yield running
 
 
 def test_two_nodes_behind_token_auth(cluster, tmp_path):

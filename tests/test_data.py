@@ -241,13 +241,14 @@ def test_real_train_folder_through_ray_data(data_dir, ray_session):
     # to show that every real file decodes through Ray Data, at a sixteenth of the time.
     sample = sorted(everything, key=lambda r: r["path"])[::16]
     ds = image_dataset(STORAGE, sample, EvalPreset(64), batch_size=128, drop_errors=True)
-    rows, labels, seen = 0, 0, set()
-    for batch in ds.iter_torch_batches(batch_size=512, collate_fn=Collate()):
+    rows, labels, seen, collate = 0, 0, set(), Collate()
+    for batch in ds.iter_torch_batches(batch_size=512, collate_fn=collate):
         assert batch["image"].dtype == torch.uint8 and tuple(batch["image"].shape[1:]) == (64, 64, 3)
         assert batch["label"].dtype == torch.int64
-        rows += len(batch["path"])
+        paths = collate.paths(batch)
+        rows += len(paths)
         labels += int(batch["label"].sum())
-        seen.update(batch["path"])
+        seen.update(paths)
     assert rows == len(sample) == 1000 and labels == sum(r["label"] for r in sample) == 500
     assert seen == {r["path"] for r in sample}
 

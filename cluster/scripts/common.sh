@@ -10,6 +10,7 @@
 #   CLUSTER_WORKER_CPUS   logical CPUs of the extra worker node                         (3)
 #   CLUSTER_OBJECT_STORE_MB  object store per node, MiB                                 (2048)
 #   CLUSTER_VENV_BIN      bin/ of the Python environment with ray and catdog            (<repo>/.venv/bin)
+#   CLUSTER_WORKER_ENV    VAR=value words set on the worker node only (tests: a node without weights) (unset)
 # Token authentication is always on: the token lives in $CLUSTER_DIR/auth_token (mode 600) and
 # every Ray process and client here reads it through RAY_AUTH_TOKEN_PATH.
 

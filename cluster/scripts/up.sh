@@ -104,7 +104,10 @@ wait_ready() {
 
 wait_ready 1
 
-setsid "$RAY" start "${COMMON[@]}" --temp-dir "$CLUSTER_TMP/worker" \
+# CLUSTER_WORKER_ENV (VAR=value words) sets the worker node's environment apart from the head's,
+# e.g. a TORCH_HOME without the ImageNet weights, as on a node that never got them.
+# shellcheck disable=SC2086
+setsid env ${CLUSTER_WORKER_ENV:-} "$RAY" start "${COMMON[@]}" --temp-dir "$CLUSTER_TMP/worker" \
   --address "$GCS_ADDRESS" --num-cpus "$CLUSTER_WORKER_CPUS" --dashboard-agent-listen-port "$WORKER_AGENT_PORT" \
   >"$CLUSTER_DIR/worker.log" 2>&1 </dev/null &
 WORKER_PID=$!
