@@ -93,7 +93,7 @@ def test_the_loss_scale_survives_a_checkpoint(tmp_path):
     scaled_step(scaler, model, optimizer, float("inf"))  # overflow: the scale halves
     scaled_step(scaler, model, optimizer, 1.0)  # a good step: the growth tracker counts 1
     assert scaler.get_scale() == 2.0**11 and scaler.state_dict()["_growth_tracker"] == 1
-    cfg = {"arch": "sequential_cnn", "image_size": 64, "config_hash": "h", "run_name": "r"}
+    cfg = {"arch": "sequential_cnn", "image_size": 64, "config_hash": "h", "fingerprint": {}, "run_name": "r"}
     save_checkpoint(str(tmp_path), model, optimizer, cfg=cfg, epoch=1, step=2, history=[{"epoch": 1}], scaler=scaler)
 
     resumed = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=3)
@@ -107,7 +107,7 @@ def test_the_loss_scale_survives_a_checkpoint(tmp_path):
 def test_a_checkpoint_without_scaling_resumes_into_any_scaler(tmp_path):
     model = nn.Linear(4, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    cfg = {"arch": "sequential_cnn", "image_size": 64, "config_hash": "h", "run_name": "r"}
+    cfg = {"arch": "sequential_cnn", "image_size": 64, "config_hash": "h", "fingerprint": {}, "run_name": "r"}
     disabled = torch.amp.GradScaler("cpu", enabled=False)
     save_checkpoint(str(tmp_path), model, optimizer, cfg=cfg, epoch=1, step=1, history=[{"epoch": 1}], scaler=disabled)
     state = load_checkpoint(str(tmp_path))["train_state"]
