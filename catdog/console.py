@@ -19,8 +19,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import sys
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -127,9 +129,41 @@ def _ray_warning_filter(log):
     return original, showwarning
 
 
+class LogFile:
+    """Ray's log: written from Ray's log thread and the driver; :meth:`move` carries what it
+    holds to its final place once that folder exists (the run folder is made after Ray starts)."""
+
+    def __init__(self, path: str):
+        self.lock = threading.Lock()
+        self.path = path
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(path, "a")  # noqa: SIM115 (closed in close)
+
+    def write(self, text: str) -> None:
+        with self.lock:
+            self.handle.write(text)
+
+    def flush(self) -> None:
+        with self.lock:
+            self.handle.flush()
+
+    def move(self, path: str) -> None:
+        with self.lock:
+            self.handle.close()
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as target, open(self.path) as source:
+                shutil.copyfileobj(source, target)
+            Path(self.path).unlink()
+            self.path, self.handle = path, open(path, "a")  # noqa: SIM115
+
+    def close(self) -> None:
+        with self.lock:
+            self.handle.close()
+
+
 @contextlib.contextmanager
-def ray_output(log_path: str | None, *, quiet: bool | None = None):
-    """Route Ray's own output to ``log_path`` while the block runs (Ray may start inside it).
+def ray_output(log: LogFile | None, *, quiet: bool | None = None):
+    """Route Ray's own output to ``log`` while the block runs (Ray may start inside it).
 
     ``quiet=None`` follows ``--verbose`` / ``CATDOG_VERBOSE``. In verbose mode only the
     :data:`MARK` prefix is stripped from worker lines; Ray prints everything else itself."""
@@ -138,34 +172,32 @@ def ray_output(log_path: str | None, *, quiet: bool | None = None):
 
     quiet = (not verbose()) if quiet is None else quiet
     dispatcher = ray_logging.global_worker_stdstream_dispatcher
-    if not quiet or log_path is None:
+    if not quiet or log is None:
         with _dispatcher_swapped(dispatcher, None, passthrough=True, show_bars=True):
             yield
         return
-    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     context = DataContext.get_current()
     saved_context = (context.use_ray_tqdm, context.enable_progress_bars)
     # Ray Data's progress becomes periodic log lines (not redrawn bars) wherever stdout is not a
     # TTY, which is the case in every Ray worker; a TTY driver would draw bars, so it has none.
     context.use_ray_tqdm = False
     context.enable_progress_bars = not sys.stdout.isatty()
-    with open(log_path, "a", buffering=1) as log:
-        file_handler = logging.StreamHandler(log)
-        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        saved_loggers = _quiet_ray_loggers(file_handler)
-        original_showwarning, showwarning = _ray_warning_filter(log)
-        warnings.showwarning = showwarning
-        try:
-            with _dispatcher_swapped(dispatcher, log, passthrough=False, show_bars=sys.stdout.isatty()):
-                yield
-        finally:
-            warnings.showwarning = original_showwarning
-            for ray_logger, handlers, propagate in saved_loggers:
-                ray_logger.removeHandler(file_handler)
-                for handler in handlers:
-                    ray_logger.addHandler(handler)
-                ray_logger.propagate = propagate
-            context.use_ray_tqdm, context.enable_progress_bars = saved_context
+    file_handler = logging.StreamHandler(log)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    saved_loggers = _quiet_ray_loggers(file_handler)
+    original_showwarning, showwarning = _ray_warning_filter(log)
+    warnings.showwarning = showwarning
+    try:
+        with _dispatcher_swapped(dispatcher, log, passthrough=False, show_bars=sys.stdout.isatty()):
+            yield
+    finally:
+        warnings.showwarning = original_showwarning
+        for ray_logger, handlers, propagate in saved_loggers:
+            ray_logger.removeHandler(file_handler)
+            for handler in handlers:
+                ray_logger.addHandler(handler)
+            ray_logger.propagate = propagate
+        context.use_ray_tqdm, context.enable_progress_bars = saved_context
 
 
 class _Dispatch:
@@ -200,23 +232,53 @@ def _dispatcher_swapped(dispatcher, log, passthrough: bool, show_bars: bool):
             ]
 
 
+class JobLog:
+    """Where a job's Ray log is, and :meth:`settle`, which moves it into the output folder.
+    With ``--verbose`` there is no log file: Ray's output stays on the console."""
+
+    def __init__(self, storage: Storage, uri: str):
+        self.storage, self.uri = storage, uri
+        name = uri.split("://", 1)[-1].strip("/").replace("/", "_")
+        temp = os.path.join(tempfile.gettempdir(), "catdog-logs", f"{os.getpid()}-{name}")
+        self.file = None if verbose() else LogFile(temp)
+        self.settled = False
+
+    @property
+    def where(self) -> str:
+        if self.file is None:
+            return "the console (verbose)"
+        return self.uri if not is_remote(self.uri) else f"{self.uri} (written at the end; meanwhile {self.file.path})"
+
+    def settle(self) -> None:
+        """Call once the output folder may exist: a local log moves there now; a remote one is
+        copied there when the job ends."""
+        self.settled = True
+        if self.file is not None and not is_remote(self.uri):
+            self.file.move(self.uri)
+
+    def close(self) -> None:
+        if self.file is None:
+            return
+        self.file.close()
+        if self.settled and is_remote(self.uri):
+            self.storage.write_bytes(self.uri, Path(self.file.path).read_bytes())
+            Path(self.file.path).unlink()
+
+
 @contextlib.contextmanager
 def job_log(storage: Storage, folder_uri: str, job: str):
-    """Ray's own output for ``job`` goes to ``<folder_uri>/logs/<job>.log``; yields where that is.
+    """Ray's own output for ``job`` goes to ``<folder_uri>/logs/<job>.log``; yields a :class:`JobLog`.
 
-    With remote storage (``s3://``) the log is written to a local file under the temp folder while
-    the job runs, and copied to ``<folder_uri>/logs/<job>.log`` when it ends (also when it fails)."""
-    uri = join(folder_uri, "logs", f"{job}.log")
-    local = uri
-    if is_remote(uri):
-        local = os.path.join(tempfile.gettempdir(), "catdog-logs", uri.split("://", 1)[1].replace("/", "_"))
-        Path(local).unlink(missing_ok=True)
+    Until :meth:`JobLog.settle` (the output folder is only made once the job's checks pass),
+    the log is a local file under the temp folder; a job that stops before then leaves it there.
+    With remote storage (``s3://``) the log stays local while the job runs and is copied to the
+    output folder when it ends, also when it fails."""
+    log = JobLog(storage, join(folder_uri, "logs", f"{job}.log"))
     try:
-        with ray_output(local):
-            yield uri if local == uri else f"{local} (copied to {uri} at the end)"
+        with ray_output(log.file):
+            yield log
     finally:
-        if local != uri and Path(local).exists():
-            storage.write_bytes(uri, Path(local).read_bytes())
+        log.close()
 
 
 def duration(seconds: float) -> str:

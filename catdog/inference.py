@@ -285,17 +285,18 @@ def run_predict(
         raise DataError(f"{input_uri}: no .jpg/.jpeg/.png images found")
     storage.check_bucket(output_uri)
     predictions_uri = join(output_uri, "predictions")
-    with job_log(storage, output_uri, "predict") as log_where:
+    with job_log(storage, output_uri, "predict") as ray_log:
         logger.info(
             "predicting %d images from %s with %s; outputs in %s, Ray's log in %s",
             len(rows),
             input_uri,
             ", ".join(m.name for m in models),
             output_uri,
-            log_where,
+            ray_log.where,
         )
         init_ray(cfg)
         check_predict_resources(cfg)
+        ray_log.settle()
         scoring = time.time()
         write_parquet_atomically(predictions_dataset(cfg, storage, rows, models, tta, shards), storage, predictions_uri)
         scoring = time.time() - scoring
@@ -394,16 +395,17 @@ def run_evaluate(
         raise DataError(f"{input_uri}: no labelled images (cat.N.jpg / dog.N.jpg or cat(s)/ dog(s)/ folders)")
     storage.check_bucket(output_uri)
     predictions_uri = join(output_uri, "predictions")
-    with job_log(storage, output_uri, "evaluate") as log_where:
+    with job_log(storage, output_uri, "evaluate") as ray_log:
         logger.info(
             "evaluating on %d images from %s; outputs in %s, Ray's log in %s",
             len(rows),
             input_uri,
             output_uri,
-            log_where,
+            ray_log.where,
         )
         init_ray(cfg)
         check_predict_resources(cfg)
+        ray_log.settle()
         scoring = time.time()
         write_parquet_atomically(predictions_dataset(cfg, storage, rows, models, tta, shards), storage, predictions_uri)
         scoring = time.time() - scoring

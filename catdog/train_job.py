@@ -230,8 +230,7 @@ def run_training(cfg: CatdogConfig, restart: bool = False) -> str:
     for spec in cfg.models:
         check_init(spec.arch, cfg.init_for(spec), storage)
     storage.check_bucket(cfg.run_uri)  # a missing bucket / wrong endpoint fails before Ray starts
-    prepare_run(cfg, storage, restart)  # before Ray: its log goes into the run folder
-    with job_log(storage, cfg.run_uri, "train") as log_where:
+    with job_log(storage, cfg.run_uri, "train") as ray_log:
         logger.info(
             "run %s: %d train / %d val images %s, models %s; outputs in %s, Ray's log in %s",
             cfg.run_name,
@@ -240,10 +239,12 @@ def run_training(cfg: CatdogConfig, restart: bool = False) -> str:
             split.class_counts(split.train),
             ", ".join(s.arch for s in cfg.models),
             cfg.run_uri,
-            log_where,
+            ray_log.where,
         )
         init_ray(cfg)
         check_train_resources(cfg)
+        prepare_run(cfg, storage, restart)
+        ray_log.settle()
         tracker = tracking.TrainingTracker(cfg, storage, run_fingerprint(cfg)) if tracking.enabled(cfg) else None
         rows = rank_results(train_all(cfg, split, storage, started, tracker))
         leaderboard = leaderboard_csv(rows)
