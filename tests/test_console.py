@@ -85,3 +85,37 @@ def test_verbose_shows_rays_own_progress(small_real_data, tmp_path):
     assert "(TrainController pid=" in output and "Running Dataset" in output
     assert proc.stdout.splitlines()[-1] == str(tmp_path / "verbose" / "best.json")
     assert not Path(tmp_path / "verbose" / "logs" / "train.log").exists()
+
+
+def test_worker_lines_split_between_console_and_log(tmp_path, capsys):
+    """What Ray's log_to_driver delivers: catdog's marked lines to the console without Ray's
+    prefix, everything else to the log file with it."""
+    from catdog.console import LogFile, _dispatch
+
+    log = LogFile(str(tmp_path / "ray.log"))
+    batch = {
+        "pid": 42,
+        "ip": "10.0.0.1",
+        "localhost": "10.0.0.1",
+        "actor_name": "RayTrainWorker",
+        "is_err": False,
+        "lines": [MARK + "resnet18 epoch 1/3: val_acc 0.9000", "Moving model to device: cpu"],
+    }
+    _dispatch(batch, log, passthrough=None, show_bars=False)
+    _dispatch({**batch, "is_err": True, "lines": [MARK + "warning: bad image"]}, log, None, False)
+    log.close()
+    out = capsys.readouterr()
+    assert out.out == "resnet18 epoch 1/3: val_acc 0.9000\n" and out.err == "warning: bad image\n"
+    assert (tmp_path / "ray.log").read_text() == "(RayTrainWorker pid=42) Moving model to device: cpu\n"
+
+
+def test_ray_log_moves_with_what_it_holds(tmp_path):
+    from catdog.console import LogFile
+
+    log = LogFile(str(tmp_path / "tmp" / "a.log"))
+    log.write("before\n")
+    log.move(str(tmp_path / "run" / "logs" / "train.log"))
+    log.write("after\n")
+    log.close()
+    assert (tmp_path / "run" / "logs" / "train.log").read_text() == "before\nafter\n"
+    assert not (tmp_path / "tmp" / "a.log").exists()
