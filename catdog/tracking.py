@@ -109,7 +109,8 @@ def _log_text_artifact(client, run_id: str, name: str, text: str, artifact_path:
 
 def log_epoch(target: dict, metrics: dict) -> None:
     """On rank 0: one epoch's metrics, ``step`` = epoch. ``target``: ``{"uri", "run_id"}``."""
-    _log_metrics(_client(target["uri"]), target["run_id"], metrics, step=int(metrics["epoch"]))
+    values = {k: v for k, v in metrics.items() if k != "epoch"}
+    _log_metrics(_client(target["uri"]), target["run_id"], values, step=int(metrics["epoch"]))
 
 
 class TrainingTracker:

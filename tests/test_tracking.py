@@ -110,8 +110,9 @@ def test_training_runs_in_mlflow_server_and_a_rerun_adds_none(mlflow_server, sma
 
 
 @pytest.mark.slow
-def test_resumed_training_continues_the_same_runs_in_sqlite(small_real_data, tmp_path, ray_session):
+def test_resumed_training_continues_the_same_runs_in_sqlite(small_real_data, tmp_path, ray_session, monkeypatch):
     require_mlflow()
+    monkeypatch.chdir(tmp_path)  # a sqlite store keeps artifacts in ./mlruns
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     base = quick_overrides(
         small_real_data, tmp_path, "resumed", models="[sequential_cnn]", **{"tracking.mlflow_uri": uri}
