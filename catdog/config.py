@@ -115,6 +115,13 @@ class RayConfig(_Section):
     object_store_memory_mb: PositiveInt | None = None
 
 
+class TrackingConfig(_Section):
+    # Any MLflow tracking URI: sqlite:///mlflow.db, http://host:5000, a folder; unset = no tracking.
+    mlflow_uri: str | None = None
+    # MLflow experiment; unset = run_name.
+    experiment: str | None = None
+
+
 class CatdogConfig(_Section):
     run_name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     storage: StorageConfig = StorageConfig()
@@ -123,6 +130,7 @@ class CatdogConfig(_Section):
     train: TrainConfig = TrainConfig()
     predict: PredictConfig = PredictConfig()
     ray: RayConfig = RayConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @field_validator("models", mode="before")
     @classmethod

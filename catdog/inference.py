@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -20,8 +21,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from catdog import tracking
 from catdog.checkpoints import CheckpointError, load_model, read_meta
 from catdog.config import CatdogConfig
+from catdog.console import job_log
 from catdog.data import DataError, Split, image_dataset, list_entries, load_split
 from catdog.presets import MEAN, STD, EvalPreset
 from catdog.runtime import check_predict_resources, init_ray
@@ -276,6 +279,8 @@ def run_predict(
     proba: bool = False,
 ) -> str:
     """Score every image under ``input_uri`` (a folder or a shard set); return the URI of ``submission.csv``."""
+    started = time.time()
+    tracking.require_mlflow(cfg)
     storage = Storage.from_config(cfg.storage)
     input_uri, output_uri = input_uri or cfg.data.test, output_uri or cfg.run_uri
     models = resolve_models(storage, cfg, model_uri, ensemble)
@@ -284,11 +289,22 @@ def run_predict(
     if not rows:
         raise DataError(f"{input_uri}: no .jpg/.jpeg/.png images found")
     storage.check_bucket(output_uri)
-    init_ray(cfg)
-    check_predict_resources(cfg)
-    logger.info("predicting %d images from %s with %s", len(rows), input_uri, ", ".join(m.name for m in models))
     predictions_uri = join(output_uri, "predictions")
-    write_parquet_atomically(predictions_dataset(cfg, storage, rows, models, tta, shards), storage, predictions_uri)
+    with job_log(storage, output_uri, "predict") as ray_log:
+        logger.info(
+            "predicting %d images from %s with %s; outputs in %s, Ray's log in %s",
+            len(rows),
+            input_uri,
+            ", ".join(m.name for m in models),
+            output_uri,
+            ray_log.where,
+        )
+        init_ray(cfg)
+        check_predict_resources(cfg)
+        ray_log.settle()
+        scoring = time.time()
+        write_parquet_atomically(predictions_dataset(cfg, storage, rows, models, tta, shards), storage, predictions_uri)
+        scoring = time.time() - scoring
     text, unreadable = submission_csv(storage, predictions_uri, cfg, proba)
     if unreadable:
         logger.warning(
@@ -299,9 +315,32 @@ def run_predict(
         )
     submission_uri = join(output_uri, "submission.csv")
     storage.write_text(submission_uri, text)
-    logger.info("wrote %s (%d rows) and %s", submission_uri, text.count("\n") - 1, predictions_uri)
+    logger.info(
+        "wrote %s (%d rows) and %s: %d images in %.1f s (%.1f img/s)",
+        submission_uri,
+        text.count("\n") - 1,
+        predictions_uri,
+        len(rows),
+        scoring,
+        len(rows) / max(scoring, 1e-9),
+    )
     refresh_report(cfg, storage, output_uri)
+    tracking.log_job_run(
+        cfg,
+        "predict",
+        throughput(len(rows), scoring, started) | {"n_unreadable": len(unreadable)},
+        {"input": input_uri, "output": output_uri, "models": "+".join(m.name for m in models), "tta": tta},
+    )
     return submission_uri
+
+
+def throughput(n_images: int, scoring_seconds: float, started: float) -> dict:
+    return {
+        "n_images": n_images,
+        "scoring_seconds": round(scoring_seconds, 1),
+        "images_per_s": n_images / max(scoring_seconds, 1e-9),
+        "wall_seconds": round(time.time() - started, 1),
+    }
 
 
 def classification_metrics(storage: Storage, predictions_uri: str) -> dict:
@@ -373,6 +412,8 @@ def run_evaluate(
 ) -> str:
     """Score a labelled folder or shard set, by default the run's validation split (never its
     training images); write ``metrics.json`` and return its URI."""
+    started = time.time()
+    tracking.require_mlflow(cfg)
     storage = Storage.from_config(cfg.storage)
     output_uri = output_uri or join(cfg.run_uri, "evaluate")
     models = resolve_models(storage, cfg, model_uri, ensemble)
@@ -402,10 +443,21 @@ def run_evaluate(
     if not rows:
         raise DataError(f"{scored['input']}: no labelled images (cat.N.jpg / dog.N.jpg or cat(s)/ dog(s)/ folders)")
     storage.check_bucket(output_uri)
-    init_ray(cfg)
-    check_predict_resources(cfg)
     predictions_uri = join(output_uri, "predictions")
-    write_parquet_atomically(predictions_dataset(cfg, storage, rows, models, tta, shards), storage, predictions_uri)
+    with job_log(storage, output_uri, "evaluate") as ray_log:
+        logger.info(
+            "evaluating on %d images from %s; outputs in %s, Ray's log in %s",
+            len(rows),
+            scored["input"],
+            output_uri,
+            ray_log.where,
+        )
+        init_ray(cfg)
+        check_predict_resources(cfg)
+        ray_log.settle()
+        scoring = time.time()
+        write_parquet_atomically(predictions_dataset(cfg, storage, rows, models, tta, shards), storage, predictions_uri)
+        scoring = time.time() - scoring
     metrics = {**classification_metrics(storage, predictions_uri), **scored}
     metrics_uri = join(output_uri, "metrics.json")
     storage.write_text(metrics_uri, json.dumps(metrics, indent=2) + "\n")
@@ -417,4 +469,10 @@ def run_evaluate(
         flush=True,
     )
     refresh_report(cfg, storage, output_uri)
+    tracking.log_job_run(
+        cfg,
+        "evaluate",
+        {k: metrics[k] for k in ("accuracy", "log_loss", "n_unreadable")} | throughput(len(rows), scoring, started),
+        {"input": scored["input"], "output": output_uri, "models": metrics["model"], "tta": tta},
+    )
     return metrics_uri

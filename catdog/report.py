@@ -32,6 +32,24 @@ logger = logging.getLogger(__name__)
 REPORT_DIR = "report"
 VAL_PREDICTIONS = "val_predictions"
 VAL_STUDY = "val_study.json"
+RUN_SUMMARY_FILE = "run_summary.json"  # wall time, machine, date: written by train
+# Rounding in tables: seconds and rates to 0.1, every other fractional number to 4 decimals.
+ONE_DECIMAL = {"train_seconds", "images_per_s", "seconds", "wall_seconds", "scoring_seconds"}
+# Output files the report links to, relative to the run folder, when they exist.
+RUN_FILES = (
+    "config.yaml",
+    "leaderboard.csv",
+    "best.json",
+    "val_study.json",
+    "run_summary.json",
+    "submission.csv",
+    "evaluate/metrics.json",
+    "mlflow.json",
+    "logs/train.log",
+    "logs/predict.log",
+    "evaluate/logs/evaluate.log",
+)
+ARCH_FILES = ("metrics.csv", "result.json", "unreadable.txt")
 
 
 def _read_csv(storage: Storage, uri: str) -> list[dict]:
@@ -58,8 +76,11 @@ def validation_study(cfg: CatdogConfig, storage: Storage, val_rows: list[dict], 
         study[name] = {k: metrics[k] for k in ("accuracy", "log_loss", "n_images", "confusion", "model")}
         if name != "best":
             storage.delete_dir(uri)
-        logger.info("validation %-13s accuracy %s log_loss %s", name, metrics["accuracy"], metrics["log_loss"])
     storage.write_text(join(cfg.run_uri, VAL_STUDY), json.dumps(study, indent=2) + "\n")
+    logger.info(
+        "validation study (accuracy / log loss): %s",
+        ", ".join(f"{k} {v['accuracy']:.4f} / {v['log_loss']:.4f}" for k, v in study.items()),
+    )
     return study
 
 
@@ -78,15 +99,23 @@ def _plt():
     return plt
 
 
-def curves_figure(arch: str, history: list[dict]) -> bytes:
+def curves_figure(histories: dict[str, list[dict]]) -> bytes:
+    """Every architecture on shared axes: train loss, validation loss and validation accuracy by
+    epoch, one colour per architecture across the three panels."""
     plt = _plt()
-    epochs = [int(r["epoch"]) for r in history]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
-    left.plot(epochs, [float(r["train_loss"]) for r in history], "o-", label="train loss")
-    left.plot(epochs, [float(r["val_loss"]) for r in history], "o-", label="val loss")
-    left.set_xlabel("epoch"), left.legend(), left.set_title(f"{arch}: loss")
-    right.plot(epochs, [float(r["val_acc"]) for r in history], "o-", color="tab:green")
-    right.set_xlabel("epoch"), right.set_title(f"{arch}: validation accuracy")
+    panels = (("train_loss", "train loss"), ("val_loss", "validation loss"), ("val_acc", "validation accuracy"))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), sharex=True)
+    for index, (arch, history) in enumerate(histories.items()):
+        epochs = [int(r["epoch"]) for r in history]
+        for ax, (column, _) in zip(axes, panels):
+            ax.plot(epochs, [float(r[column]) for r in history], "o-", color=f"C{index}", label=arch)
+    from matplotlib.ticker import MaxNLocator
+
+    axes[1].sharey(axes[0])  # both losses on one scale
+    for ax, (_, title) in zip(axes, panels):
+        ax.set_xlabel("epoch"), ax.set_title(title), ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0].legend()
     data = _figure_png(fig)
     plt.close(fig)
     return data
@@ -165,12 +194,76 @@ def most_confidently_wrong(storage: Storage, predictions_uri: str, k: int = 12) 
     return wrong
 
 
-def _table(rows: list[dict], columns: list[str]) -> str:
+def rounded(column: str, value) -> str:
+    """A table cell: seconds and rates to 0.1, other fractions to 4 decimals, the rest as is."""
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        if value.strip().lstrip("-").isdigit():
+            return value
+        value = number
+    if isinstance(value, float):
+        return f"{value:.1f}" if column in ONE_DECIMAL else f"{value:.4f}"
+    return "" if value is None else str(value)
+
+
+def relative_link(run_uri: str, uri: str, text: str | None = None) -> str:
+    """A link relative to the run folder (where report.html is) when ``uri`` is inside it."""
+    prefix = run_uri.rstrip("/") + "/"
+    target = uri[len(prefix) :] if uri.startswith(prefix) else uri
+    return f"<a href='{html.escape(target)}'>{html.escape(text or target)}</a>"
+
+
+def _table(rows: list[dict], columns: list[str], links: dict[str, str] | None = None) -> str:
+    """``links``: column → run folder; that column's values become relative links."""
+    links = links or {}
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(r.get(c, '')))}</td>" for c in columns) + "</tr>" for r in rows
-    )
+
+    def cell(row: dict, column: str) -> str:
+        value = row.get(column, "")
+        if column in links and value:
+            return relative_link(links[column], str(value))
+        return html.escape(rounded(column, value))
+
+    body = "".join("<tr>" + "".join(f"<td>{cell(r, c)}</td>" for c in columns) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def headline(board: list[dict], summary: dict | None) -> str:
+    """The answer first: best model, how good, how long, on what, when."""
+    if not board:
+        return "<p id='headline'>Not trained yet.</p>"
+    best = board[0]
+    parts = [
+        f"Best model: <b>{html.escape(best['arch'])}</b>, validation accuracy <b>{float(best['val_acc']):.4f}</b>, "
+        f"log loss <b>{float(best['val_log_loss']):.4f}</b>"
+    ]
+    if summary:
+        machine = summary["machine"]
+        gpus = f"{machine['gpus']} GPU(s)" if machine["gpus"] else "no GPU"
+        workers = f"{machine['train_workers']} {'GPU' if machine['use_gpu'] else 'CPU'} train worker(s)"
+        parts += [
+            f"total wall time {summary['wall_seconds']:.1f} s ({summary['wall_seconds'] / 60:.1f} min)",
+            f"{machine['cpus']} CPUs ({html.escape(machine['cpu_model'])}), {gpus}, "
+            f"{machine['nodes']} node(s), {workers}",
+            f"finished {html.escape(summary['finished_utc'])}",
+        ]
+    return f"<p id='headline' class='headline'>{'; '.join(parts)}.</p>"
+
+
+def files_section(storage: Storage, run: str, board: list[dict]) -> str:
+    """Relative links to every output file the run folder holds."""
+    names = [name for name in RUN_FILES if storage.exists(join(run, name))]
+    for row in board:
+        names += [f"{row['arch']}/{name}" for name in ARCH_FILES if storage.exists(join(run, row["arch"], name))]
+    for folder in ("predictions", VAL_PREDICTIONS, "evaluate/predictions"):
+        if storage.exists(join(run, folder)):
+            names.append(folder + "/")
+    names += [f"{REPORT_DIR}/{basename(info.path)}" for info in storage.list_files(join(run, REPORT_DIR))]
+    items = "".join(f"<li>{relative_link(run, join(run, name), name)}</li>" for name in names)
+    return f"<h2 id='files'>Files</h2><ul>{items}</ul>"
 
 
 def _img(storage: Storage, report_dir: str, name: str, png: bytes) -> str:
@@ -183,21 +276,24 @@ def write_report(cfg: CatdogConfig, storage: Storage) -> str:
     """Build ``<run>/report.html`` (+ ``<run>/report/*.png``) from what the run folder holds."""
     run, report_dir = cfg.run_uri, join(cfg.run_uri, REPORT_DIR)
     board = _read_csv(storage, join(run, "leaderboard.csv"))
+    summary_uri = join(run, RUN_SUMMARY_FILE)
+    summary = json.loads(storage.read_text(summary_uri)) if storage.exists(summary_uri) else None
     sections = [
+        headline(board, summary),
         "<h2 id='leaderboard'>Leaderboard</h2>"
         + (
-            _table(board, ["arch", "val_acc", "val_log_loss", "epochs", "best_epoch", "checkpoint"])
+            _table(
+                board,
+                ["arch", "val_acc", "val_log_loss", "epochs", "best_epoch", "checkpoint"],
+                links={"checkpoint": run},
+            )
             if board
             else "<p>not trained yet</p>"
-        )
+        ),
     ]
-    curves = ""
-    for row in board:
-        history = _read_csv(storage, join(run, row["arch"], "metrics.csv"))
-        if history:
-            curves += f"<h3>{html.escape(row['arch'])}</h3>" + _img(
-                storage, report_dir, f"curves_{row['arch']}.png", curves_figure(row["arch"], history)
-            )
+    histories = {row["arch"]: _read_csv(storage, join(run, row["arch"], "metrics.csv")) for row in board}
+    histories = {arch: history for arch, history in histories.items() if history}
+    curves = _img(storage, report_dir, "curves.png", curves_figure(histories)) if histories else ""
     sections.append("<h2 id='curves'>Training curves</h2>" + (curves or "<p>no metrics yet</p>"))
     val_uri = join(run, VAL_PREDICTIONS)
     if storage.exists(val_uri):
@@ -253,10 +349,12 @@ def write_report(cfg: CatdogConfig, storage: Storage) -> str:
         "<h2 id='throughput'>Throughput and wall time</h2>"
         + _table(board, ["arch", "images_per_s", "train_seconds", "epochs"])
     )
+    sections.append(files_section(storage, run, board))
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>catdog run {html.escape(cfg.run_name)}</title>"
         "<style>body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;font-size:14px}img.figure{max-width:100%}</style>"
+        "td,th{border:1px solid #ccc;padding:4px 8px;font-size:14px}img.figure{max-width:100%}"
+        ".headline{font-size:18px;background:#f3f6fa;padding:10px 14px;border-left:4px solid #2a6ebb}</style>"
         f"</head><body><h1>catdog run <code>{html.escape(cfg.run_name)}</code></h1>"
         f"<p>{html.escape(run)}</p>{''.join(sections)}</body></html>"
     )

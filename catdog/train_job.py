@@ -15,22 +15,26 @@ finished run did keeps the longer-trained model.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
 import os
 import re
+import sys
 import time
 
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from catdog import tracking
 from catdog.checkpoints import metrics_csv
 from catdog.config import CatdogConfig, ConfigError, ModelSpec
+from catdog.console import duration, job_log, verbose
 from catdog.data import Split, image_dataset, load_split, split_key
 from catdog.models import InitError, check_init
 from catdog.presets import EvalPreset, TrainPreset
-from catdog.report import validation_study, write_report
+from catdog.report import RUN_SUMMARY_FILE, validation_study, write_report
 from catdog.runtime import check_predict_resources, check_train_resources, init_ray, run_on_worker_nodes
 from catdog.storage import Storage, join
 from catdog.training import train_loop_per_worker, write_json
@@ -99,6 +103,11 @@ def run_fingerprint(cfg: CatdogConfig, spec: ModelSpec) -> dict:
     }
 
 
+def fingerprint_digest(fingerprint: dict) -> str:
+    """A short, stable name for a fingerprint (MLflow tags)."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def absolute(uri: str) -> str:
     """A local path made absolute (the same folder named from another directory is the same data)."""
     return uri if "://" in uri else os.path.abspath(uri)
@@ -163,6 +172,18 @@ def loop_config(cfg: CatdogConfig, spec: ModelSpec, storage: Storage, n_train: i
         "config_hash": cfg.hash(),
         "fingerprint": run_fingerprint(cfg, spec),
         "run_name": cfg.run_name,
+        # A live bar per epoch only where a person watches a terminal (no redraws in pipes and logs).
+        "progress_bar": sys.stdout.isatty() and not verbose(),
+    }
+
+
+def arch_params(cfg: CatdogConfig, loop_cfg: dict) -> dict:
+    """The resolved config of one architecture, for MLflow: every section, with ``models``
+    replaced by this architecture's settings as trained."""
+    keys = ("arch", "init", "epochs", "batch_size", "lr", "image_size", "early_image_size", "early_epochs")
+    return {
+        **{k: v for k, v in cfg.model_dump(mode="json").items() if k != "models"},
+        "model": {k: loop_cfg[k] for k in keys},
     }
 
 
@@ -171,7 +192,9 @@ def read_result(storage: Storage, arch_uri: str) -> dict | None:
     return json.loads(storage.read_text(uri)) if storage.exists(uri) else None
 
 
-def train_architecture(cfg: CatdogConfig, spec: ModelSpec, split: Split, storage: Storage) -> dict:
+def train_architecture(
+    cfg: CatdogConfig, spec: ModelSpec, split: Split, storage: Storage, run_clock: dict, tracker=None
+) -> dict:
     """Train (or resume, or skip) one architecture; return its leaderboard row."""
     loop_cfg = loop_config(cfg, spec, storage, len(split.train))
     done = read_result(storage, loop_cfg["arch_uri"])
@@ -183,6 +206,11 @@ def train_architecture(cfg: CatdogConfig, spec: ModelSpec, split: Split, storage
             join(loop_cfg["arch_uri"], RESULT_FILE),
         )
         return done
+    loop_cfg["run_clock"] = {**run_clock, "arch_started": time.time()}
+    if tracker is not None:
+        loop_cfg["mlflow"] = tracker.arch_run(
+            spec.arch, arch_params(cfg, loop_cfg), fingerprint_digest(loop_cfg["fingerprint"])
+        )
     size = loop_cfg["image_size"]
     augment = TrainPreset(size, scale=(cfg.train.crop_scale_min, 1.0))
     rows = sorted(split.train, key=lambda r: split_key(r["path"], cfg.data.seed + 1))  # mix the classes
@@ -214,16 +242,28 @@ def train_architecture(cfg: CatdogConfig, spec: ModelSpec, split: Split, storage
         dataset_config=ShardConfig(),
     )
     logger.info(
-        "%s: training %d epochs at %d px on %d train / %d val images with %d worker(s)",
+        "%s: training %d epochs at %d px on %d train / %d val images with %d worker(s)%s",
         spec.arch,
         loop_cfg["epochs"],
         size,
         len(split.train),
         len(split.val),
         cfg.train.num_workers,
+        f", resuming after epoch {done['epochs']}" if done else "",
     )
     result = trainer.fit()
-    return record_result(storage, loop_cfg, result)
+    row = record_result(storage, loop_cfg, result)
+    logger.info(
+        "%s: done in %s: best val_acc %.4f, val_log_loss %.4f (epoch %d)",
+        spec.arch,
+        duration(time.time() - loop_cfg["run_clock"]["arch_started"]),
+        row["val_acc"],
+        row["val_log_loss"],
+        row["best_epoch"],
+    )
+    if tracker is not None:
+        tracker.arch_done(spec.arch, loop_cfg["arch_uri"], row["checkpoint"])
+    return row
 
 
 def record_result(storage: Storage, loop_cfg: dict, result) -> dict:
@@ -304,6 +344,8 @@ def prepare_run(cfg: CatdogConfig, storage: Storage, restart: bool) -> None:
 
 def run_training(cfg: CatdogConfig, restart: bool = False) -> str:
     """Train every architecture in ``cfg.models``; return the URI of ``best.json``."""
+    started = time.time()
+    tracking.require_mlflow(cfg)
     storage = Storage.from_config(cfg.storage)
     split = load_split(storage, cfg.data.train, cfg.data.val_fraction, cfg.data.seed, cfg.data.limit)
     for spec in cfg.models:
@@ -311,40 +353,110 @@ def run_training(cfg: CatdogConfig, restart: bool = False) -> str:
     storage.check_bucket(cfg.run_uri)  # a missing bucket / wrong endpoint fails before Ray starts
     if not restart:
         check_fingerprints(cfg, storage)
-    init_ray(cfg)
-    check_train_resources(cfg)
-    check_predict_resources(cfg)  # the validation study after training starts the predict actors
-    check_init_on_worker_nodes(cfg, storage)
-    prepare_run(cfg, storage, restart)
-    logger.info(
-        "run %s: %d train and %d val images (%s), models: %s",
-        cfg.run_uri,
-        len(split.train),
-        len(split.val),
-        split.class_counts(split.train),
-        ", ".join(s.arch for s in cfg.models),
-    )
-    rows = rank_results([train_architecture(cfg, spec, split, storage) for spec in cfg.models])
-    storage.write_text(join(cfg.run_uri, "leaderboard.csv"), leaderboard_csv(rows))
-    best_uri = join(cfg.run_uri, "best.json")
-    write_json(
-        storage,
-        best_uri,
-        {
-            **rows[0],
-            "metrics": {k: rows[0][k] for k in ("val_acc", "val_log_loss")},
-            "config": cfg.model_dump(mode="json"),
-        },
-    )
-    if cfg.train.report:
-        validation_study(cfg, storage, split.val, split.shards)
-        logger.info("report: %s", write_report(cfg, storage))
-    for row in rows:
+    with job_log(storage, cfg.run_uri, "train") as ray_log:
         logger.info(
-            "leaderboard: %-14s val_acc %.4f val_log_loss %.4f (%s)",
+            "run %s: %d train / %d val images %s, models %s; outputs in %s, Ray's log in %s",
+            cfg.run_name,
+            len(split.train),
+            len(split.val),
+            split.class_counts(split.train),
+            ", ".join(s.arch for s in cfg.models),
+            cfg.run_uri,
+            ray_log.where,
+        )
+        init_ray(cfg)
+        check_train_resources(cfg)
+        check_predict_resources(cfg)  # the validation study after training starts the predict actors
+        check_init_on_worker_nodes(cfg, storage)
+        prepare_run(cfg, storage, restart)
+        ray_log.settle()
+        tracker = tracking.TrainingTracker(cfg, storage, cfg.hash()) if tracking.enabled(cfg) else None
+        rows = rank_results(train_all(cfg, split, storage, started, tracker))
+        leaderboard = leaderboard_csv(rows)
+        storage.write_text(join(cfg.run_uri, "leaderboard.csv"), leaderboard)
+        best_uri = join(cfg.run_uri, "best.json")
+        write_json(
+            storage,
+            best_uri,
+            {
+                **rows[0],
+                "metrics": {k: rows[0][k] for k in ("val_acc", "val_log_loss")},
+                "config": cfg.model_dump(mode="json"),
+            },
+        )
+        report_uri = None
+        if cfg.train.report:
+            validation_study(cfg, storage, split.val, split.shards)
+        record_run_summary(cfg, storage, time.time() - started)
+        if cfg.train.report:
+            report_uri = write_report(cfg, storage)
+        if tracker is not None:
+            tracker.finish(rows, cfg.run_uri, report_uri, leaderboard)
+    if report_uri:
+        logger.info("report: %s", report_uri)
+    log_leaderboard(rows, time.time() - started)
+    return best_uri
+
+
+def train_all(cfg: CatdogConfig, split: Split, storage: Storage, started: float, tracker) -> list[dict]:
+    """Each architecture in turn; the run clock lets each epoch line estimate the run's ETA."""
+    rows, trained_epochs = [], 0
+    for index, spec in enumerate(cfg.models):
+        later = sum(s.epochs or cfg.train.epochs for s in cfg.models[index + 1 :])
+        clock = {"started": started, "epochs_done": trained_epochs, "epochs_after": later}
+        before = read_result(storage, join(cfg.run_uri, spec.arch))
+        row = train_architecture(cfg, spec, split, storage, clock, tracker)
+        trained_epochs += row["epochs"] - (before["epochs"] if before else 0)
+        rows.append(row)
+    return rows
+
+
+def machine_summary(cfg: CatdogConfig) -> dict:
+    """What the run ran on, for the report's headline: the Ray cluster's CPUs and GPUs, the
+    driver's CPU model, and the Train workers."""
+    import platform
+
+    import ray
+
+    resources = ray.cluster_resources()
+    cpu_model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu_model = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpus": int(resources.get("CPU", 0)),
+        "gpus": int(resources.get("GPU", 0)),
+        "cpu_model": cpu_model,
+        "nodes": len([n for n in ray.nodes() if n.get("Alive")]),
+        "train_workers": cfg.train.num_workers,
+        "use_gpu": cfg.train.use_gpu,
+    }
+
+
+def record_run_summary(cfg: CatdogConfig, storage: Storage, seconds: float) -> None:
+    """``run_summary.json``: wall time of every train invocation of this run, summed (a resumed
+    run adds its own), the machine, and when it finished."""
+    uri = join(cfg.run_uri, RUN_SUMMARY_FILE)
+    previous = json.loads(storage.read_text(uri))["wall_seconds"] if storage.exists(uri) else 0.0
+    summary = {
+        "wall_seconds": round(previous + seconds, 1),
+        "finished_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": machine_summary(cfg),
+    }
+    write_json(storage, uri, summary)
+
+
+def log_leaderboard(rows: list[dict], seconds: float) -> None:
+    logger.info("leaderboard (best first, %s in all):", duration(seconds))
+    for rank, row in enumerate(rows, 1):
+        logger.info(
+            "  %d. %-14s val_acc %.4f  val_log_loss %.4f  %6.1f s  %s",
+            rank,
             row["arch"],
             row["val_acc"],
             row["val_log_loss"],
+            float(row["train_seconds"]),
             row["checkpoint"],
         )
-    return best_uri

@@ -27,6 +27,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from torch import nn
 
 from catdog.checkpoints import load_checkpoint, metrics_csv, save_checkpoint
+from catdog.console import duration, emit, worker_logging
 from catdog.models import build_model, split_parameters
 from catdog.presets import MEAN, STD
 from catdog.storage import Storage, join
@@ -226,6 +227,7 @@ def train_one_epoch(
     input_size: int | None = None,
     scaler: torch.amp.GradScaler | None = None,
     seen: list | None = None,
+    progress=None,
 ) -> dict:
     """One pass over this worker's shard. Returns plain numbers (and the next global step).
 
@@ -262,6 +264,8 @@ def train_one_epoch(
         unreadable += unreadable_paths(paths, batch)
         if seen is not None:
             seen.extend(p for p, ok in zip(paths, batch["valid"].tolist()) if ok)
+        if progress is not None:
+            progress.update(1)
     loss_total = float(loss_sum)  # the epoch's one wait for the device, before the clock stops
     seconds = time.perf_counter() - start
     totals = all_reduce_sum([loss_total, images], device)
@@ -374,8 +378,10 @@ def evaluate(model: nn.Module, shard, cfg: dict, device: torch.device) -> dict:
 
 def train_loop_per_worker(cfg: dict) -> None:
     """Entry point of every Train worker: resume if there is a checkpoint, then train epoch by epoch."""
+    worker_logging()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    clock = {"started": time.time(), "epochs_before": 0}
     if cfg.get("torch_threads"):
         torch.set_num_threads(cfg["torch_threads"])
     device = ray.train.torch.get_device()
@@ -400,8 +406,10 @@ def train_loop_per_worker(cfg: dict) -> None:
     steps_per_epoch = math.ceil(cfg["n_train"] // world / cfg["batch_size"])
     total_steps = steps_per_epoch * cfg["epochs"]
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    clock["epochs_before"] = len(history)
     for epoch in range(len(history) + 1, cfg["epochs"] + 1):
         frozen = cfg["fine_tune"] and epoch <= cfg["freeze_backbone_epochs"]  # a random backbone is never frozen
+        progress = epoch_progress_bar(cfg, epoch, steps_per_epoch) if rank == 0 else None
         stats = train_one_epoch(
             model,
             optimizer,
@@ -413,7 +421,10 @@ def train_loop_per_worker(cfg: dict) -> None:
             device=device,
             input_size=input_size_for_epoch(epoch, cfg),
             scaler=scaler,
+            progress=progress,
         )
+        if progress is not None:
+            progress.close()
         step = stats.pop("step")
         sync_buffers_from_rank0(model)  # validate the model that rank 0 checkpoints
         val = evaluate(model, val_shard, cfg, device)
@@ -422,12 +433,15 @@ def train_loop_per_worker(cfg: dict) -> None:
         history.append(metrics)
         if rank == 0:  # rewritten every epoch (empty when none), so it never shows an earlier epoch's list
             if unreadable:
-                print(
-                    f"[{cfg['arch']}] skipped {len(unreadable)} unreadable images; "
-                    f"list: {cfg['arch_uri']}/unreadable.txt"
+                emit(
+                    f"warning: {cfg['arch']}: skipped {len(unreadable)} unreadable images; "
+                    f"list: {cfg['arch_uri']}/unreadable.txt",
+                    err=True,
                 )
             cfg["storage"].write_text(join(cfg["arch_uri"], "unreadable.txt"), "".join(p + "\n" for p in unreadable))
         report_epoch(model, optimizer, cfg, metrics, history, step, rank, scaler=scaler)
+        if rank == 0:
+            emit(epoch_line(cfg, metrics, clock))
 
 
 def restore_scaler(scaler: torch.amp.GradScaler, train_state: dict) -> None:
@@ -435,6 +449,33 @@ def restore_scaler(scaler: torch.amp.GradScaler, train_state: dict) -> None:
     holds an empty state, and a disabled scaler ignores what it is given."""
     if train_state.get("scaler"):
         scaler.load_state_dict(train_state["scaler"])
+
+
+def epoch_progress_bar(cfg: dict, epoch: int, steps: int):
+    """A live bar on the driver's terminal (Ray's tqdm_ray relays it); None when the driver's
+    console is not a TTY, so pipes and log files get no redraws."""
+    if not cfg.get("progress_bar"):
+        return None
+    from ray.experimental.tqdm_ray import tqdm
+
+    return tqdm(total=steps, desc=f"{cfg['arch']} epoch {epoch}/{cfg['epochs']}", unit="step")
+
+
+def epoch_line(cfg: dict, metrics: dict, clock: dict) -> str:
+    """One console line per epoch, with the time left for this architecture and for the run
+    (from the pace of the epochs this worker trained; later architectures at this run's pace)."""
+    now, run = time.time(), cfg["run_clock"]
+    epoch, epochs = metrics["epoch"], cfg["epochs"]
+    arch_pace = (now - clock["started"]) / max(epoch - clock["epochs_before"], 1)
+    arch_left = arch_pace * (epochs - epoch)
+    run_done = run["epochs_done"] + epoch - clock["epochs_before"]
+    run_left = arch_left + (now - run["started"]) / max(run_done, 1) * run["epochs_after"]
+    return (
+        f"{cfg['arch']} epoch {epoch}/{epochs}: train_loss {metrics['train_loss']:.4f} "
+        f"val_acc {metrics['val_acc']:.4f} val_log_loss {metrics['val_log_loss']:.4f} "
+        f"{metrics['images_per_s']:.0f} img/s | elapsed {duration(now - run['arch_started'])} "
+        f"ETA {duration(arch_left)} ({cfg['arch']}) {duration(run_left)} (run)"
+    )
 
 
 def report_epoch(
@@ -447,16 +488,11 @@ def report_epoch(
     rank: int,
     scaler: torch.amp.GradScaler | None = None,
 ) -> None:
-    """Every rank reports; rank 0 also writes the checkpoint and refreshes ``metrics.csv``."""
+    """Every rank reports; rank 0 also writes the checkpoint, refreshes ``metrics.csv`` and, once
+    the checkpoint is stored, logs the epoch to MLflow (a restart never logs an epoch twice)."""
     if rank != 0:
         ray.train.report(metrics)
         return
-    print(
-        f"[{cfg['arch']}] epoch {metrics['epoch']}/{cfg['epochs']}: train_loss {metrics['train_loss']:.4f} "
-        f"val_loss {metrics['val_loss']:.4f} val_acc {metrics['val_acc']:.4f} "
-        f"val_log_loss {metrics['val_log_loss']:.4f} {metrics['images_per_s']:.0f} img/s",
-        flush=True,
-    )
     with tempfile.TemporaryDirectory(prefix="catdog-ckpt-") as folder:
         save_checkpoint(
             folder, model, optimizer, cfg=cfg, epoch=metrics["epoch"], step=step, history=history, scaler=scaler
@@ -467,6 +503,10 @@ def report_epoch(
             checkpoint_dir_name=f"epoch_{metrics['epoch']:03d}",
         )
     cfg["storage"].write_text(join(cfg["arch_uri"], "metrics.csv"), metrics_csv(history))
+    if cfg.get("mlflow"):
+        from catdog.tracking import log_epoch
+
+        log_epoch(cfg["mlflow"], metrics)
 
 
 def write_json(storage: Storage, uri: str, payload: dict) -> None:

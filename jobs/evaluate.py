@@ -6,27 +6,13 @@ On a cluster: ray job submit --working-dir . -- python jobs/evaluate.py --config
 Without --input it scores the validation split the model was trained with, never training images;
 an --input that shares files with the training split gets a warning with their count.
 
+Same options as `catdog evaluate`; --verbose shows Ray's own output.
 The last stdout line is the URI of ``metrics.json``.
 """
 
 import sys
 
-from catdog.cli import job_parser, run_job
-from catdog.inference import run_evaluate
-
-
-def main() -> int:
-    parser = job_parser(__doc__.splitlines()[0])
-    parser.add_argument(
-        "--input", help="labelled folder: cat.N.jpg/dog.N.jpg or cat(s)/ dog(s)/ (default: the validation split)"
-    )
-    parser.add_argument("--model", help="best.json or checkpoint folder (default: the run's best.json)")
-    parser.add_argument("--output", help="output folder (default: <storage.root>/<run_name>/evaluate)")
-    parser.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
-    parser.add_argument("--ensemble", action="store_true", help="average every model on the leaderboard")
-    args = parser.parse_args()
-    return run_job(args, lambda cfg: run_evaluate(cfg, args.input, args.model, args.output, args.tta, args.ensemble))
-
+from catdog.cli import job_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(job_main("evaluate"))

@@ -3,28 +3,13 @@
 Locally:      python jobs/predict.py --config configs/local.yaml [--model URI] [--input URI] [--output URI]
 On a cluster: ray job submit --working-dir . -- python jobs/predict.py --config configs/gpu.yaml
 
+Same options as `catdog predict`; --verbose shows Ray's own output.
 The last stdout line is the URI of ``submission.csv``.
 """
 
 import sys
 
-from catdog.cli import job_parser, run_job
-from catdog.inference import run_predict
-
-
-def main() -> int:
-    parser = job_parser(__doc__.splitlines()[0])
-    parser.add_argument("--model", help="best.json or checkpoint folder (default: the run's best.json)")
-    parser.add_argument("--input", help="image folder (default: data.test)")
-    parser.add_argument("--output", help="output folder (default: <storage.root>/<run_name>)")
-    parser.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
-    parser.add_argument("--ensemble", action="store_true", help="average every model on the leaderboard")
-    parser.add_argument("--proba", action="store_true", help="write clipped probabilities (Kaggle Redux format)")
-    args = parser.parse_args()
-    return run_job(
-        args, lambda cfg: run_predict(cfg, args.model, args.input, args.output, args.tta, args.ensemble, args.proba)
-    )
-
+from catdog.cli import job_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(job_main("predict"))

@@ -3,21 +3,13 @@
 Locally:      python jobs/train.py --config configs/local.yaml [--set train.epochs=3] [--restart]
 On a cluster: ray job submit --working-dir . -- python jobs/train.py --config configs/gpu.yaml
 
+Same options as `catdog train`; --verbose shows Ray's own output.
 The last stdout line is the URI of the run's ``best.json``.
 """
 
 import sys
 
-from catdog.cli import job_parser, run_job
-from catdog.train_job import run_training
-
-
-def main() -> int:
-    parser = job_parser(__doc__.splitlines()[0])
-    parser.add_argument("--restart", action="store_true", help="move the previous run aside and start fresh")
-    args = parser.parse_args()
-    return run_job(args, lambda cfg: run_training(cfg, restart=args.restart))
-
+from catdog.cli import job_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(job_main("train"))

@@ -234,3 +234,69 @@ def quick_run(tmp_path_factory, small_real_data, ray_session):
     )
     best_uri = run_training(cfg)
     return cfg, best_uri
+
+
+def require_mlflow():
+    """The one place tests ask for mlflow (the ``tracking`` extra): a clear skip without it, which
+    ``CATDOG_REQUIRE=mlflow`` turns into a failure."""
+    require_or_skip("mlflow")
+    import mlflow
+
+    return mlflow
+
+
+class MlflowServer:
+    """``mlflow server`` in its own process on a loopback port: SQLite backend and a proxied
+    artifact store (``mlflow-artifacts:``), both under ``root``."""
+
+    def __init__(self, root: Path):
+        import socket
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        require_mlflow()
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.log = open(root / "mlflow-server.log", "w")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "mlflow"),
+                "server",
+                "--host=127.0.0.1",
+                f"--port={self.port}",
+                f"--backend-store-uri=sqlite:///{root / 'mlflow.db'}",
+                f"--artifacts-destination={root / 'artifacts'}",
+                "--workers=1",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.time() + 300  # slow to import on a busy 2-core machine
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=2).read()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"mlflow server did not start on {self.uri}; see {root}") from None
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except Exception:
+            self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    yield server
+    server.stop()

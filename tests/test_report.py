@@ -49,11 +49,32 @@ def test_report_has_every_section_inline(report):
     for section in SECTIONS:
         assert f"id='{section}'" in page, section
     images = re.findall(r'<img class="figure" alt="([^"]+)" src="data:image/png;base64,', page)
-    assert set(images) >= {"confusion.png", "wrong.png", "test_histogram.png"} | {
-        f"curves_{a}.png" for a in ("mobilenet_v2", "resnet18", "sequential_cnn")
-    }
+    assert set(images) >= {"confusion.png", "wrong.png", "test_histogram.png", "curves.png"}
     assert 'src="http' not in page and "src='http" not in page  # opens offline
     assert all((path.parent / "report" / name).stat().st_size > 1000 for name in images)
+
+
+def test_report_links_every_output_relatively(report):
+    path, cfg = report
+    page = path.read_text()
+    links = re.findall(r"<a href='([^']+)'>", page)
+    for name in ("leaderboard.csv", "best.json", "config.yaml", "submission.csv", "logs/train.log", "logs/predict.log"):
+        assert name in links, name
+    assert "sequential_cnn/metrics.csv" in links
+    assert all(not link.startswith(("/", "http")) for link in links), links
+    assert all((path.parent / link.rstrip("/")).exists() for link in links), links
+
+
+def test_report_rounds_numbers(report):
+    path, _ = report
+    cells = re.findall(r"<td>(-?\d+\.\d+)</td>", path.read_text())
+    assert cells and all(len(cell.split(".")[1]) in (1, 4) for cell in cells), cells
+
+
+def expected_headline(path: Path) -> str:
+    """The headline's first sentence, from the run folder's own files."""
+    best = json.loads((path.parent / "best.json").read_text())
+    return f"Best model: {best['arch']}, validation accuracy {best['val_acc']:.4f}, log loss {best['val_log_loss']:.4f}"
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (.ci/run installs it)")
@@ -94,5 +115,14 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     match = re.search(r'data-loaded="(\d+)/(\d+)"', proc.stdout)
     assert match, proc.stderr[-2000:]
     loaded, total = map(int, match.groups())
-    assert total >= 6 and loaded == total
+    assert total >= 4 and loaded == total
     assert "Leaderboard" in proc.stdout and "Most confidently wrong" in proc.stdout
+    # The headline comes first, before the leaderboard, with the answer and the run's context.
+    text = re.sub(r"<[^>]+>", "", proc.stdout)
+    headline = expected_headline(path)
+    assert headline in text, text[:2000]
+    assert text.index(headline) < text.index("Leaderboard")
+    summary = json.loads((path.parent / "run_summary.json").read_text())
+    assert f"total wall time {summary['wall_seconds']:.1f} s" in text
+    assert f"{summary['machine']['cpus']} CPUs" in text and "train worker(s)" in text
+    assert summary["finished_utc"] in text

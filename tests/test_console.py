@@ -1,0 +1,121 @@
+"""What a person sees: a short console (Ray's own output in the run's log file), --verbose, and
+the ``catdog`` command."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, quick_overrides
+
+from catdog.cli import JOBS
+from catdog.console import MARK, duration
+
+MAX_LINES = 40
+
+
+def run(args: list[str], env: dict | None = None, timeout: int = 1500) -> subprocess.CompletedProcess:
+    env = {**{k: v for k, v in os.environ.items() if k != "CATDOG_VERBOSE"}, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+
+
+def sets(overrides: list[str]) -> list[str]:
+    return [arg for item in overrides for arg in ("--set", item)]
+
+
+def test_catdog_help_lists_every_job():
+    proc = run(["-m", "catdog", "--help"], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for job in ("train", "predict", "evaluate", "prepare"):
+        assert job in proc.stdout
+
+
+@pytest.mark.parametrize("job", sorted(JOBS))
+def test_catdog_subcommand_help_matches_the_job_script(job):
+    """Same options either way: the definitions are shared."""
+    command = run(["-m", "catdog", job, "--help"], timeout=120)
+    script = run([str(REPO / "jobs" / f"{job}.py"), "--help"], timeout=120)
+    assert command.returncode == 0 and script.returncode == 0, command.stderr + script.stderr
+
+    def options(text: str) -> set[str]:
+        return {word.strip(",[]") for word in text.split() if word.startswith(("--", "[--"))}
+
+    assert options(command.stdout) == options(script.stdout)
+    assert "--config" in command.stdout and "--verbose" in command.stdout
+
+
+def test_duration():
+    assert duration(75) == "1:15" and duration(3725) == "1:02:05" and duration(-1) == "0:00"
+
+
+@pytest.mark.slow
+def test_quick_train_prints_a_short_console_and_logs_ray_to_the_run(small_real_data, tmp_path):
+    overrides = quick_overrides(small_real_data, tmp_path)
+    proc = run([str(REPO / "jobs" / "train.py"), "--config", "configs/quick.yaml", *sets(overrides)])
+    lines = proc.stdout.splitlines() + proc.stderr.splitlines()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(lines) <= MAX_LINES, "\n".join(lines)
+    run_dir = tmp_path / "quick"
+    assert proc.stdout.splitlines()[-1] == str(run_dir / "best.json")
+    # One epoch line per architecture, with the ETAs; no Ray prefixes or progress bars.
+    epoch_lines = [line for line in proc.stdout.splitlines() if " epoch 1/1: " in line]
+    assert len(epoch_lines) == 3 and all("ETA" in line and "(run)" in line for line in epoch_lines), proc.stdout
+    assert "pid=" not in proc.stdout + proc.stderr and MARK not in proc.stdout + proc.stderr
+    assert "Running Dataset" not in proc.stderr
+    assert str(run_dir / "logs" / "train.log") in proc.stderr  # the start line says where the log goes
+    log = (run_dir / "logs" / "train.log").read_text()
+    assert "(TrainController pid=" in log and "Dataset" in log  # Ray's own output is kept, in the log
+
+    predict = run([str(REPO / "jobs" / "predict.py"), "--config", "configs/quick.yaml", *sets(overrides)])
+    assert predict.returncode == 0, predict.stderr[-3000:]
+    assert len(predict.stdout.splitlines() + predict.stderr.splitlines()) <= 10, predict.stdout + predict.stderr
+    assert predict.stdout.splitlines()[-1] == str(run_dir / "submission.csv")
+    assert "Dataset" in (run_dir / "logs" / "predict.log").read_text()
+
+
+@pytest.mark.slow
+def test_verbose_shows_rays_own_progress(small_real_data, tmp_path):
+    overrides = quick_overrides(small_real_data, tmp_path, "verbose", models="[sequential_cnn]")
+    proc = run([str(REPO / "jobs" / "train.py"), "--config", "configs/quick.yaml", "--verbose", *sets(overrides)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    assert "(TrainController pid=" in output and "Running Dataset" in output
+    assert proc.stdout.splitlines()[-1] == str(tmp_path / "verbose" / "best.json")
+    assert not Path(tmp_path / "verbose" / "logs" / "train.log").exists()
+
+
+def test_worker_lines_split_between_console_and_log(tmp_path, capsys):
+    """What Ray's log_to_driver delivers: catdog's marked lines to the console without Ray's
+    prefix, everything else to the log file with it."""
+    from catdog.console import LogFile, _dispatch
+
+    log = LogFile(str(tmp_path / "ray.log"))
+    batch = {
+        "pid": 42,
+        "ip": "10.0.0.1",
+        "localhost": "10.0.0.1",
+        "actor_name": "RayTrainWorker",
+        "is_err": False,
+        "lines": [MARK + "resnet18 epoch 1/3: val_acc 0.9000", "Moving model to device: cpu"],
+    }
+    _dispatch(batch, log, passthrough=None, show_bars=False)
+    _dispatch({**batch, "is_err": True, "lines": [MARK + "warning: bad image"]}, log, None, False)
+    log.close()
+    out = capsys.readouterr()
+    assert out.out == "resnet18 epoch 1/3: val_acc 0.9000\n" and out.err == "warning: bad image\n"
+    assert (tmp_path / "ray.log").read_text() == "(RayTrainWorker pid=42) Moving model to device: cpu\n"
+
+
+def test_ray_log_moves_with_what_it_holds(tmp_path):
+    from catdog.console import LogFile
+
+    log = LogFile(str(tmp_path / "tmp" / "a.log"))
+    log.write("before\n")
+    log.move(str(tmp_path / "run" / "logs" / "train.log"))
+    log.write("after\n")
+    log.close()
+    assert (tmp_path / "run" / "logs" / "train.log").read_text() == "before\nafter\n"
+    assert not (tmp_path / "tmp" / "a.log").exists()
