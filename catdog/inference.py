@@ -12,34 +12,27 @@ import csv
 import io
 import json
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import torch
 
 from catdog.checkpoints import CheckpointError, load_model, read_meta
 from catdog.config import CatdogConfig
-from catdog.data import DataError, image_dataset, list_entries
+from catdog.data import DataError, image_dataset, list_table
 from catdog.presets import MEAN, STD, EvalPreset
 from catdog.runtime import check_predict_resources, init_ray
+from catdog.scoring_plan import PREDICTION_SCHEMA as PREDICTION_SCHEMA  # the schema of predictions/
+from catdog.scoring_plan import commit_part, make_plan, promote, score_and_commit, scoring_fingerprint
 from catdog.storage import Storage, basename, join
 from catdog.training import CLIP, autocast, to_model_input
 
 logger = logging.getLogger(__name__)
-
-PREDICTION_SCHEMA = pa.schema(
-    [
-        ("id", pa.int64()),
-        ("path", pa.string()),
-        ("prob_dog", pa.float32()),
-        ("label", pa.int8()),
-        ("model", pa.string()),
-        ("error", pa.string()),
-    ]
-)
 
 
 @dataclass(frozen=True)
@@ -146,11 +139,14 @@ class Predictor:
         }
         if "truth" in batch:
             columns["truth"] = pa.array(batch["truth"], type=pa.int8(), from_pandas=True)
+        if "version" in batch:  # predict: what the image was scored at, for incremental reruns
+            columns["size"] = pa.array(batch["size"], type=pa.int64())
+            columns["version"] = pa.array(batch["version"], type=pa.string())
         return pa.table(columns)
 
 
 def predictions_dataset(
-    cfg: CatdogConfig, storage: Storage, rows: list[dict], models: list[ModelRef], tta: bool, shards=None
+    cfg: CatdogConfig, storage: Storage, rows: pa.Table | list[dict], models: list[ModelRef], tta: bool, shards=None
 ):
     """Decode once per file, with each model's own eval preset, then score in an actor pool.
     ``shards``: the shard set the rows were listed from (None: rows name image files)."""
@@ -269,21 +265,51 @@ def run_predict(
     tta: bool = False,
     ensemble: bool = False,
     proba: bool = False,
+    full: bool = False,
 ) -> str:
-    """Score every image under ``input_uri`` (a folder or a shard set); return the URI of ``submission.csv``."""
+    """Score the images under ``input_uri`` (a folder or a shard set) that ``output_uri`` has no
+    valid result for (all of them with ``full``), resuming an interrupted run; return the URI of
+    ``submission.csv``.  See :mod:`catdog.scoring_plan`."""
+    started = time.monotonic()
     storage = Storage.from_config(cfg.storage)
     input_uri, output_uri = input_uri or cfg.data.test, output_uri or cfg.run_uri
     models = resolve_models(storage, cfg, model_uri, ensemble)
-    entries, shards = list_entries(storage, input_uri)
-    rows = [{"path": entry["path"], "id": entry["id"]} for entry in entries]
-    if not rows:
+    listing, shards = list_table(storage, input_uri)
+    if not listing.num_rows:
         raise DataError(f"{input_uri}: no .jpg/.jpeg/.png images found")
     storage.check_bucket(output_uri)
-    init_ray(cfg)
-    check_predict_resources(cfg)
-    logger.info("predicting %d images from %s with %s", len(rows), input_uri, ", ".join(m.name for m in models))
-    predictions_uri = join(output_uri, "predictions")
-    write_parquet_atomically(predictions_dataset(cfg, storage, rows, models, tta, shards), storage, predictions_uri)
+    fingerprint = scoring_fingerprint(storage, [m.checkpoint for m in models], tta, cfg.predict.amp)
+    plan = make_plan(storage, listing.select(["path", "size", "version", "id"]), output_uri, fingerprint, full)
+    logger.info(
+        "predicting %d of %d images from %s with %s (%d reused, %d resumed, %d removed)",
+        plan.to_score.num_rows,
+        listing.num_rows,
+        input_uri,
+        ", ".join(m.name for m in models),
+        plan.reused,
+        plan.resumed,
+        plan.removed,
+    )
+    scored = 0
+    if plan.to_score.num_rows:
+        init_ray(cfg)
+        check_predict_resources(cfg)
+        ds = predictions_dataset(cfg, storage, plan.to_score, models, tta, shards).map_batches(
+            commit_part, fn_args=(storage, plan.parts_uri, fingerprint), batch_size=None, batch_format="pyarrow"
+        )
+        scored = score_and_commit(ds, plan).scored
+    promote(storage, plan, cfg.predict.threshold)
+    submission_uri = write_submission(cfg, storage, output_uri, plan.predictions_uri, proba)
+    print(
+        f"predict: scored {scored}, reused {plan.reused + plan.resumed}, removed {plan.removed} "
+        f"of {listing.num_rows} images in {time.monotonic() - started:.1f} s",
+        flush=True,
+    )
+    refresh_report(cfg, storage, output_uri)
+    return submission_uri
+
+
+def write_submission(cfg: CatdogConfig, storage: Storage, output_uri: str, predictions_uri: str, proba: bool) -> str:
     text, unreadable = submission_csv(storage, predictions_uri, cfg, proba)
     if unreadable:
         logger.warning(
@@ -295,7 +321,6 @@ def run_predict(
     submission_uri = join(output_uri, "submission.csv")
     storage.write_text(submission_uri, text)
     logger.info("wrote %s (%d rows) and %s", submission_uri, text.count("\n") - 1, predictions_uri)
-    refresh_report(cfg, storage, output_uri)
     return submission_uri
 
 
@@ -336,21 +361,18 @@ def run_evaluate(
     storage = Storage.from_config(cfg.storage)
     output_uri = output_uri or join(cfg.run_uri, "evaluate")
     models = resolve_models(storage, cfg, model_uri, ensemble)
-    rows, unlabeled = [], []
-    entries, shards = list_entries(storage, input_uri)
-    for entry in entries:
-        if entry["label"] is None:
-            unlabeled.append(entry["path"])
-        else:
-            rows.append({"path": entry["path"], "id": entry["id"], "truth": entry["label"]})
+    listing, shards = list_table(storage, input_uri)
+    labelled = pc.is_valid(listing["label"])
+    unlabeled = listing.filter(pc.invert(labelled))["path"].to_pylist()[:20]
+    rows = listing.filter(labelled).select(["path", "id", "label"]).rename_columns(["path", "id", "truth"])
     if unlabeled:
         logger.warning(
             "%s: skipped %d files whose names carry no label: %s",
             input_uri,
-            len(unlabeled),
-            ", ".join(basename(p) for p in unlabeled[:20]),
+            listing.num_rows - rows.num_rows,
+            ", ".join(basename(p) for p in unlabeled),
         )
-    if not rows:
+    if not rows.num_rows:
         raise DataError(f"{input_uri}: no labelled images (cat.N.jpg / dog.N.jpg or cat(s)/ dog(s)/ folders)")
     storage.check_bucket(output_uri)
     init_ray(cfg)

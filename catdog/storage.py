@@ -24,6 +24,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 S3_CONNECT_TIMEOUT_S = 5
@@ -213,6 +214,33 @@ class Storage:
         with self.errors(uri):
             infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
         return [info for info in infos if info.type == pafs.FileType.File]
+
+    def list_versions(self, uri: str) -> pa.Table:
+        """Every plain file under ``uri`` as Arrow columns ``path`` (filesystem path), ``size`` and
+        ``version``: the modification time in ns locally, the ETag on S3 (listing metadata only, no
+        extra request per object).  pyarrow's S3 listing has no ETag; s3fs's has, so S3 lists through it."""
+        fs, path = self.resolve(uri)
+        if not is_remote(uri):
+            infos = self.list_files(uri)
+            return pa.table(
+                {
+                    "path": pa.array([info.path for info in infos], pa.string()),
+                    "size": pa.array([info.size for info in infos], pa.int64()),
+                    "version": pa.array([str(info.mtime_ns) for info in infos], pa.string()),
+                }
+            )
+        s3 = self.s3fs()
+        s3.invalidate_cache()  # fsspec shares one instance per settings: never answer from an old listing
+        with self.errors(uri):
+            found = s3.find(path, detail=True)
+        objects = [info for info in found.values() if info.get("type") == "file"]
+        return pa.table(
+            {
+                "path": pa.array([info["name"] for info in objects], pa.string()),
+                "size": pa.array([info["size"] for info in objects], pa.int64()),
+                "version": pa.array([str(info.get("ETag", "")).strip('"') for info in objects], pa.string()),
+            }
+        )
 
     def uri_of(self, uri_like: str, fs_path: str) -> str:
         """Turn a filesystem path returned by :meth:`list_files` back into a URI."""

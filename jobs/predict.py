@@ -1,9 +1,10 @@
 """Score an image folder with the best model: predictions Parquet + Kaggle submission.csv.
 
-Locally:      python jobs/predict.py --config configs/local.yaml [--model URI] [--input URI] [--output URI]
+Locally:      python jobs/predict.py --config configs/local.yaml [--model URI] [--input URI] [--output URI] [--full]
 On a cluster: ray job submit --working-dir . -- python jobs/predict.py --config configs/gpu.yaml
 
-The last stdout line is the URI of ``submission.csv``.
+A rerun into the same output scores only new or changed images, and a killed run resumes where it
+stopped; ``--full`` re-scores everything.  The last stdout line is the URI of ``submission.csv``.
 """
 
 import sys
@@ -20,9 +21,13 @@ def main() -> int:
     parser.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
     parser.add_argument("--ensemble", action="store_true", help="average every model on the leaderboard")
     parser.add_argument("--proba", action="store_true", help="write clipped probabilities (Kaggle Redux format)")
+    parser.add_argument("--full", action="store_true", help="re-score every image (default: only new or changed ones)")
     args = parser.parse_args()
     return run_job(
-        args, lambda cfg: run_predict(cfg, args.model, args.input, args.output, args.tta, args.ensemble, args.proba)
+        args,
+        lambda cfg: run_predict(
+            cfg, args.model, args.input, args.output, args.tta, args.ensemble, args.proba, full=args.full
+        ),
     )
 
 
