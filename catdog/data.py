@@ -38,6 +38,8 @@ CLASS_NAMES = ("cat", "dog")  # index = label: 0 = cat, 1 = dog
 _FOLDER_LABELS = {"cat": 0, "cats": 0, "dog": 1, "dogs": 1}
 _KAGGLE_NAME = re.compile(r"^(cat|dog)\.[^/]*$", re.IGNORECASE)
 _ID_NAME = re.compile(r"^(\d+)\.[^.]+$")
+# Rows per block that the driver puts into the object store (listings, plans).
+DRIVER_BLOCK_ROWS = 16384
 # Decoded images bigger than this are reduced while decoding (JPEG draft / PIL reduce).
 MAX_DECODE_PIXELS = 4096 * 4096
 
@@ -404,7 +406,12 @@ def image_dataset(
             batch_format="numpy",
             num_cpus=num_cpus,
         )
-    return ray.data.from_arrow(table_blocks(rows, batch_size)).map_batches(
+    # Few large blocks cross the driver (one object each); streaming repartition cuts them into one
+    # block per decode task inside the pipeline, so planning a million rows stays cheap.
+    ds = ray.data.from_arrow(table_blocks(rows, DRIVER_BLOCK_ROWS))
+    if rows.num_rows > batch_size:
+        ds = ds.repartition(target_num_rows_per_block=batch_size)
+    return ds.map_batches(
         decode_batch,
         fn_args=(storage, presets, drop_errors),
         batch_size=batch_size,
