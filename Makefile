@@ -54,6 +54,7 @@ run: train predict
 
 bench: $(STAMP) check-data
 	$(PY) bench/run.py $(BENCH_ARGS)
+	$(PY) bench/plan_scale.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache catdog.egg-info
