@@ -10,9 +10,10 @@ Ray (peak RSS is the driver's own ``ru_maxrss``; Ray's processes are separate):
 * ``first``: nothing scored yet; the whole listing is planned and handed to Ray Data;
 * ``nightly``: ``predictions/`` already holds 99% of the files (same model); 1% are new.
 
-Times are from the start of the job function (after Python and ``import catdog``): Ray start,
+Times are from the start of the measured process's work (catdog imports included): Ray start,
 listing build, plan (fingerprint, joins against ``predictions/`` and committed parts), building the
-pipeline, first committed part.  Writes ``<out>/plan_scale-<timestamp>.json`` and ``plan_scale.md``.
+pipeline, first committed part.  The model, the image tree and the earlier ``predictions/`` are
+made by the parent beforehand.  Writes ``<out>/plan_scale-<timestamp>.json`` and ``plan_scale.md``.
 """
 
 from __future__ import annotations
@@ -73,23 +74,19 @@ def synthetic_listing(tree: str, n: int):
     )
 
 
-def measure(n: int, scenario: str, work: Path) -> dict:
-    """One measurement, in this (fresh) process."""
-    started = time.monotonic()
+def prepare(n: int, scenario: str, work: Path) -> tuple[str, Path]:
+    """In the parent: the model, the image tree and (``nightly``) the earlier ``predictions/``,
+    so that the measured process does only what a job does."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
 
     from catdog.checkpoints import save_checkpoint
-    from catdog.config import load_config
-    from catdog.inference import model_ref, predictions_dataset
     from catdog.models import build_model
-    from catdog.runtime import init_ray
-    from catdog.scoring_plan import commit_part, make_plan, scoring_fingerprint
+    from catdog.scoring_plan import scoring_fingerprint
     from catdog.storage import Storage
 
-    storage = Storage()
     checkpoint = work / "checkpoint"
     if not checkpoint.exists():
         checkpoint.mkdir()
@@ -97,24 +94,39 @@ def measure(n: int, scenario: str, work: Path) -> dict:
         cfg = {"arch": "sequential_cnn", "image_size": 64, "config_hash": "bench", "run_name": "bench"}
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         save_checkpoint(str(checkpoint), model, optimizer, cfg=cfg, epoch=0, step=0, history=[{}])
-    cfg = load_config(REPO / "configs" / "quick.yaml", [f"storage.root={work}", "ray.num_cpus=3"])
     tree = make_tree(work, n)
     out = work / f"out-{n}-{scenario}"
-    models = [model_ref(storage, str(checkpoint))]
-    fingerprint = scoring_fingerprint(storage, [str(checkpoint)], False, cfg.predict.amp)
-    t = {"setup_s": time.monotonic() - started}
+    if scenario == "nightly":  # an earlier complete run scored 99% of the files with this model
+        fingerprint = scoring_fingerprint(Storage(), [str(checkpoint)], False, True)
+        earlier = synthetic_listing(tree, n).slice(0, n - n // 100).select(["path", "size", "version"])
+        (out / "predictions").mkdir(parents=True, exist_ok=True)
+        scoring = pa.array(np.full(earlier.num_rows, fingerprint))
+        pq.write_table(earlier.append_column("scoring", scoring), out / "predictions" / "part-00000.parquet")
+    return tree, out
+
+
+def measure(n: int, tree: str, out: Path, work: Path) -> dict:
+    """One measurement, in this (fresh) process: what ``run_predict`` does up to its first committed part."""
+    started = time.monotonic()
+    from catdog.config import load_config
+    from catdog.inference import model_ref, predictions_dataset
+    from catdog.runtime import init_ray
+    from catdog.scoring_plan import commit_part, make_plan, scoring_fingerprint
+    from catdog.storage import Storage
+
+    storage = Storage()
+    checkpoint = str(work / "checkpoint")
+    cfg = load_config(REPO / "configs" / "quick.yaml", [f"storage.root={work}", "ray.num_cpus=3"])
+    t = {"imports_s": time.monotonic() - started}
     mark = time.monotonic()
     init_ray(cfg)
     t["ray_start_s"] = time.monotonic() - mark
     mark = time.monotonic()
     listing = synthetic_listing(tree, n)
     t["listing_build_s"] = time.monotonic() - mark
-    if scenario == "nightly":  # an earlier complete run scored 99% of the files with this model
-        earlier = listing.slice(0, n - n // 100).select(["path", "size", "version"])
-        (out / "predictions").mkdir(parents=True, exist_ok=True)
-        scoring = pa.array(np.full(earlier.num_rows, fingerprint))
-        pq.write_table(earlier.append_column("scoring", scoring), out / "predictions" / "part-00000.parquet")
     mark = time.monotonic()
+    models = [model_ref(storage, checkpoint)]
+    fingerprint = scoring_fingerprint(storage, [checkpoint], False, cfg.predict.amp)
     plan = make_plan(storage, listing.select(["path", "size", "version", "id"]), str(out), fingerprint, full=False)
     t["plan_s"] = time.monotonic() - mark
     mark = time.monotonic()
@@ -125,10 +137,10 @@ def measure(n: int, scenario: str, work: Path) -> dict:
     mark = time.monotonic()
     next(iter(ds.iter_batches(batch_size=None, batch_format="pyarrow")))
     t["first_batch_after_plan_s"] = time.monotonic() - mark
-    t["job_to_first_batch_s"] = time.monotonic() - started - t["setup_s"]
+    t["job_to_first_batch_s"] = time.monotonic() - started
     t["plan_total_s"] = t["listing_build_s"] + t["plan_s"] + t["pipeline_build_s"]
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB → GiB
-    return {"files": n, "scenario": scenario, "to_score": plan.to_score.num_rows, "driver_peak_rss_gib": rss, **t}
+    return {"files": n, "to_score": plan.to_score.num_rows, "driver_peak_rss_gib": rss, **t}
 
 
 def table(rows: list[dict]) -> str:
@@ -152,8 +164,8 @@ def main() -> int:
     parser.add_argument("--one", help=argparse.SUPPRESS)  # "N,scenario,workdir": run one measurement here
     args = parser.parse_args()
     if args.one:
-        n, scenario, work = args.one.split(",", 2)
-        print(json.dumps(measure(int(n), scenario, Path(work))), flush=True)
+        n, tree, out, work = args.one.split(",", 3)
+        print(json.dumps(measure(int(n), tree, Path(out), Path(work))), flush=True)
         import ray
 
         ray.shutdown()  # the result is out: stop the pipeline's remaining tasks with this process's Ray
@@ -162,9 +174,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="catdog-plan-") as work:
         for n in (int(s) for s in args.sizes.split(",")):
             for scenario in ("first", "nightly"):
+                tree, out_dir = prepare(n, scenario, Path(work))
                 env = {**os.environ, "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}", "RAY_ADDRESS": ""}
                 proc = subprocess.run(
-                    [sys.executable, __file__, "--one", f"{n},{scenario},{work}"],
+                    [sys.executable, __file__, "--one", f"{n},{tree},{out_dir},{work}"],
                     capture_output=True,
                     text=True,
                     env=env,
@@ -177,7 +190,7 @@ def main() -> int:
                 if not result:
                     print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
                     return 1
-                rows.append(json.loads(result[-1]))
+                rows.append({"scenario": scenario, **json.loads(result[-1])})
                 print(table(rows[-1:]).splitlines()[-1], flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

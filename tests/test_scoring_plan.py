@@ -258,3 +258,90 @@ def test_killed_predict_resumes_and_ends_equal_to_an_uninterrupted_run(
     assert_same_predictions(whole / "predictions", resumed / "predictions")
     assert submission(whole / "submission.csv") == submission(resumed / "submission.csv")
     assert not (resumed / PARTIAL).exists()
+
+
+# -- the same on S3 (moto_server), where versions are ETags --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory):
+    from test_s3 import MotoServer
+
+    server = MotoServer(tmp_path_factory.mktemp("moto") / "moto_server.log")
+    yield server
+    server.stop()
+
+
+def s3_committed_rows(fs, prefix: str) -> int:
+    import pyarrow.fs as pafs
+
+    infos = fs.get_file_info(pafs.FileSelector(prefix, recursive=True, allow_not_found=True))
+    parts = [i.path for i in infos if i.type == pafs.FileType.File and i.base_name.startswith("part-")]
+    return sum(pq.read_metadata(i, filesystem=fs).num_rows for i in parts)
+
+
+@pytest.mark.slow
+def test_on_s3_reruns_use_etags_and_a_killed_run_resumes(data_dir, checkpoints, moto, tmp_path):
+    import pyarrow.fs as pafs
+    from test_s3 import job_env
+
+    fs, name = moto.fs(), moto.bucket("catdog-incr")
+    local = small_copies(data_dir / "test1", tmp_path / "in", range(1, 651))
+    pafs.copy_files(str(local), f"{name}/in", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    for i in range(601, 651):
+        fs.delete_file(f"{name}/in/{i}.jpg")
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(config(tmp_path, f"storage.endpoint_url={moto.endpoint}", "predict.batch_size=16").to_yaml())
+    bucket = f"s3://{name}"
+
+    def predict(model: Path, out: str, *extra: str) -> dict[str, int]:
+        command = predict_command(cfg_file, str(model), f"{bucket}/in", out) + list(extra)
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=job_env(), cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return summary(proc.stdout)
+
+    def read(out: str) -> pa.Table:
+        return pq.read_table(f"{out[len('s3://') :]}/predictions", filesystem=fs).sort_by("path")
+
+    out = f"{bucket}/out"
+    assert predict(checkpoints[0], out) == {"scored": 600, "reused": 0, "removed": 0, "total": 600}
+    # 50 new objects, 20 deleted, one overwritten with other bytes (a new ETag): exactly 51 are scored.
+    # (every object is uploaded again: the same bytes keep their ETag and are not scored again)
+    pafs.copy_files(str(local), f"{name}/in", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    for i in range(1, 21):
+        fs.delete_file(f"{name}/in/{i}.jpg")
+    with fs.open_output_stream(f"{name}/in/100.jpg") as stream:
+        stream.write((local / "640.jpg").read_bytes())
+    assert predict(checkpoints[0], out) == {"scored": 51, "reused": 579, "removed": 20, "total": 630}
+    rows = read(out)
+    assert rows.num_rows == 630 and not {f"{bucket}/in/{i}.jpg" for i in range(1, 21)} & set(rows["path"].to_pylist())
+    with fs.open_input_stream(f"{name}/out/submission.csv") as stream:
+        ids = [int(line.split(",")[0]) for line in stream.read().decode().splitlines()[1:]]
+    assert len(ids) == 630 and not set(range(1, 21)) & set(ids)
+    # A model change re-scores everything; killed once a third is committed, the rerun finishes the rest.
+    command = predict_command(cfg_file, str(checkpoints[1]), f"{bucket}/in", out)
+    log = open(tmp_path / "killed.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=job_env(), start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while s3_committed_rows(fs, f"{name}/out/{PARTIAL}") < 210 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        at_kill = s3_committed_rows(fs, f"{name}/out/{PARTIAL}")
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+        log.close()
+    assert 210 <= at_kill < 630, (at_kill, (tmp_path / "killed.log").read_text()[-3000:])
+    counts = predict(checkpoints[1], out)
+    assert counts["total"] == 630 and counts["reused"] >= at_kill and counts["scored"] == 630 - counts["reused"]
+    assert predict(checkpoints[1], f"{bucket}/whole")["scored"] == 630
+    left, right = read(out), read(f"{bucket}/whole")
+    assert left["path"].to_pylist() == right["path"].to_pylist() and set(left["model"].to_pylist()) == {
+        "sequential_cnn:b"
+    }
+    assert np.allclose(
+        np.array(left["prob_dog"].to_pylist(), dtype=float),
+        np.array(right["prob_dog"].to_pylist(), dtype=float),
+        atol=1e-5,
+    )
+    assert not [i for i in fs.get_file_info(pafs.FileSelector(f"{name}/out", recursive=True)) if PARTIAL in i.path]
