@@ -161,6 +161,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="100000,1000000")
     parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--note", default="", help="a line for the results file, e.g. 'quiet machine'")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # "N,scenario,workdir": run one measurement here
     args = parser.parse_args()
     if args.one:
@@ -195,8 +196,8 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    (out / f"plan_scale-{stamp}.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (out / "plan_scale.md").write_text(table(rows))
+    (out / f"plan_scale-{stamp}.json").write_text(json.dumps({"note": args.note, "rows": rows}, indent=2) + "\n")
+    (out / "plan_scale.md").write_text((f"{args.note}\n\n" if args.note else "") + table(rows))
     print(table(rows))
     return 0
 

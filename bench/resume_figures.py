@@ -85,6 +85,7 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--kill-at", type=float, default=0.4)
     parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--note", default="", help="a line for the results file, e.g. 'quiet machine'")
     args = parser.parse_args()
     from catdog.config import load_config
 
@@ -107,7 +108,9 @@ def main() -> int:
         rows["incremental base (99%)"] = predict(cfg_file, model, base, work / "c")
         linked_folder(test1, base, names)
         rows["incremental (+1% new)"] = predict(cfg_file, model, base, work / "c")
-    lines = [f"{len(names)} test1 images, {Path(args.config).name}, {cfg.models[0].arch}; each run a fresh process", ""]
+    lines = [args.note, ""] if args.note else []
+    what = f"{len(names)} test1 images, {Path(args.config).name}, {cfg.models[0].arch}"
+    lines += [f"{what}; each run a fresh process", ""]
     lines += ["| run | wall s | scored | reused | removed |", "|---|---|---|---|---|"]
     for name, r in rows.items():
         scored = "killed" if r.get("killed") else r["scored"]
@@ -115,7 +118,8 @@ def main() -> int:
     text = "\n".join(lines) + "\n"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"resume-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    result = json.dumps({"note": args.note, "runs": rows}, indent=2) + "\n"
+    (out / f"resume-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(result)
     (out / "resume.md").write_text(text)
     print(text)
     return 0
