@@ -60,6 +60,7 @@ run: train predict
 
 bench: $(STAMP) check-data
 	$(PY) bench/run.py $(BENCH_ARGS)
+	$(PY) bench/plan_scale.py
 
 # The GPU check kit in .gpu-kit/ (git-ignored, <= 60 MiB): cp312 wheels, real images, run.sh (README, "GPU check").
 # Downloads from PyPI.  Needs only pip and the standard library, so it does not set up .venv.

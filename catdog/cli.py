@@ -66,6 +66,7 @@ def predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tta", action="store_true", help=TTA_HELP)
     parser.add_argument("--ensemble", action="store_true", help=ENSEMBLE_HELP)
     parser.add_argument("--proba", action="store_true", help="write clipped probabilities (Kaggle Redux format)")
+    parser.add_argument("--full", action="store_true", help="re-score every image (default: only new or changed ones)")
 
 
 def evaluate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,7 +100,7 @@ def run_train(cfg: CatdogConfig, args: argparse.Namespace) -> str:
 def run_predict(cfg: CatdogConfig, args: argparse.Namespace) -> str:
     from catdog.inference import run_predict as predict
 
-    return predict(cfg, args.model, args.input, args.output, args.tta, args.ensemble, args.proba)
+    return predict(cfg, args.model, args.input, args.output, args.tta, args.ensemble, args.proba, full=args.full)
 
 
 def run_evaluate(cfg: CatdogConfig, args: argparse.Namespace) -> str:

@@ -31,10 +31,12 @@ import re
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image, ImageOps
 
 from catdog.presets import EvalPreset, TrainPreset
-from catdog.storage import READ_FAILED, ReadError, Storage, read_with_retries
+from catdog.storage import READ_FAILED, ReadError, Storage, is_remote, read_with_retries
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +45,8 @@ CLASS_NAMES = ("cat", "dog")  # index = label: 0 = cat, 1 = dog
 _FOLDER_LABELS = {"cat": 0, "cats": 0, "dog": 1, "dogs": 1}
 _KAGGLE_NAME = re.compile(r"^(cat|dog)\.[^/]*$", re.IGNORECASE)
 _ID_NAME = re.compile(r"^(\d+)\.[^.]+$")
+# Rows per block that the driver puts into the object store (listings, plans).
+DRIVER_BLOCK_ROWS = 16384
 # Decoded images bigger than this are reduced while decoding (JPEG draft / PIL reduce).
 MAX_DECODE_PIXELS = 4096 * 4096
 # Ray Data re-runs a decode task this many times when it failed with a ReadError.
@@ -76,17 +80,52 @@ def id_from_path(path: str) -> int | None:
 
 def list_images(storage: Storage, uri: str) -> list[str]:
     """Image file URIs under ``uri`` (recursively), sorted; hidden and non-image files are ignored."""
+    return image_listing(storage, uri).column("path").to_pylist()
+
+
+# A listing as Arrow columns: what planning, incremental reruns and Ray Data need, one column each.
+LISTING_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),  # the image's URI
+        ("size", pa.int64()),
+        ("version", pa.string()),  # mtime in ns (local), ETag (S3), sha256 (shard set)
+        ("id", pa.int64()),  # numeric Kaggle id of "123.jpg", else null
+        ("label", pa.int8()),  # 0 cat / 1 dog from the name or class folder, else null
+    ]
+)
+
+
+def image_listing(storage: Storage, uri: str) -> pa.Table:
+    """Every image under ``uri`` (recursively) as a :data:`LISTING_SCHEMA` table sorted by path;
+    hidden and non-image files are left out.  Built column by column from the storage listing:
+    no per-file Python object outlives the listing call."""
     if not storage.is_dir(uri):
         raise DataError(f"{uri}: image folder not found{storage.why_missing(uri)}")
     _, root = storage.resolve(uri)
-    paths = []
-    for info in storage.list_files(uri):
-        relative = info.path[len(root) :].lstrip("/")
-        if any(part.startswith(".") for part in relative.split("/")):
-            continue
-        if is_image_name(info.path):
-            paths.append(storage.uri_of(uri, info.path))
-    return sorted(paths)
+    files = storage.list_versions(uri)
+    relative = pc.utf8_ltrim(pc.utf8_slice_codeunits(files["path"], len(root)), "/")
+    keep = pc.and_(
+        pc.invert(pc.match_substring_regex(relative, r"(^|/)\.")),
+        pc.match_substring_regex(files["path"], r"\.(jpg|jpeg|png)$", ignore_case=True),
+    )
+    files = files.filter(keep)
+    paths = pc.utf8_replace_slice(files["path"], 0, 0, "s3://") if is_remote(uri) else files["path"]
+    table = pa.table(
+        {"path": paths, "size": files["size"], "version": files["version"], **names_to_columns(paths)},
+        schema=LISTING_SCHEMA,
+    )
+    return table.sort_by("path")
+
+
+def names_to_columns(paths: pa.ChunkedArray | pa.Array) -> dict[str, pa.Array]:
+    """``id`` and ``label`` columns from paths, as :func:`id_from_path` and :func:`label_from_path` read them."""
+    base = pc.replace_substring_regex(paths, r"^.*/", "")
+    ids = pc.struct_field(pc.extract_regex(base, r"^(?P<id>\d+)\.[^.]+$"), [0])
+    kaggle = pc.struct_field(pc.extract_regex(base, r"(?i)^(?P<k>cat|dog)\."), [0])
+    folder = pc.struct_field(pc.extract_regex(paths, r"(?i)(?:^|/)(?P<f>cats?|dogs?)/[^/]*$"), [0])
+    kind = pc.utf8_lower(pc.coalesce(kaggle, folder))
+    label = pc.if_else(pc.starts_with(kind, "c"), pa.scalar(0, pa.int8()), pa.scalar(1, pa.int8()))
+    return {"id": pc.cast(ids, pa.int64()), "label": label}
 
 
 def split_key(name: str, seed: int) -> str:
@@ -94,18 +133,25 @@ def split_key(name: str, seed: int) -> str:
     return hashlib.sha256(f"{seed}:{posixpath.basename(name)}".encode()).hexdigest()
 
 
-def list_entries(storage: Storage, uri: str):
-    """``({"path", "label", "id"}, ...)`` for every image in a folder or a shard set, from names only,
-    and the :class:`~catdog.shards.ShardSet` when ``uri`` is one (else None).
+def list_table(storage: Storage, uri: str):
+    """A :data:`LISTING_SCHEMA` table of every image in a folder or a shard set, sorted by path,
+    from the listing only (names, sizes, versions; never image bytes), and the
+    :class:`~catdog.shards.ShardSet` when ``uri`` is one (else None).
 
     A shard set's labels and ids come from its columns; a folder's from its file names."""
-    from catdog.shards import open_shard_set, shard_entries
+    from catdog.shards import open_shard_set, shard_listing
 
     shards = open_shard_set(storage, uri)
     if shards is not None:
-        return shard_entries(storage, shards), shards
-    entries = [{"path": p, "label": label_from_path(p), "id": id_from_path(p)} for p in list_images(storage, uri)]
-    return entries, None
+        return shard_listing(storage, shards), shards
+    return image_listing(storage, uri), None
+
+
+def list_entries(storage: Storage, uri: str):
+    """``({"path", "label", "id"}, ...)`` for every image in a folder or a shard set (training's
+    split works on these), and the shard set when ``uri`` is one (else None)."""
+    table, shards = list_table(storage, uri)
+    return table.select(["path", "label", "id"]).to_pylist(), shards
 
 
 @dataclass
@@ -351,7 +397,7 @@ def _decode_pool(threads: int):
 
 def image_dataset(
     storage: Storage,
-    rows: list[dict],
+    rows: pa.Table | list[dict],
     presets: Presets | TrainPreset | EvalPreset,
     *,
     batch_size: int = 64,
@@ -360,7 +406,7 @@ def image_dataset(
     shards=None,
     threads: int = 1,
 ):
-    """A Ray Dataset of decoded images from rows that each name an image URI in ``path``.
+    """A Ray Dataset of decoded images from rows (an Arrow table, or dicts) that each name an image URI in ``path``.
 
     A single preset gives an ``image`` column.  From a folder: one block per ``batch_size`` files,
     decoded by one task (with ``threads`` decode threads): large enough to amortise task overhead,
@@ -370,7 +416,9 @@ def image_dataset(
     """
     import ray.data
 
-    if not rows:
+    if not isinstance(rows, pa.Table):
+        rows = pa.Table.from_pylist(rows)
+    if not rows.num_rows:
         raise DataError("no images to read")
     if not isinstance(presets, dict):
         presets = {"image": presets}
@@ -386,9 +434,13 @@ def image_dataset(
                 num_cpus=num_cpus,
             )
         )
-    blocks = max(1, math.ceil(len(rows) / batch_size))
+    # Few large blocks cross the driver (one object each); streaming repartition cuts them into one
+    # block per decode task inside the pipeline, so planning a million rows stays cheap.
+    ds = ray.data.from_arrow(table_blocks(rows, DRIVER_BLOCK_ROWS))
+    if rows.num_rows > batch_size:
+        ds = ds.repartition(target_num_rows_per_block=batch_size)
     return retry_read_failures(
-        ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
+        ds.map_batches(
             decode_batch,
             fn_args=(storage, presets, drop_errors),
             batch_size=batch_size,
@@ -404,3 +456,9 @@ def retry_read_failures(ds):
     ds.context.retried_map_errors = [READ_FAILED]
     ds.context.max_map_retries = READ_TASK_RETRIES
     return ds
+
+
+def table_blocks(table: pa.Table, rows_per_block: int) -> list[pa.Table]:
+    """Zero-copy slices of ``rows_per_block`` rows: one Ray Data block (one decode task) each."""
+    table = table.combine_chunks()
+    return [table.slice(start, rows_per_block) for start in range(0, table.num_rows, rows_per_block)]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -25,24 +26,15 @@ from catdog import tracking
 from catdog.checkpoints import CheckpointError, load_model, read_meta
 from catdog.config import CatdogConfig
 from catdog.console import job_log
-from catdog.data import DataError, Split, image_dataset, list_entries, load_split
+from catdog.data import DataError, Split, image_dataset, list_table, load_split
 from catdog.presets import MEAN, STD, EvalPreset
 from catdog.runtime import check_predict_resources, init_ray
+from catdog.scoring_plan import PREDICTION_SCHEMA as PREDICTION_SCHEMA  # the schema of predictions/
+from catdog.scoring_plan import commit_part, make_plan, promote, score_and_commit, scoring_fingerprint
 from catdog.storage import Storage, StorageError, basename, join
 from catdog.training import CLIP, autocast, to_model_input
 
 logger = logging.getLogger(__name__)
-
-PREDICTION_SCHEMA = pa.schema(
-    [
-        ("id", pa.int64()),
-        ("path", pa.string()),
-        ("prob_dog", pa.float32()),
-        ("label", pa.int8()),
-        ("model", pa.string()),
-        ("error", pa.string()),
-    ]
-)
 
 
 @dataclass(frozen=True)
@@ -149,11 +141,14 @@ class Predictor:
         }
         if "truth" in batch:
             columns["truth"] = pa.array(batch["truth"], type=pa.int8(), from_pandas=True)
+        if "version" in batch:  # predict: what the image was scored at, for incremental reruns
+            columns["size"] = pa.array(batch["size"], type=pa.int64())
+            columns["version"] = pa.array(batch["version"], type=pa.string())
         return pa.table(columns)
 
 
 def predictions_dataset(
-    cfg: CatdogConfig, storage: Storage, rows: list[dict], models: list[ModelRef], tta: bool, shards=None
+    cfg: CatdogConfig, storage: Storage, rows: pa.Table | list[dict], models: list[ModelRef], tta: bool, shards=None
 ):
     """Decode once per file, with each model's own eval preset, then score in an actor pool.
     ``shards``: the shard set the rows were listed from (None: rows name image files)."""
@@ -277,34 +272,68 @@ def run_predict(
     tta: bool = False,
     ensemble: bool = False,
     proba: bool = False,
+    full: bool = False,
 ) -> str:
-    """Score every image under ``input_uri`` (a folder or a shard set); return the URI of ``submission.csv``."""
+    """Score the images under ``input_uri`` (a folder or a shard set) that ``output_uri`` has no
+    valid result for (all of them with ``full``), resuming an interrupted run; return the URI of
+    ``submission.csv``.  See :mod:`catdog.scoring_plan`."""
     started = time.time()
     tracking.require_mlflow(cfg)
     storage = Storage.from_config(cfg.storage)
     input_uri, output_uri = input_uri or cfg.data.test, output_uri or cfg.run_uri
     models = resolve_models(storage, cfg, model_uri, ensemble)
-    entries, shards = list_entries(storage, input_uri)
-    rows = [{"path": entry["path"], "id": entry["id"]} for entry in entries]
-    if not rows:
+    listing, shards = list_table(storage, input_uri)
+    if not listing.num_rows:
         raise DataError(f"{input_uri}: no .jpg/.jpeg/.png images found")
     storage.check_bucket(output_uri)
-    predictions_uri = join(output_uri, "predictions")
+    fingerprint = scoring_fingerprint(storage, [m.checkpoint for m in models], tta, cfg.predict.amp)
+    plan = make_plan(storage, listing.select(["path", "size", "version", "id"]), output_uri, fingerprint, full)
+    scored, scoring = 0, 0.0
     with job_log(storage, output_uri, "predict") as ray_log:
         logger.info(
-            "predicting %d images from %s with %s; outputs in %s, Ray's log in %s",
-            len(rows),
+            "predicting %d of %d images from %s with %s (%d reused, %d resumed, %d removed); "
+            "outputs in %s, Ray's log in %s",
+            plan.to_score.num_rows,
+            listing.num_rows,
             input_uri,
             ", ".join(m.name for m in models),
+            plan.reused,
+            plan.resumed,
+            plan.removed,
             output_uri,
             ray_log.where,
         )
-        init_ray(cfg)
-        check_predict_resources(cfg)
-        ray_log.settle()
-        scoring = time.time()
-        write_parquet_atomically(predictions_dataset(cfg, storage, rows, models, tta, shards), storage, predictions_uri)
-        scoring = time.time() - scoring
+        if plan.to_score.num_rows:
+            init_ray(cfg)
+            check_predict_resources(cfg)
+            ray_log.settle()
+            scoring = time.time()
+            ds = predictions_dataset(cfg, storage, plan.to_score, models, tta, shards).map_batches(
+                commit_part, fn_args=(storage, plan.parts_uri, fingerprint), batch_size=None, batch_format="pyarrow"
+            )
+            scored = score_and_commit(ds, plan).scored
+            scoring = time.time() - scoring
+    promote(storage, plan, cfg.predict.threshold)
+    submission_uri, n_unreadable = write_submission(cfg, storage, output_uri, plan.predictions_uri, proba)
+    print(
+        f"predict: scored {scored}, reused {plan.reused + plan.resumed}, removed {plan.removed} "
+        f"of {listing.num_rows} images in {time.time() - started:.1f} s",
+        flush=True,
+    )
+    refresh_report(cfg, storage, output_uri)
+    tracking.log_job_run(
+        cfg,
+        "predict",
+        throughput(scored, scoring, started) | {"n_unreadable": n_unreadable, "n_reused": plan.reused + plan.resumed},
+        {"input": input_uri, "output": output_uri, "models": "+".join(m.name for m in models), "tta": tta},
+    )
+    return submission_uri
+
+
+def write_submission(
+    cfg: CatdogConfig, storage: Storage, output_uri: str, predictions_uri: str, proba: bool
+) -> tuple[str, int]:
+    """``submission.csv`` from ``predictions/``; its URI and how many unreadable images it labels."""
     text, unreadable = submission_csv(storage, predictions_uri, cfg, proba)
     if unreadable:
         logger.warning(
@@ -315,23 +344,8 @@ def run_predict(
         )
     submission_uri = join(output_uri, "submission.csv")
     storage.write_text(submission_uri, text)
-    logger.info(
-        "wrote %s (%d rows) and %s: %d images in %.1f s (%.1f img/s)",
-        submission_uri,
-        text.count("\n") - 1,
-        predictions_uri,
-        len(rows),
-        scoring,
-        len(rows) / max(scoring, 1e-9),
-    )
-    refresh_report(cfg, storage, output_uri)
-    tracking.log_job_run(
-        cfg,
-        "predict",
-        throughput(len(rows), scoring, started) | {"n_unreadable": len(unreadable)},
-        {"input": input_uri, "output": output_uri, "models": "+".join(m.name for m in models), "tta": tta},
-    )
-    return submission_uri
+    logger.info("wrote %s (%d rows) and %s", submission_uri, text.count("\n") - 1, predictions_uri)
+    return submission_uri, len(unreadable)
 
 
 def throughput(n_images: int, scoring_seconds: float, started: float) -> dict:
@@ -368,6 +382,22 @@ def classification_metrics(storage: Storage, predictions_uri: str) -> dict:
     }
 
 
+# Rows that evaluation scores: an image, its id (null outside Kaggle test names) and its true label.
+EVALUATION_ROWS = pa.schema([("path", pa.string()), ("id", pa.int64()), ("truth", pa.int8())])
+
+
+def evaluation_rows(labelled: list[dict]) -> pa.Table:
+    """``{"path", "label"}`` rows of a split (validation) as :data:`EVALUATION_ROWS`."""
+    return pa.table(
+        {
+            "path": pa.array([r["path"] for r in labelled], pa.string()),
+            "id": pa.nulls(len(labelled), pa.int64()),
+            "truth": pa.array([r["label"] for r in labelled], pa.int8()),
+        },
+        schema=EVALUATION_ROWS,
+    )
+
+
 def training_split(storage: Storage, cfg: CatdogConfig, model: ModelRef) -> tuple[Split, str]:
     """The train/val split ``model`` was trained on (the data settings in its checkpoint's
     fingerprint; ``cfg.data`` for checkpoints from before fingerprints), and how to name it."""
@@ -379,27 +409,27 @@ def training_split(storage: Storage, cfg: CatdogConfig, model: ModelRef) -> tupl
     return split, f"validation split of {train_uri} ({described})"
 
 
-def train_overlap(storage: Storage, cfg: CatdogConfig, model: ModelRef, rows: list[dict]) -> int | None:
-    """How many of ``rows`` are in ``model``'s training split (None when that cannot be listed).
+def train_overlap(storage: Storage, cfg: CatdogConfig, model: ModelRef, paths: pa.ChunkedArray) -> int | None:
+    """How many of ``paths`` are in ``model``'s training split (None when that cannot be listed).
     The split assigns files by base name, so a copy of a training image counts too."""
     try:
         split, _ = training_split(storage, cfg, model)
     except (DataError, StorageError) as exc:
         logger.warning("cannot check the input against the training split: %s", exc)
         return None
-    trained = {basename(r["path"]) for r in split.train}
-    return sum(basename(r["path"]) in trained for r in rows)
+    trained = pa.array([basename(r["path"]) for r in split.train], pa.string())
+    names = pc.replace_substring_regex(paths, r"^.*/", "")
+    return int(pc.sum(pc.is_in(names, value_set=trained)).as_py() or 0)
 
 
-def labelled_rows(entries: list[dict]) -> tuple[list[dict], list[str]]:
-    """Rows for evaluation (``truth`` from the name or the label column) and the unlabelled paths."""
-    rows, unlabeled = [], []
-    for entry in entries:
-        if entry["label"] is None:
-            unlabeled.append(entry["path"])
-        else:
-            rows.append({"path": entry["path"], "id": entry["id"], "truth": entry["label"]})
-    return rows, unlabeled
+def input_rows(storage: Storage, input_uri: str) -> tuple[pa.Table, object, int, list[str]]:
+    """The labelled images of a folder or shard set as :data:`EVALUATION_ROWS`, the shard set (or
+    None), how many files carry no label, and the first few of them."""
+    listing, shards = list_table(storage, input_uri)
+    labelled = pc.is_valid(listing["label"])
+    unlabeled = listing.filter(pc.invert(labelled))["path"].to_pylist()[:20]
+    rows = listing.filter(labelled).select(["path", "id", "label"]).rename_columns(["path", "id", "truth"])
+    return rows.cast(EVALUATION_ROWS), shards, listing.num_rows - rows.num_rows, unlabeled
 
 
 def run_evaluate(
@@ -419,35 +449,35 @@ def run_evaluate(
     models = resolve_models(storage, cfg, model_uri, ensemble)
     if input_uri is None:
         split, split_name = training_split(storage, cfg, models[0])
-        rows = [{"path": r["path"], "id": None, "truth": r["label"]} for r in split.val]
-        unlabeled, shards, scored = [], split.shards, {"split": "validation", "input": split_name}
+        rows, shards, n_unlabeled, unlabeled = evaluation_rows(split.val), split.shards, 0, []
+        scored = {"split": "validation", "input": split_name}
     else:
-        entries, shards = list_entries(storage, input_uri)
-        rows, unlabeled = labelled_rows(entries)
-        scored = {"split": "input", "input": input_uri, "train_overlap": train_overlap(storage, cfg, models[0], rows)}
-        if scored["train_overlap"]:
+        rows, shards, n_unlabeled, unlabeled = input_rows(storage, input_uri)
+        overlap = train_overlap(storage, cfg, models[0], rows["path"])
+        scored = {"split": "input", "input": input_uri, "train_overlap": overlap}
+        if overlap:
             logger.warning(
                 "%s: %d of its %d labelled images are in the model's training split; the metrics overstate "
                 "accuracy on unseen images (evaluate without --input scores the validation split)",
                 input_uri,
-                scored["train_overlap"],
-                len(rows),
+                overlap,
+                rows.num_rows,
             )
-    if unlabeled:
+    if n_unlabeled:
         logger.warning(
             "%s: skipped %d files whose names carry no label: %s",
             input_uri,
-            len(unlabeled),
-            ", ".join(basename(p) for p in unlabeled[:20]),
+            n_unlabeled,
+            ", ".join(basename(p) for p in unlabeled),
         )
-    if not rows:
+    if not rows.num_rows:
         raise DataError(f"{scored['input']}: no labelled images (cat.N.jpg / dog.N.jpg or cat(s)/ dog(s)/ folders)")
     storage.check_bucket(output_uri)
     predictions_uri = join(output_uri, "predictions")
     with job_log(storage, output_uri, "evaluate") as ray_log:
         logger.info(
             "evaluating on %d images from %s; outputs in %s, Ray's log in %s",
-            len(rows),
+            rows.num_rows,
             scored["input"],
             output_uri,
             ray_log.where,
@@ -472,7 +502,7 @@ def run_evaluate(
     tracking.log_job_run(
         cfg,
         "evaluate",
-        {k: metrics[k] for k in ("accuracy", "log_loss", "n_unreadable")} | throughput(len(rows), scoring, started),
+        {k: metrics[k] for k in ("accuracy", "log_loss", "n_unreadable")} | throughput(rows.num_rows, scoring, started),
         {"input": scored["input"], "output": output_uri, "models": metrics["model"], "tta": tta},
     )
     return metrics_uri

@@ -19,6 +19,7 @@ from catdog.config import CatdogConfig
 from catdog.data import decode_image
 from catdog.inference import (
     classification_metrics,
+    evaluation_rows,
     model_ref,
     predictions_dataset,
     read_columns,
@@ -64,7 +65,7 @@ def validation_study(cfg: CatdogConfig, storage: Storage, val_rows: list[dict], 
     """
     board = _read_csv(storage, join(cfg.run_uri, "leaderboard.csv"))
     refs = [model_ref(storage, row["checkpoint"]) for row in board]
-    rows = [{"path": r["path"], "id": None, "truth": r["label"]} for r in val_rows]
+    rows = evaluation_rows(val_rows)
     variants = {"best": (refs[:1], False), "best+tta": (refs[:1], True)}
     if len(refs) > 1:
         variants.update({"ensemble": (refs, False), "ensemble+tta": (refs, True)})

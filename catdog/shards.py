@@ -37,10 +37,20 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-from catdog.data import DataError, decode_rgb, error_text, id_from_path, label_from_path, list_images, read_uri
+from catdog.data import (
+    LISTING_SCHEMA,
+    DataError,
+    decode_rgb,
+    error_text,
+    id_from_path,
+    label_from_path,
+    list_images,
+    read_uri,
+)
 from catdog.storage import Storage, StorageError, basename, is_remote, join
 
 logger = logging.getLogger(__name__)
@@ -152,18 +162,40 @@ def _read_small_columns(storage: Storage, uri: str, columns: list[str], schema: 
             yield from batch.to_pylist()
 
 
-def shard_entries(storage: Storage, shards: ShardSet) -> list[dict]:
-    """``{"path", "label", "id"}`` per image file of the source folder, packed or rejected, read from
-    the small columns only (names, never bytes), in the order :func:`catdog.data.list_images` gives."""
-    entries = []
+def shard_listing(storage: Storage, shards: ShardSet) -> pa.Table:
+    """A :data:`~catdog.data.LISTING_SCHEMA` table of every image file of the source folder, packed
+    or rejected, sorted by path as :func:`catdog.data.image_listing` gives it, read from the small
+    columns only (names, never bytes).  ``version`` is the file's sha256; ``size`` is 0 for packed
+    images (their shards do not keep it)."""
+    parts = []
     for uri in shards.file_uris():
-        for row in _read_small_columns(storage, uri, ["name", "label", "id"], SHARD_SCHEMA):
-            entries.append({"path": shards.path_of(row["name"]), "label": row["label"], "id": row["id"]})
-    for name, row in rejected_rows(storage, shards).items():
-        entries.append({"path": shards.path_of(name), "label": row["label"], "id": row["id"]})
-    if not entries:
+        table = _read_columns(storage, uri, ["name", "label", "id", "sha256"], SHARD_SCHEMA)
+        parts.append(_as_listing(shards, table, pa.array(np.zeros(table.num_rows, dtype=np.int64))))
+    if shards.rejected:
+        columns = ["name", "label", "id", "sha256", "size"]
+        table = _read_columns(storage, join(shards.uri, REJECTED), columns, REJECTED_SCHEMA)
+        parts.append(_as_listing(shards, table, table["size"]))
+    listing = pa.concat_tables(parts) if parts else LISTING_SCHEMA.empty_table()
+    if not listing.num_rows:
         raise DataError(f"{shards.uri}: shard set holds no images")
-    return sorted(entries, key=lambda e: e["path"])
+    return listing.sort_by("path")
+
+
+def _read_columns(storage: Storage, uri: str, columns: list[str], schema: pa.Schema) -> pa.Table:
+    fs, path = storage.resolve(uri)
+    with storage.errors(uri):
+        handle = pq.ParquetFile(path, filesystem=fs)
+        missing = [c for c in schema.names if c not in handle.schema_arrow.names]
+        if missing:
+            raise DataError(f"{uri}: not a catdog shard file (missing columns {', '.join(missing)})")
+        return handle.read(columns=columns)
+
+
+def _as_listing(shards: ShardSet, table: pa.Table, size) -> pa.Table:
+    prefix = shards.path_of("")
+    paths = pc.binary_join_element_wise(pa.scalar(prefix.rstrip("/")), table["name"], "/")
+    columns = {"path": paths, "size": size, "version": table["sha256"], "id": table["id"], "label": table["label"]}
+    return pa.table(columns, schema=LISTING_SCHEMA)
 
 
 def rejected_rows(storage: Storage, shards: ShardSet) -> dict[str, dict]:
@@ -176,56 +208,54 @@ def rejected_rows(storage: Storage, shards: ShardSet) -> dict[str, dict]:
     }
 
 
-def _rows_table(paths: list[str], data, errors: list[str], rows: list[dict], fields: tuple[str, ...]) -> pa.Table:
-    columns = {"path": pa.array(paths, pa.string()), "bytes": data, "error": pa.array(errors, pa.string())}
-    for key in fields:
-        columns[key] = pa.array([row[key] for row in rows], pa.int64())
+def _rows_table(paths, data, errors, wanted: pa.Table, positions) -> pa.Table:
+    """``path``, ``bytes``, ``error`` and the other columns of ``wanted`` at ``positions``."""
+    columns = {"path": paths, "bytes": data, "error": errors}
+    for name in wanted.column_names:
+        if name != "path":
+            columns[name] = wanted[name].take(positions)
     return pa.table(columns)
 
 
-def select_rows(table: pa.Table, shards: ShardSet, wanted: dict[str, dict], fields: tuple[str, ...]) -> pa.Table:
-    """Ray Data ``map_batches`` function on shard rows: keep the images named in ``wanted`` (path →
-    row), attach ``path`` and the row's other fields, and pass ``bytes`` on to the decoder."""
-    paths = [shards.path_of(name) for name in table.column("name").to_pylist()]
-    keep = [i for i, path in enumerate(paths) if path in wanted]
+def select_rows(table: pa.Table, shards: ShardSet, wanted: pa.Table) -> pa.Table:
+    """Ray Data ``map_batches`` function on shard rows: keep the images named in ``wanted`` (a table
+    with ``path`` and the fields to attach), and pass ``bytes`` on to the decoder."""
+    paths = pc.binary_join_element_wise(pa.scalar(shards.path_of("").rstrip("/")), table["name"], "/")
+    positions = pc.index_in(paths, value_set=wanted["path"])
+    keep = pc.is_valid(positions)
+    positions = positions.filter(keep)
+    n = len(positions)
     return _rows_table(
-        [paths[i] for i in keep],
-        table.column("bytes").take(pa.array(keep, pa.int64())),
-        [""] * len(keep),
-        [wanted[paths[i]] for i in keep],
-        fields,
+        paths.filter(keep), table["bytes"].filter(keep), pa.array([""] * n, pa.string()), wanted, positions
     )
 
 
-def shard_rows_dataset(storage: Storage, shards: ShardSet, rows: list[dict]):
-    """A Ray Dataset of ``path``, ``bytes``, ``error`` and the other fields of ``rows``, from the shards.
+def shard_rows_dataset(storage: Storage, shards: ShardSet, rows: pa.Table):
+    """A Ray Dataset of ``path``, ``bytes``, ``error`` and the other columns of ``rows``, from the shards.
 
-    Only ``rows`` (a split, a limit) are kept; the filter runs in the read tasks, so the driver
-    ships names and small integers, never bytes.  Rows naming a rejected file come out with empty
-    ``bytes`` and the rejection reason in ``error``, so they are not decoded."""
+    Only ``rows`` (a split, a limit, what is left to score) are kept; the filter runs in the read
+    tasks, so the driver ships one Arrow table of names and small fields, never bytes.  Rows naming
+    a rejected file come out with empty ``bytes`` and the rejection reason in ``error``, so they
+    are not decoded."""
     import ray.data
 
     fs, _ = storage.resolve(shards.uri)
     paths = [storage.resolve(uri)[1] for uri in shards.file_uris()]
-    fields = tuple(key for key in rows[0] if key != "path")
-    wanted = {row["path"]: row for row in rows}
+    wanted = rows.combine_chunks()
     ds = ray.data.read_parquet(paths, filesystem=fs, columns=["name", "bytes"]).map_batches(
-        select_rows, fn_args=(shards, wanted, fields), batch_size=None, batch_format="pyarrow"
+        select_rows, fn_args=(shards, wanted), batch_size=None, batch_format="pyarrow"
     )
-    rejected = [
-        (shards.path_of(name), row["reason"])
-        for name, row in rejected_rows(storage, shards).items()
-        if shards.path_of(name) in wanted
-    ]
+    rejected = rejected_rows(storage, shards)
     if rejected:
-        table = _rows_table(
-            [path for path, _ in rejected],
-            pa.array([b""] * len(rejected), pa.binary()),
-            [reason for _, reason in rejected],
-            [wanted[path] for path, _ in rejected],
-            fields,
-        )
-        ds = ds.union(ray.data.from_arrow(table))
+        names = list(rejected)
+        paths = pa.array([shards.path_of(name) for name in names], pa.string())
+        positions = pc.index_in(paths, value_set=wanted["path"])
+        keep = pc.is_valid(positions)
+        if pc.any(keep).as_py():
+            reasons = pa.array([rejected[name]["reason"] for name in names], pa.string()).filter(keep)
+            kept = positions.filter(keep)
+            empty = pa.array([b""] * len(kept), pa.binary())
+            ds = ds.union(ray.data.from_arrow(_rows_table(paths.filter(keep), empty, reasons, wanted, kept)))
     return ds
 
 

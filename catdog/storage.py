@@ -2,7 +2,8 @@
 
 Jobs never open files by their own path arithmetic; they ask a :class:`Storage` for bytes,
 listings, all-or-nothing writes, or for the filesystem objects that Ray Data, Ray Train and pyarrow
-need (pyarrow's ``S3FileSystem`` throughout; s3fs is not used).  S3 settings come from
+need (pyarrow's ``S3FileSystem``; s3fs only to list S3 objects with their ETags, which pyarrow's
+listing lacks).  S3 settings come from
 ``storage.endpoint_url`` / ``storage.region`` in the config, else from the standard AWS
 environment (``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``,
 ``AWS_REGION``, ``AWS_DEFAULT_REGION``).  Credentials come from the AWS credential chain
@@ -32,6 +33,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 S3_CONNECT_TIMEOUT_S = 5
@@ -227,6 +229,21 @@ class Storage:
             kwargs["scheme"] = scheme if host else "https"  # "http" for plain-HTTP endpoints (MinIO, moto)
         return pafs.S3FileSystem(**kwargs)
 
+    def s3fs(self):
+        """An ``s3fs.S3FileSystem`` (fsspec) with the same endpoint, region and time bounds: it lists
+        objects with their ETags (pyarrow's listing has none), for incremental predict."""
+        import s3fs
+
+        return s3fs.S3FileSystem(
+            endpoint_url=self.endpoint,
+            client_kwargs={"region_name": self.s3_region},
+            config_kwargs={
+                "connect_timeout": S3_CONNECT_TIMEOUT_S,
+                "read_timeout": S3_REQUEST_TIMEOUT_S,
+                "retries": {"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
+            },
+        )
+
     @contextmanager
     def errors(self, uri: str) -> Iterator[None]:
         """Turn pyarrow / OS errors into one-line :class:`StorageError` naming ``uri``."""
@@ -289,6 +306,33 @@ class Storage:
         with self.errors(uri):
             infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
         return [info for info in infos if info.type == pafs.FileType.File]
+
+    def list_versions(self, uri: str) -> pa.Table:
+        """Every plain file under ``uri`` as Arrow columns ``path`` (filesystem path), ``size`` and
+        ``version``: the modification time in ns locally, the ETag on S3 (listing metadata only, no
+        extra request per object).  pyarrow's S3 listing has no ETag; s3fs's has, so S3 lists through it."""
+        fs, path = self.resolve(uri)
+        if not is_remote(uri):
+            infos = self.list_files(uri)
+            return pa.table(
+                {
+                    "path": pa.array([info.path for info in infos], pa.string()),
+                    "size": pa.array([info.size for info in infos], pa.int64()),
+                    "version": pa.array([str(info.mtime_ns) for info in infos], pa.string()),
+                }
+            )
+        s3 = self.s3fs()
+        s3.invalidate_cache()  # fsspec shares one instance per settings: never answer from an old listing
+        with self.errors(uri):
+            found = s3.find(path, detail=True)
+        objects = [info for info in found.values() if info.get("type") == "file"]
+        return pa.table(
+            {
+                "path": pa.array([info["name"] for info in objects], pa.string()),
+                "size": pa.array([info["size"] for info in objects], pa.int64()),
+                "version": pa.array([str(info.get("ETag", "")).strip('"') for info in objects], pa.string()),
+            }
+        )
 
     def uri_of(self, uri_like: str, fs_path: str) -> str:
         """Turn a filesystem path returned by :meth:`list_files` back into a URI."""

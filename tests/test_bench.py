@@ -113,3 +113,11 @@ def test_ingest_from_s3_smoke_times_folder_and_shards(data_dir):
         lines = [line for line in out.splitlines() if line.startswith(f"round 1 {kind}")]
         assert lines and ": 52 train images in " in lines[0] and lines[0].endswith("img/s"), out
     assert "best of 1: folder" in out
+
+
+def test_plan_scale_smoke_measures_both_scenarios(tmp_path):
+    out = run_script(str(REPO / "bench" / "plan_scale.py"), "--sizes", "3000", "--out", str(tmp_path))
+    assert "| 3,000 | first | 3,000 |" in out and "| 3,000 | nightly | 30 |" in out
+    rows = json.loads(next(tmp_path.glob("plan_scale-*.json")).read_text())["rows"]
+    assert [r["scenario"] for r in rows] == ["first", "nightly"]
+    assert all(0 < r["plan_total_s"] < r["job_to_first_batch_s"] and r["driver_peak_rss_gib"] > 0 for r in rows)

@@ -100,8 +100,8 @@ def test_parquet_bytes_are_deterministic():
 def test_select_rows_keeps_only_the_wanted_images_with_their_fields():
     shards = ShardSet(uri="/s", source="/src", files=(), images=3)
     table = pa.table({"name": ["a.jpg", "b.jpg", "c.jpg"], "bytes": [b"1", b"2", b"3"]})
-    wanted = {"/src/c.jpg": {"path": "/src/c.jpg", "id": None}, "/src/a.jpg": {"path": "/src/a.jpg", "id": 7}}
-    out = select_rows(table, shards, wanted, ("id",))
+    wanted = pa.table({"path": ["/src/c.jpg", "/src/a.jpg"], "id": pa.array([None, 7], pa.int64())})
+    out = select_rows(table, shards, wanted)
     assert out.to_pydict() == {
         "path": ["/src/a.jpg", "/src/c.jpg"],
         "bytes": [b"1", b"3"],

@@ -1,0 +1,347 @@
+"""Scaled batch scoring: a killed predict resumes, reruns score only new or changed images, a model
+change re-scores everything, the same on S3 (ETags), and planning holds no Python object per file."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import REPO
+from PIL import Image
+
+from catdog.checkpoints import save_checkpoint
+from catdog.config import load_config
+from catdog.data import LISTING_SCHEMA, id_from_path, image_dataset, label_from_path, list_table
+from catdog.inference import run_predict
+from catdog.models import build_model
+from catdog.presets import EvalPreset
+from catdog.scoring_plan import PARTIAL, PARTS, make_plan
+from catdog.storage import Storage
+
+STORAGE = Storage()
+SUMMARY = re.compile(r"^predict: scored (\d+), reused (\d+), removed (\d+) of (\d+) images")
+
+
+def summary(stdout: str) -> dict[str, int]:
+    """The counts of the job's own summary line."""
+    for line in reversed(stdout.splitlines()):
+        match = SUMMARY.match(line.strip())
+        if match:
+            return dict(zip(("scored", "reused", "removed", "total"), map(int, match.groups())))
+    raise AssertionError(f"no summary line in:\n{stdout[-3000:]}")
+
+
+def fresh_checkpoint(folder: Path, seed: int) -> Path:
+    """An untrained Sequential CNN at 64 px: different seeds give different probabilities."""
+    folder.mkdir(parents=True)
+    torch.manual_seed(seed)
+    model = build_model("sequential_cnn")
+    cfg = {"arch": "sequential_cnn", "image_size": 64, "config_hash": f"seed{seed}", "run_name": "test"}
+    save_checkpoint(
+        str(folder), model, torch.optim.SGD(model.parameters(), lr=0.1), cfg=cfg, epoch=0, step=0, history=[{}]
+    )
+    return folder
+
+
+def small_copies(src: Path, dst: Path, ids: range) -> Path:
+    """Real test images, shrunk to 64 px so that scoring a few thousand stays cheap."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for i in ids:
+        Image.open(src / f"{i}.jpg").convert("RGB").resize((64, 64)).save(dst / f"{i}.jpg", quality=90)
+    return dst
+
+
+def config(root: Path, *extra: str):
+    sets = [f"storage.root={root}", "predict.batch_size=32", "data.decode_batch_size=32", "ray.num_cpus=3", *extra]
+    return load_config(REPO / "configs" / "quick.yaml", sets)
+
+
+def submission(path: Path) -> dict[int, str]:
+    with open(path, newline="") as handle:
+        rows = list(csv.reader(handle))[1:]
+    return {int(r[0]): r[1] for r in rows}
+
+
+def assert_same_predictions(a: Path, b: Path) -> None:
+    """The same rows, probabilities equal to within float tolerance, the same labels and errors."""
+    left, right = pq.read_table(a).sort_by("path"), pq.read_table(b).sort_by("path")
+    assert left["path"].to_pylist() == right["path"].to_pylist()
+    assert left["error"].to_pylist() == right["error"].to_pylist()
+    p, q = (np.array(t["prob_dog"].to_pylist(), dtype=float) for t in (left, right))
+    assert np.allclose(p, q, atol=1e-5, equal_nan=True)
+    assert left["label"].to_pylist() == right["label"].to_pylist()
+
+
+# -- planning at scale (no images needed) ------------------------------------------------------------
+
+
+def synthetic_listing(n: int, root: str = "/data/bucket") -> pa.Table:
+    ids = np.arange(n, dtype=np.int64)
+    paths = pa.array(np.char.add(np.char.add(f"{root}/", ids.astype(str)), ".jpg"))
+    return pa.table(
+        {
+            "path": paths,
+            "size": pa.array(np.full(n, 20_000, dtype=np.int64)),
+            "version": pa.array(np.full(n, "1700000000000000000")),
+            "id": pa.array(ids),
+            "label": pa.nulls(n, pa.int8()),
+        },
+        schema=LISTING_SCHEMA,
+    )
+
+
+def test_planning_50k_entries_keeps_no_python_object_per_file(tmp_path, ray_session):
+    """Plan 50k listed files against 45k earlier results and 2k committed parts, and hand the rest to
+    Ray Data.  One dict per file would be ~15 MB of Python objects; Arrow buffers are not counted."""
+    n = 50_000
+    listing = synthetic_listing(n)
+    out = tmp_path / "out"
+    earlier = listing.slice(0, 45_000).select(["path", "size", "version"])
+    (out / "predictions").mkdir(parents=True)
+    pq.write_table(earlier.append_column("scoring", pa.array(np.full(45_000, "fp"))), out / "predictions" / "a.parquet")
+    (out / PARTIAL / PARTS).mkdir(parents=True)
+    (out / PARTIAL / "state.json").write_text('{"scoring": "fp"}\n')
+    pq.write_table(
+        listing.slice(45_000, 2_000).select(["path", "size", "version"]), out / PARTIAL / PARTS / "p.parquet"
+    )
+    image_dataset(STORAGE, listing.slice(0, 10), EvalPreset(64))  # imports and first-call set-up, not per row
+    tracemalloc.start()
+    plan = make_plan(STORAGE, listing.select(["path", "size", "version", "id"]), str(out), "fp", full=False)
+    ds = image_dataset(STORAGE, plan.to_score, EvalPreset(64), batch_size=64)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert (plan.reused, plan.resumed, plan.removed, plan.to_score.num_rows) == (45_000, 2_000, 0, 3_000)
+    assert plan.to_score["path"].to_pylist()[0] == "/data/bucket/47000.jpg"
+    assert ds is not None and peak < 6 * 2**20, f"planning allocated {peak / 2**20:.1f} MiB of Python objects"
+
+
+def test_listing_columns_match_the_per_name_rules(tmp_path):
+    folder = tmp_path / "in"
+    for name in (
+        "1.jpg",
+        "2.PNG",
+        "cat.3.jpg",
+        "Dog.4.jpeg",
+        "cats/a.jpg",
+        "12.tar.jpg",
+        "x.txt",
+        ".5.jpg",
+        ".h/9.jpg",
+    ):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"x" * len(name))
+    table, shards = list_table(STORAGE, str(folder))
+    assert shards is None and table.schema.equals(LISTING_SCHEMA)
+    rows = table.to_pylist()
+    assert [Path(r["path"]).name for r in rows] == ["1.jpg", "12.tar.jpg", "2.PNG", "Dog.4.jpeg", "cat.3.jpg", "a.jpg"]
+    for row in rows:
+        assert (row["id"], row["label"]) == (id_from_path(row["path"]), label_from_path(row["path"]))
+        assert row["size"] == os.stat(row["path"]).st_size and row["version"] == str(os.stat(row["path"]).st_mtime_ns)
+
+
+# -- real runs ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("ck")
+    return fresh_checkpoint(root / "a", seed=0), fresh_checkpoint(root / "b", seed=1)
+
+
+@pytest.mark.slow
+def test_incremental_rerun_scores_only_new_images_and_drops_removed_ones(
+    data_dir, checkpoints, tmp_path, ray_session, capsys
+):
+    images = small_copies(data_dir / "test1", tmp_path / "in", range(1, 301))
+    cfg, out = config(tmp_path), tmp_path / "out"
+
+    def run(**options) -> dict[str, int]:
+        run_predict(cfg, str(checkpoints[0]), str(images), str(out), **options)
+        return summary(capsys.readouterr().out)
+
+    assert run() == {"scored": 300, "reused": 0, "removed": 0, "total": 300}
+    first = pq.read_table(out / "predictions").sort_by("path")
+    small_copies(data_dir / "test1", images, range(301, 351))
+    removed = list(range(1, 21))
+    for i in removed:
+        (images / f"{i}.jpg").unlink()
+    assert run() == {"scored": 50, "reused": 280, "removed": 20, "total": 330}
+    rows = submission(out / "submission.csv")
+    assert len(rows) == 330 and not set(removed) & set(rows) and set(range(301, 351)) <= set(rows)
+    kept = pq.read_table(out / "predictions").sort_by("path")
+    old = {p: v for p, v in zip(first["path"].to_pylist(), first["prob_dog"].to_pylist())}
+    assert all(old[p] == v for p, v in zip(kept["path"].to_pylist(), kept["prob_dog"].to_pylist()) if p in old)
+    # A changed file (same name, new bytes) is scored again; nothing else is.
+    Image.open(data_dir / "test1" / "999.jpg").convert("RGB").resize((64, 64)).save(images / "100.jpg")
+    assert run() == {"scored": 1, "reused": 329, "removed": 0, "total": 330}
+    # A threshold change recomputes labels without scoring; --full scores everything.
+    cfg = config(tmp_path, "predict.threshold=0.9")  # noqa: F841 - read by run()
+    assert run() == {"scored": 0, "reused": 330, "removed": 0, "total": 330}
+    table = pq.read_table(out / "predictions")
+    probs, labels = table["prob_dog"].to_pylist(), table["label"].to_pylist()
+    assert all(label == int(p >= np.float32(0.9)) for p, label in zip(probs, labels) if p is not None)
+    assert run(full=True)["scored"] == 330
+    assert not (out / PARTIAL).exists()
+
+
+@pytest.mark.slow
+def test_a_model_change_rescores_everything(data_dir, checkpoints, tmp_path, ray_session, capsys):
+    images = small_copies(data_dir / "test1", tmp_path / "in", range(1, 101))
+    cfg, out = config(tmp_path), tmp_path / "out"
+    run_predict(cfg, str(checkpoints[0]), str(images), str(out))
+    before = pq.read_table(out / "predictions").sort_by("path")
+    capsys.readouterr()
+    run_predict(cfg, str(checkpoints[1]), str(images), str(out))
+    assert summary(capsys.readouterr().out) == {"scored": 100, "reused": 0, "removed": 0, "total": 100}
+    after = pq.read_table(out / "predictions").sort_by("path")
+    assert set(after["model"].to_pylist()) == {"sequential_cnn:b"}
+    assert before["prob_dog"].to_pylist() != after["prob_dog"].to_pylist()
+    run_predict(cfg, str(checkpoints[1]), str(images), str(out), tta=True)
+    assert summary(capsys.readouterr().out)["scored"] == 100
+
+
+def predict_command(cfg_file: Path, model: str, images: str, out: str) -> list[str]:
+    job = str(REPO / "jobs" / "predict.py")
+    return [sys.executable, job, "--config", str(cfg_file), "--model", model, "--input", images, "--output", out]
+
+
+def committed_rows(parts: Path) -> int:
+    if not parts.is_dir():
+        return 0
+    return sum(pq.read_metadata(p).num_rows for p in parts.glob("part-*.parquet"))
+
+
+@pytest.mark.slow
+def test_killed_predict_resumes_and_ends_equal_to_an_uninterrupted_run(
+    data_dir, checkpoints, tmp_path, ray_session, capsys
+):
+    """SIGKILL the predict driver once a third of 2,000 images are committed; the rerun scores only the
+    rest (its own summary says so) and its outputs equal an uninterrupted run's."""
+    n = 2000
+    images = small_copies(data_dir / "test1", tmp_path / "in", range(1, n + 1))
+    cfg = config(tmp_path)
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    run_predict(cfg, str(checkpoints[0]), str(images), str(whole))
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(cfg.to_yaml())
+    command = predict_command(cfg_file, str(checkpoints[0]), str(images), str(resumed))
+    log = open(tmp_path / "killed.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while committed_rows(resumed / PARTIAL / PARTS) < n // 3 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        at_kill = committed_rows(resumed / PARTIAL / PARTS)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+        log.close()
+    assert n // 3 <= at_kill < n, (at_kill, (tmp_path / "killed.log").read_text()[-3000:])
+    assert not (resumed / "submission.csv").exists() and not (resumed / "predictions").exists()
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    counts = summary(rerun.stdout)
+    assert counts["total"] == n and counts["scored"] + counts["reused"] == n
+    assert counts["reused"] >= at_kill and counts["scored"] <= n - at_kill
+    assert_same_predictions(whole / "predictions", resumed / "predictions")
+    assert submission(whole / "submission.csv") == submission(resumed / "submission.csv")
+    assert not (resumed / PARTIAL).exists()
+
+
+# -- the same on S3 (moto_server), where versions are ETags --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory):
+    from test_s3 import MotoServer
+
+    server = MotoServer(tmp_path_factory.mktemp("moto") / "moto_server.log")
+    yield server
+    server.stop()
+
+
+def s3_committed_rows(fs, prefix: str) -> int:
+    import pyarrow.fs as pafs
+
+    infos = fs.get_file_info(pafs.FileSelector(prefix, recursive=True, allow_not_found=True))
+    parts = [i.path for i in infos if i.type == pafs.FileType.File and i.base_name.startswith("part-")]
+    return sum(pq.read_metadata(i, filesystem=fs).num_rows for i in parts)
+
+
+@pytest.mark.slow
+def test_on_s3_reruns_use_etags_and_a_killed_run_resumes(data_dir, checkpoints, moto, tmp_path):
+    import pyarrow.fs as pafs
+    from test_s3 import job_env
+
+    fs, name = moto.fs(), moto.bucket("catdog-incr")
+    local = small_copies(data_dir / "test1", tmp_path / "in", range(1, 651))
+    pafs.copy_files(str(local), f"{name}/in", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    for i in range(601, 651):
+        fs.delete_file(f"{name}/in/{i}.jpg")
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(config(tmp_path, f"storage.endpoint_url={moto.endpoint}", "predict.batch_size=16").to_yaml())
+    bucket = f"s3://{name}"
+
+    def predict(model: Path, out: str, *extra: str) -> dict[str, int]:
+        command = predict_command(cfg_file, str(model), f"{bucket}/in", out) + list(extra)
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=job_env(), cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return summary(proc.stdout)
+
+    def read(out: str) -> pa.Table:
+        return pq.read_table(f"{out[len('s3://') :]}/predictions", filesystem=fs).sort_by("path")
+
+    out = f"{bucket}/out"
+    assert predict(checkpoints[0], out) == {"scored": 600, "reused": 0, "removed": 0, "total": 600}
+    # 50 new objects, 20 deleted, one overwritten with other bytes (a new ETag): exactly 51 are scored.
+    # (every object is uploaded again: the same bytes keep their ETag and are not scored again)
+    pafs.copy_files(str(local), f"{name}/in", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    for i in range(1, 21):
+        fs.delete_file(f"{name}/in/{i}.jpg")
+    with fs.open_output_stream(f"{name}/in/100.jpg") as stream:
+        stream.write((local / "640.jpg").read_bytes())
+    assert predict(checkpoints[0], out) == {"scored": 51, "reused": 579, "removed": 20, "total": 630}
+    rows = read(out)
+    assert rows.num_rows == 630 and not {f"{bucket}/in/{i}.jpg" for i in range(1, 21)} & set(rows["path"].to_pylist())
+    with fs.open_input_stream(f"{name}/out/submission.csv") as stream:
+        ids = [int(line.split(",")[0]) for line in stream.read().decode().splitlines()[1:]]
+    assert len(ids) == 630 and not set(range(1, 21)) & set(ids)
+    # A model change re-scores everything; killed once a third is committed, the rerun finishes the rest.
+    command = predict_command(cfg_file, str(checkpoints[1]), f"{bucket}/in", out)
+    log = open(tmp_path / "killed.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=job_env(), start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while s3_committed_rows(fs, f"{name}/out/{PARTIAL}") < 210 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        at_kill = s3_committed_rows(fs, f"{name}/out/{PARTIAL}")
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+        log.close()
+    assert 210 <= at_kill < 630, (at_kill, (tmp_path / "killed.log").read_text()[-3000:])
+    counts = predict(checkpoints[1], out)
+    assert counts["total"] == 630 and counts["reused"] >= at_kill and counts["scored"] == 630 - counts["reused"]
+    assert predict(checkpoints[1], f"{bucket}/whole")["scored"] == 630
+    left, right = read(out), read(f"{bucket}/whole")
+    assert left["path"].to_pylist() == right["path"].to_pylist() and set(left["model"].to_pylist()) == {
+        "sequential_cnn:b"
+    }
+    assert np.allclose(
+        np.array(left["prob_dog"].to_pylist(), dtype=float),
+        np.array(right["prob_dog"].to_pylist(), dtype=float),
+        atol=1e-5,
+    )
+    assert not [i for i in fs.get_file_info(pafs.FileSelector(f"{name}/out", recursive=True)) if PARTIAL in i.path]
