@@ -32,11 +32,13 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from catdog.key_match import member
 from catdog.storage import Storage, join
 
 logger = logging.getLogger(__name__)
@@ -75,17 +77,24 @@ def scoring_fingerprint(storage: Storage, checkpoints: list[str], tta: bool, amp
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def read_parquet_folder(storage: Storage, uri: str, columns: list[str]) -> pa.Table | None:
-    """``columns`` of every Parquet file under ``uri``; None when there is none, or when the files
-    lack a column (outputs written before these columns existed)."""
+def parquet_dataset(storage: Storage, uri: str, columns: list[str]) -> pads.Dataset | None:
+    """Every Parquet file under ``uri`` as one dataset; None when there is none, or when the files
+    lack one of ``columns`` (outputs written before these columns existed)."""
     fs, _ = storage.resolve(uri)
     files = [info.path for info in storage.list_files(uri) if info.path.endswith(".parquet")]
     if not files:
         return None
     with storage.errors(uri):
         dataset = pads.dataset(files, filesystem=fs, format="parquet")
-        if any(name not in dataset.schema.names for name in columns):
-            return None
+    return dataset if all(name in dataset.schema.names for name in columns) else None
+
+
+def read_parquet_folder(storage: Storage, uri: str, columns: list[str]) -> pa.Table | None:
+    """``columns`` of every Parquet file under ``uri`` (see :func:`parquet_dataset`)."""
+    dataset = parquet_dataset(storage, uri, columns)
+    if dataset is None:
+        return None
+    with storage.errors(uri):
         return dataset.to_table(columns=columns)
 
 
@@ -115,36 +124,64 @@ class ScoringPlan:
 
 
 def _semi(left: pa.Table, right: pa.Table | None, keys: list[str], anti: bool = False) -> pa.Table:
+    """The rows of ``left`` whose ``keys`` equal some row of ``right`` (``anti``: equal none), in
+    ``left``'s order.  Matched on 64-bit key hashes, then confirmed on the values (:mod:`catdog.key_match`):
+    a fraction of the memory of a join on the strings, and exact."""
     if right is None or not right.num_rows:
         return left if anti else left.slice(0, 0)
-    return left.join(right.select(keys), keys=keys, join_type="left anti" if anti else "left semi")
+    found = member(left.select(keys), right.select(keys))
+    return left.filter(pa.array(~found if anti else found))
 
 
 def make_plan(storage: Storage, listing: pa.Table, output_uri: str, fingerprint: str, full: bool) -> ScoringPlan:
     """Compare the listing with ``predictions/`` and ``predictions.partial/`` of ``output_uri``.
 
-    ``full``: ignore both (a complete re-score).  Parts made with another fingerprint are deleted."""
+    ``full``: ignore both (a complete re-score).  Parts made with another fingerprint are deleted.
+    Only key columns are read, and each step's tables are dropped before the next one: the driver
+    holds the listing plus one earlier table's keys at a time."""
     partial = join(output_uri, PARTIAL)
     state_uri = join(partial, STATE_FILE)
     state = json.loads(storage.read_text(state_uri)) if storage.exists(state_uri) else {}
     if full or state.get("scoring") != fingerprint:
         storage.delete_dir(partial)
-    previous = read_parquet_folder(storage, join(output_uri, "predictions"), [*KEYS, "scoring"])
     keys = listing.select(KEYS)
-    removed = 0 if previous is None else _semi(previous.select(["path"]), keys, ["path"], anti=True).num_rows
-    done = None
-    if previous is not None and not full:
-        done = _semi(previous.filter(pc.equal(previous["scoring"], fingerprint)).select(KEYS), keys, KEYS)
-    reused = 0 if done is None else done.num_rows
+    predictions = join(output_uri, "predictions")
+    removed = _removed(storage, predictions, keys)
+    done, reused = (None, 0) if full else _still_valid(storage, predictions, keys, fingerprint)
     parts = None if full else read_parquet_folder(storage, join(partial, PARTS), KEYS)
     resumed = 0
     if parts is not None:
-        parts = _semi(_semi(parts, keys, KEYS), done, ["path"], anti=True)
+        parts = _semi(parts, keys, KEYS)
+        if done is not None:  # a path reused from predictions/ is not taken from a part as well
+            parts = _semi(parts, keys.filter(pa.array(done)).select(["path"]), ["path"], anti=True)
         resumed = pc.count_distinct(parts["path"]).as_py()
-        done = parts if done is None else pa.concat_tables([done, parts])
+        in_parts = member(keys, parts) if parts.num_rows else np.zeros(keys.num_rows, dtype=bool)
+        done = in_parts if done is None else done | in_parts
     storage.write_text(state_uri, json.dumps({"scoring": fingerprint}) + "\n")
-    to_score = _semi(listing, done, KEYS, anti=True).sort_by("path")
-    return ScoringPlan(output_uri, fingerprint, listing, to_score, reused, resumed, removed)
+    to_score = listing if done is None else listing.filter(pa.array(~done))
+    return ScoringPlan(output_uri, fingerprint, listing, to_score.sort_by("path"), reused, resumed, removed)
+
+
+def _removed(storage: Storage, uri: str, keys: pa.Table) -> int:
+    """Rows of ``predictions/`` whose path is no longer listed (their path column only is read)."""
+    earlier = parquet_dataset(storage, uri, [*KEYS, "scoring"])
+    if earlier is None:
+        return 0
+    with storage.errors(uri):
+        paths = earlier.to_table(columns=["path"])
+    return int((~member(paths, keys.select(["path"]))).sum())
+
+
+def _still_valid(storage: Storage, uri: str, keys: pa.Table, fingerprint: str) -> tuple[np.ndarray | None, int]:
+    """Which listed rows ``predictions/`` holds a result for, made with ``fingerprint`` at the same
+    path, size and version (a mask over ``keys``), and how many of its rows are such results.
+    Only its rows with this fingerprint, and only their key columns, are read."""
+    earlier = parquet_dataset(storage, uri, [*KEYS, "scoring"])
+    if earlier is None:
+        return None, 0
+    with storage.errors(uri):
+        valid = earlier.to_table(columns=KEYS, filter=pc.field("scoring") == fingerprint)
+    return member(keys, valid), int(member(valid, keys).sum())
 
 
 def part_name(paths: pa.Array) -> str:

@@ -127,6 +127,29 @@ def test_planning_50k_entries_keeps_no_python_object_per_file(tmp_path, ray_sess
     assert ds is not None and peak < 6 * 2**20, f"planning allocated {peak / 2**20:.1f} MiB of Python objects"
 
 
+@pytest.mark.parametrize("collide", [False, True])
+def test_a_changed_file_is_scored_again_even_when_key_hashes_collide(tmp_path, monkeypatch, collide):
+    """Planning matches rows on 64-bit key hashes; with every hash equal (``collide``) it must still
+    reuse only exact (path, size, version) matches."""
+    from catdog import key_match
+
+    if collide:
+        monkeypatch.setattr(key_match, "key_hashes", lambda table: np.zeros(table.num_rows, dtype=np.uint64))
+    listing = synthetic_listing(6).select(["path", "size", "version", "id"])
+    earlier = synthetic_listing(7).select(["path", "size", "version"]).to_pylist()
+    earlier[1]["version"] = "1700000000000000001"  # 1.jpg changed since
+    earlier[2]["size"] = 1  # so did 2.jpg
+    del earlier[4]  # 4.jpg is new; 6.jpg is gone
+    out = tmp_path / "out"
+    (out / "predictions").mkdir(parents=True)
+    rows = [dict(r, scoring="other" if r["path"].endswith("/3.jpg") else "fp") for r in earlier]
+    pq.write_table(pa.Table.from_pylist(rows), out / "predictions" / "a.parquet")
+    plan = make_plan(STORAGE, listing, str(out), "fp", full=False)
+    names = [Path(p).name for p in plan.to_score["path"].to_pylist()]
+    assert names == ["1.jpg", "2.jpg", "3.jpg", "4.jpg"]
+    assert (plan.reused, plan.resumed, plan.removed) == (2, 0, 1)
+
+
 def test_listing_columns_match_the_per_name_rules(tmp_path):
     folder = tmp_path / "in"
     for name in (
