@@ -10,6 +10,9 @@ worker process.  A test arms a fault by writing a small JSON file into ``CATDOG_
         checkpoint to storage: the other files arrive whole, ``model.pt`` half, and the report never returns.
     predict_exit.json {}: an inference actor dies on its next batch.
 
+``stall_after_first_parquet_file`` is armed differently: a test runs a job's driver through it
+(see tests/test_inference.py) to catch the driver mid-write of a new ``predictions/``.
+
 Every patched Train worker also writes ``train-worker-<pid>.pid`` so tests can kill it from outside,
 and appends the global step each ``train_one_epoch`` call starts at to ``train-steps.log``.
 
@@ -114,6 +117,24 @@ def _patch_predictor(inference) -> None:
         return original(self, batch)
 
     inference.Predictor.__call__ = __call__
+
+
+def stall_after_first_parquet_file(marker: Path) -> None:
+    """For the job run in this process (a driver, not a Ray worker): after the first Parquet file
+    written to a path (Ray workers write predict's parts; the driver writes only the promoted
+    ``predictions/``), write the path to ``marker`` and hang, so a test can kill the job right there."""
+    import pyarrow.parquet as pq
+
+    original = pq.write_table
+
+    def write_table(table, where, *args, **kwargs):
+        original(table, where, *args, **kwargs)
+        if isinstance(where, str):
+            marker.write_text(where)
+            while True:
+                time.sleep(60)
+
+    pq.write_table = write_table
 
 
 def install() -> None:

@@ -340,9 +340,21 @@ def test_failed_write_leaves_the_previous_file_whole(tmp_path, monkeypatch):
     assert target.read_text() == "id,label\n1,0\n"
 
 
-def test_killed_predict_job_leaves_the_previous_complete_submission(quick_run, data_dir, tmp_path):
-    """SIGKILL the predict job once scoring has written output: the previous submission.csv and
-    predictions/ are left exactly as they were, never a partial or a mixed one."""
+# Runs a job script with tests/faults.py's driver stall armed: argv is MARKER SCRIPT ARGS...
+STALLED_DRIVER = (
+    "import runpy, sys; from pathlib import Path; import faults; "
+    "faults.stall_after_first_parquet_file(Path(sys.argv[1])); sys.argv = sys.argv[2:]; "
+    "runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+
+@pytest.mark.parametrize("kill_when", ["scoring", "promoting"])
+def test_killed_predict_job_leaves_the_previous_complete_submission(
+    kill_when, quick_run, data_dir, small_real_data, tmp_path
+):
+    """SIGKILL the predict job once scoring has written output, or once the promotion of the new
+    result has written its first file: the previous submission.csv and predictions/ are left exactly
+    as they were, never a partial or a mixed one."""
     cfg, best_uri = quick_run
     out = tmp_path / "out"
     (out / "predictions").mkdir(parents=True)
@@ -356,23 +368,27 @@ def test_killed_predict_job_leaves_the_previous_complete_submission(quick_run, d
     config = tmp_path / "cfg.yaml"
     config.write_text(cfg.to_yaml())
     log = tmp_path / "predict.log"
-    args = ["--config", str(config), "--model", best_uri, "--input", str(data_dir / "test1"), "--output", str(out)]
+    # Scoring 5,000 images lasts long enough to be caught part-way; the promotion case scores 120.
+    images = data_dir / "test1" if kill_when == "scoring" else small_real_data / "test1"
+    args = ["--config", str(config), "--model", best_uri, "--input", str(images), "--output", str(out)]
+    command, env = [sys.executable, str(REPO / "jobs" / "predict.py"), *args], dict(os.environ)
+    stalled = tmp_path / "promoting.marker"
+    if kill_when == "promoting":
+        command = [sys.executable, "-c", STALLED_DRIVER, str(stalled), *command[1:]]
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), env.get("PYTHONPATH", "")])
     with open(log, "wb") as handle:
-        proc = subprocess.Popen(
-            [sys.executable, str(REPO / "jobs" / "predict.py"), *args],
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
-    def scored_parts() -> list[Path]:
-        return [p for p in out.rglob("*.parquet") if p.name not in seeded]
+    def ready_to_kill() -> bool:
+        if kill_when == "promoting":  # the driver wrote the new result's first file and hangs there
+            return stalled.exists()
+        return any(p.name not in seeded for p in out.rglob("*.parquet"))  # scoring wrote a scored part
 
     try:
         deadline = time.monotonic() + 300
-        while not scored_parts():  # scoring has started: the first scored part file is on disk
+        while not ready_to_kill():
             assert proc.poll() is None, f"predict ended before it was killed:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"no scored output within 300 s:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"not {kill_when} within 300 s:\n{log.read_text()[-3000:]}"
             time.sleep(0.1)
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
