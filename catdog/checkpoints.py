@@ -69,7 +69,8 @@ def save_checkpoint(
         "metrics": history[-1],
         "history": history,
         "config_hash": cfg["config_hash"],
-        "fingerprint": cfg["fingerprint"],  # the settings that shaped this model (train_job.run_fingerprint)
+        # The settings that shaped this model (train_job.run_fingerprint); none for ad-hoc checkpoints.
+        "fingerprint": cfg.get("fingerprint", {}),
         "run_name": cfg["run_name"],
     }
     torch.save(net.state_dict(), os.path.join(folder, MODEL_FILE))

@@ -211,9 +211,12 @@ def rounded(column: str, value) -> str:
 
 
 def relative_link(run_uri: str, uri: str, text: str | None = None) -> str:
-    """A link relative to the run folder (where report.html is) when ``uri`` is inside it."""
+    """A link relative to the run folder (where report.html is) when ``uri`` is inside it; plain
+    text otherwise (a report that was copied or moved keeps no link that points elsewhere)."""
     prefix = run_uri.rstrip("/") + "/"
-    target = uri[len(prefix) :] if uri.startswith(prefix) else uri
+    if not uri.startswith(prefix):
+        return html.escape(text or uri)
+    target = uri[len(prefix) :]
     return f"<a href='{html.escape(target)}'>{html.escape(text or target)}</a>"
 
 

@@ -21,7 +21,8 @@ def pytest_in(folder: Path, *args: str, **env: str) -> tuple[subprocess.Complete
         text=True,
         timeout=120,
         cwd=folder,
-        env={**os.environ, **env},
+        # The session's own CATDOG_REQUIRE (CI sets it) must not leak into a run that sets none.
+        env={**{k: v for k, v in os.environ.items() if k != "CATDOG_REQUIRE"}, **env},
     )
     return proc, time.monotonic() - start
 

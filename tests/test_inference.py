@@ -360,7 +360,15 @@ def test_killed_predict_job_leaves_the_previous_complete_submission(
     (out / "predictions").mkdir(parents=True)
     (out / "submission.csv").write_text("id,label\n1,1\n")
     previous = pa.table(
-        {"id": [1], "path": ["old/1.jpg"], "prob_dog": [0.9], "label": [1], "model": ["old"], "error": [None]},
+        {
+            "id": [1],
+            "path": ["old/1.jpg"],
+            "prob_dog": [0.9],
+            "label": [1],
+            "model": ["old"],
+            "error": [None],
+            **{column: [None] for column in ("size", "version", "scoring")},
+        },
         schema=PREDICTION_SCHEMA,
     )
     pq.write_table(previous, out / "predictions" / "part-old.parquet")
@@ -424,6 +432,7 @@ def test_submission_keeps_one_row_per_id_and_warns_about_repeats_and_unreadable(
             "label": pa.array(columns[3], pa.int8()),
             "model": pa.array(["m"] * len(rows), pa.string()),
             "error": pa.array(columns[4], pa.string()),
+            **{column: pa.nulls(len(rows)) for column in ("size", "version", "scoring")},
         },
         schema=PREDICTION_SCHEMA,
     )

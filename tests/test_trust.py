@@ -378,7 +378,8 @@ def test_a_denied_test_image_fails_predict_naming_it_and_keeps_the_old_submissio
     before = s3_text(server, f"{name}/runs/faulty/submission.csv")
     denied = f"{name}/data/test1/7.jpg"
     with FaultyS3Proxy(server.port, denied={denied}) as proxy:
-        proc = fault_job("predict", proxy.endpoint, name, tmp_path)
+        # --full: an incremental rerun would reuse every earlier result and never read the denied key.
+        proc = fault_job("predict", proxy.endpoint, name, tmp_path, "--full")
     lines = error_lines(proc.stderr)
     assert proc.returncode != 0 and len(lines) == 1, proc.stderr[-4000:]
     assert f"s3://{denied}" in lines[0] and "access denied" in lines[0], lines[0]
