@@ -1,13 +1,14 @@
 """Resume and incremental predict on one input: uninterrupted, killed-then-resumed, 1% new.
 
     python bench/resume_figures.py [--config configs/local.yaml] [--data DIR] [--images 5000]
-                                   [--kill-at 0.4] [--out bench/results]
+                                   [--kill-at 0.75] [--out bench/results]
 
 Every run is ``jobs/predict.py`` in a fresh subprocess (its own embedded Ray), timed wall-clock:
 
 1. ``uninterrupted``: the first ``--images`` test1 images into an empty output;
 2. ``killed`` + ``resumed``: the same into another output, SIGKILLed (driver and its Ray) at
-   ``--kill-at`` of the uninterrupted wall time, then the same command again;
+   ``--kill-at`` of the uninterrupted wall time, then the same command again (at 0.4 on 2 cores
+   the job was still starting and had committed nothing: the resumed run scored everything);
 3. ``incremental``: 99% of the images scored, then 1% new ones added and the command run again.
 
 The model is a freshly initialised checkpoint of the config's first architecture at its image
@@ -83,7 +84,7 @@ def main() -> int:
     parser.add_argument("--config", default=str(REPO / "configs" / "local.yaml"))
     parser.add_argument("--data", default=os.environ.get("CATDOG_DATA", str(REPO.parent / "shared/data/dogs-vs-cats")))
     parser.add_argument("--images", type=int, default=5000)
-    parser.add_argument("--kill-at", type=float, default=0.4)
+    parser.add_argument("--kill-at", type=float, default=0.75)
     parser.add_argument("--out", default=str(HERE / "results"))
     parser.add_argument("--note", default="", help="a line for the results file, e.g. 'quiet machine'")
     args = parser.parse_args()
