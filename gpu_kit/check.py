@@ -26,11 +26,14 @@ from pathlib import Path
 from gpu_kit.steps import RESULT_TAG
 
 REPO = Path(__file__).resolve().parents[1]
-# GPU: one H100, 8 minutes for everything.  CPU (run.sh --cpu, 2 cores): same steps, smaller work.
+STEP_NAMES = ("pytest_gpu", "train", "train_timing", "predict")
+# GPU: one H100 or H200, about 8 minutes for everything.  CPU (run.sh --cpu, 2 cores): same steps, smaller work.
 PROFILES = {
     "gpu": {
-        "budget_s": 450,  # of 8 minutes: the rest covers start-up and stopping a step that overran
-        "timeouts": {"pytest_gpu": 110, "train": 140, "train_timing": 110, "predict": 90},
+        # Sized on an H200 (bench/results/gpu-2026-11-26.md): each Ray Train run pays ~25 s to start
+        # its worker and the first GPU actor ~14 s before its first batch, whatever the data size.
+        "budget_s": 470,  # about 8 minutes with start-up and stopping a step that overran
+        "timeouts": {"pytest_gpu": 130, "train": 170, "train_timing": 100, "predict": 70},
         "args": {
             "device": "cuda",
             "size": 128,
@@ -181,7 +184,14 @@ def main() -> int:
         default=float(os.environ.get("CATDOG_KIT_TIMEOUT_SCALE", "1")),
         help="multiply every timeout and the budget (a busy shared machine; default 1, or CATDOG_KIT_TIMEOUT_SCALE)",
     )
+    parser.add_argument(
+        "--steps",
+        type=lambda text: text.split(","),
+        help=f"run only these steps, comma-separated (default: all of {', '.join(STEP_NAMES)})",
+    )
     args = parser.parse_args()
+    if unknown := set(args.steps or ()) - set(STEP_NAMES):
+        parser.error(f"unknown step(s) {', '.join(sorted(unknown))}; the steps are {', '.join(STEP_NAMES)}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds run_step, which stops its step
     start = time.monotonic()  # the budget counts from here: imports and versions included
     out, kit = Path(args.out).resolve(), Path(args.kit).resolve()
@@ -198,12 +208,17 @@ def main() -> int:
     }
     report["versions"] = versions()
     steps = [
-        ("pytest_gpu", [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *pytest_files()])
+        (
+            "pytest_gpu",
+            [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "--durations=5", "-p", "no:cacheprovider"]
+            + ["-p", "gpu_kit.instafail", *pytest_files()],
+        )
     ]
     steps += [
         (name, [sys.executable, "-m", "gpu_kit.steps", name, json.dumps(step_args)])
         for name in ("train", "train_timing", "predict")
     ]
+    steps = [(name, cmd) for name, cmd in steps if not args.steps or name in args.steps]
     results = []
     with open(out / "gpu-check.log", "w") as log:
         log.write(json.dumps(report, indent=2) + "\n")
