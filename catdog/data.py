@@ -442,7 +442,7 @@ def image_dataset(
     return retry_read_failures(
         ds.map_batches(
             decode_batch,
-            fn_args=(storage, presets, drop_errors),
+            fn_args=(storage, presets, drop_errors, threads),
             batch_size=batch_size,
             batch_format="numpy",
             num_cpus=num_cpus,

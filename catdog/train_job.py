@@ -212,13 +212,7 @@ def train_architecture(
             spec.arch, arch_params(cfg, loop_cfg), fingerprint_digest(loop_cfg["fingerprint"])
         )
     size = loop_cfg["image_size"]
-    augment = TrainPreset(size, scale=(cfg.train.crop_scale_min, 1.0))
-    rows = sorted(split.train, key=lambda r: split_key(r["path"], cfg.data.seed + 1))  # mix the classes
-    reader = {"batch_size": cfg.data.decode_batch_size, "shards": split.shards, "threads": cfg.data.decode_threads}
-    datasets = {
-        "train": image_dataset(storage, rows, augment, **reader).randomize_block_order(),
-        "val": image_dataset(storage, split.val, EvalPreset(size), **reader),
-    }
+    datasets = train_datasets(cfg, split, storage, size)
     fs, root = storage.resolve(cfg.run_uri)
     resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}
     trainer = TorchTrainer(
@@ -396,6 +390,18 @@ def run_training(cfg: CatdogConfig, restart: bool = False) -> str:
         logger.info("report: %s", report_uri)
     log_leaderboard(rows, time.time() - started)
     return best_uri
+
+
+def train_datasets(cfg: CatdogConfig, split: Split, storage: Storage, size: int) -> dict:
+    """The Train workers' inputs: the training rows (classes mixed, augmented, block order shuffled
+    each epoch) and the validation rows (eval preset), both read with the config's decode settings."""
+    augment = TrainPreset(size, scale=(cfg.train.crop_scale_min, 1.0))
+    rows = sorted(split.train, key=lambda r: split_key(r["path"], cfg.data.seed + 1))  # mix the classes
+    reader = {"batch_size": cfg.data.decode_batch_size, "shards": split.shards, "threads": cfg.data.decode_threads}
+    return {
+        "train": image_dataset(storage, rows, augment, **reader).randomize_block_order(),
+        "val": image_dataset(storage, split.val, EvalPreset(size), **reader),
+    }
 
 
 def train_all(cfg: CatdogConfig, split: Split, storage: Storage, started: float, tracker) -> list[dict]:
