@@ -113,6 +113,11 @@ class RayConfig(_Section):
     # Train workers hold their CPUs for the whole run and Ray Data needs slots left over.
     num_cpus: PositiveInt | None = None
     object_store_memory_mb: PositiveInt | None = None
+    # Start Ray's dashboard with an embedded Ray (a cluster, RAY_ADDRESS, keeps its own).  Off saves
+    # 3-6% of a small job's wall time on 2 cores, but Ray Train's placement-group cleaner needs the
+    # State API the dashboard serves: without it, a dead controller's resources are never released
+    # and it warns every second (bench/NOTES.md, "Embedded Ray").
+    dashboard: bool = True
 
 
 class TrackingConfig(_Section):

@@ -31,7 +31,7 @@ def init_ray(cfg) -> bool:
         kwargs["num_cpus"] = cfg.ray.num_cpus
     if cfg.ray.object_store_memory_mb:
         kwargs["object_store_memory"] = cfg.ray.object_store_memory_mb * 1024 * 1024
-    ray.init(address="local", **kwargs)
+    ray.init(address="local", include_dashboard=cfg.ray.dashboard, **kwargs)
     return True
 
 
