@@ -1,6 +1,6 @@
 """Ingest levers, one at a time, on the same files: what each does to decoded images/s.
 
-    python bench/levers.py [--data DIR] [--n 3000] [--size 128] [--repeats 3] [--smoke] [--only TEXT]
+    python bench/levers.py [--data DIR] [--n 3000] [--size 128] [--repeats 3] [--smoke] [--only TEXT ...]
 
 Single-process decoders first (the per-core ceiling), then catdog's Ray Data reader with one
 setting changed per row.  The outcome of each lever is written up in bench/NOTES.md.
@@ -138,12 +138,12 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="64 files, one run each (used by the tests)")
-    parser.add_argument("--only", help="only the levers whose name contains this text (e.g. 'catdog reader')")
+    parser.add_argument("--only", action="append", help="only levers whose name contains this text (repeatable)")
     args = parser.parse_args()
     if args.smoke:
         args.n, args.repeats = 64, 1
     print(f"| lever | images/s (median of {args.repeats}) | spread |\n|---|---|---|")
-    for name in [n for n in (*LEVERS, *RAY_LEVERS) if not args.only or args.only in n]:
+    for name in [n for n in (*LEVERS, *RAY_LEVERS) if not args.only or any(text in n for text in args.only)]:
         rates = [run_one(name, args) for _ in range(args.repeats)]
         print(f"| {name} | {statistics.median(rates):.0f} | {min(rates):.0f}-{max(rates):.0f} |", flush=True)
     return 0
