@@ -53,7 +53,7 @@ def test_duration():
 
 @pytest.mark.slow
 def test_quick_train_prints_a_short_console_and_logs_ray_to_the_run(small_real_data, tmp_path):
-    overrides = quick_overrides(small_real_data, tmp_path)
+    overrides = quick_overrides(small_real_data, tmp_path, **{"data.limit": 120, "data.image_size": 32})
     proc = run([str(REPO / "jobs" / "train.py"), "--config", "configs/quick.yaml", *sets(overrides)])
     lines = proc.stdout.splitlines() + proc.stderr.splitlines()
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -72,7 +72,7 @@ def test_training_runs_in_mlflow_server_and_a_rerun_adds_none(mlflow_server, sma
         tmp_path,
         "tracked",
         models="[sequential_cnn, mobilenet_v2]",
-        **{"train.epochs": 2, "tracking.mlflow_uri": mlflow_server.uri, "train.report": True},
+        **{"train.epochs": 2, "tracking.mlflow_uri": mlflow_server.uri, "train.report": True, "data.limit": 120},
     )
     cfg = load_config(REPO / "configs" / "quick.yaml", overrides)
     train(cfg)
