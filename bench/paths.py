@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from catdog.data import decode_image, id_from_path
+from catdog.images import decode_image, id_from_path
 from catdog.presets import EvalPreset
 from catdog.storage import Storage
 

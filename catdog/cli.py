@@ -15,7 +15,7 @@ from collections.abc import Callable
 from catdog.checkpoints import CheckpointError
 from catdog.config import CatdogConfig, ConfigError, _set_dotted, load_config, parse_override, validate_config
 from catdog.console import VERBOSE_ENV
-from catdog.data import DataError
+from catdog.images import DataError
 from catdog.models import InitError
 from catdog.runtime import ResourceError
 from catdog.storage import StorageError, read_failure_in

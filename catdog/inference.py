@@ -26,7 +26,8 @@ from catdog import tracking
 from catdog.checkpoints import CheckpointError, load_model, read_meta
 from catdog.config import CatdogConfig
 from catdog.console import job_log
-from catdog.data import DataError, Split, image_dataset, list_table, load_split
+from catdog.data import Split, image_dataset, list_table, load_split
+from catdog.images import DataError
 from catdog.presets import MEAN, STD, EvalPreset
 from catdog.runtime import check_predict_resources, init_ray
 from catdog.scoring_plan import PREDICTION_SCHEMA as PREDICTION_SCHEMA  # the schema of predictions/

@@ -125,7 +125,7 @@ def test_proba_writes_clipped_probabilities(quick_run, messy_test_folder, tmp_pa
 
 def four_test_images(small_real_data, ref) -> dict:
     """A decoded batch in the shape the predictor gets from Ray Data."""
-    from catdog.data import decode_image
+    from catdog.images import decode_image
 
     paths = sorted((small_real_data / "test1").glob("*.jpg"))[:4]
     return {

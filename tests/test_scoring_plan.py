@@ -23,7 +23,8 @@ from PIL import Image
 
 from catdog.checkpoints import save_checkpoint
 from catdog.config import load_config
-from catdog.data import LISTING_SCHEMA, id_from_path, image_dataset, label_from_path, list_table
+from catdog.data import image_dataset, list_table
+from catdog.images import LISTING_SCHEMA, id_from_path, label_from_path
 from catdog.inference import run_predict
 from catdog.models import build_model
 from catdog.presets import EvalPreset

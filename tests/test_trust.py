@@ -23,7 +23,8 @@ from s3proxy import FaultyS3Proxy
 from catdog import storage as storage_module
 from catdog.checkpoints import load_model
 from catdog.config import load_config, split_overrides
-from catdog.data import decode_batch, decode_image, image_dataset, list_images, load_split
+from catdog.data import decode_batch, image_dataset, load_split
+from catdog.images import decode_image, list_images
 from catdog.presets import EvalPreset
 from catdog.runtime import ResourceError
 from catdog.storage import ReadError, Storage, read_failure_in, read_with_retries
