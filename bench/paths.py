@@ -253,7 +253,8 @@ def catdog_predict(a: dict) -> dict:
 
     from catdog.config import load_config
     from catdog.data import list_entries
-    from catdog.inference import model_ref, predictions_dataset, run_predict
+    from catdog.inference import model_ref, predictions_dataset
+    from catdog.predict_job import run_predict
 
     folder = test_folder(a["data"], a["n"])
     out = tempfile.mkdtemp(prefix="catdog-bench-out-")

@@ -21,7 +21,9 @@ import pytest
 from conftest import REPO, jpeg_bytes
 
 import catdog.inference
-from catdog.inference import PREDICTION_SCHEMA, Predictor, run_evaluate, run_predict
+from catdog.inference import Predictor
+from catdog.predict_job import run_evaluate, run_predict
+from catdog.scoring_plan import PREDICTION_SCHEMA
 from catdog.storage import Storage
 
 pytestmark = pytest.mark.slow

@@ -25,8 +25,8 @@ from catdog.checkpoints import save_checkpoint
 from catdog.config import load_config
 from catdog.data import image_dataset, list_table
 from catdog.images import LISTING_SCHEMA, id_from_path, label_from_path
-from catdog.inference import run_predict
 from catdog.models import build_model
+from catdog.predict_job import run_predict
 from catdog.presets import EvalPreset
 from catdog.scoring_plan import PARTIAL, PARTS, make_plan
 from catdog.storage import Storage

@@ -273,7 +273,7 @@ def test_a_predict_section_that_can_never_be_placed_stops_training_before_it_sta
 def test_evaluate_scores_the_validation_split_and_counts_training_images_in_an_input(
     small_real_data, tmp_path, ray_session, caplog
 ):
-    from catdog.inference import run_evaluate
+    from catdog.predict_job import run_evaluate
 
     cfg = tiny_cfg(small_real_data, tmp_path, "evaluate")
     run_training(cfg)
