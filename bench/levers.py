@@ -41,7 +41,7 @@ def pillow(paths: list[str], size: int, draft: bool) -> int:
 
 
 def catdog_decode(paths: list[str], size: int) -> int:
-    from catdog.data import decode_image
+    from catdog.images import decode_image
     from catdog.presets import EvalPreset
 
     preset = EvalPreset(size, crop_fraction=1.0)

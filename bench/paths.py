@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from catdog.data import decode_image, id_from_path
+from catdog.images import decode_image, id_from_path
 from catdog.presets import EvalPreset
 from catdog.storage import Storage
 
@@ -253,7 +253,8 @@ def catdog_predict(a: dict) -> dict:
 
     from catdog.config import load_config
     from catdog.data import list_entries
-    from catdog.inference import model_ref, predictions_dataset, run_predict
+    from catdog.inference import model_ref, predictions_dataset
+    from catdog.predict_job import run_predict
 
     folder = test_folder(a["data"], a["n"])
     out = tempfile.mkdtemp(prefix="catdog-bench-out-")

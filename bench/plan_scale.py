@@ -56,7 +56,7 @@ def synthetic_listing(tree: str, n: int):
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from catdog.data import LISTING_SCHEMA
+    from catdog.images import LISTING_SCHEMA
 
     k = np.arange(n, dtype=np.int64)
     folders = pa.array(np.char.add(f"{tree}/d", np.char.zfill((k // IMAGES).astype(str), 5)))

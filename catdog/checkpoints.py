@@ -15,7 +15,7 @@ import os
 import torch
 from torch import nn
 
-from catdog.data import CLASS_NAMES
+from catdog.images import CLASS_NAMES
 from catdog.models import META_FILE, MODEL_FILE, build_model, load_weights_file
 from catdog.presets import MEAN, STD, EvalPreset
 from catdog.storage import Storage, join

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from catdog.checkpoints import CheckpointError
 from catdog.config import CatdogConfig, ConfigError, _set_dotted, load_config, parse_override, validate_config
 from catdog.console import VERBOSE_ENV
-from catdog.data import DataError
+from catdog.images import DataError
 from catdog.models import InitError
 from catdog.runtime import ResourceError
 from catdog.storage import StorageError, read_failure_in
@@ -98,13 +98,13 @@ def run_train(cfg: CatdogConfig, args: argparse.Namespace) -> str:
 
 
 def run_predict(cfg: CatdogConfig, args: argparse.Namespace) -> str:
-    from catdog.inference import run_predict as predict
+    from catdog.predict_job import run_predict as predict
 
     return predict(cfg, args.model, args.input, args.output, args.tta, args.ensemble, args.proba, full=args.full)
 
 
 def run_evaluate(cfg: CatdogConfig, args: argparse.Namespace) -> str:
-    from catdog.inference import run_evaluate as evaluate
+    from catdog.predict_job import run_evaluate as evaluate
 
     return evaluate(cfg, args.input, args.model, args.output, args.tta, args.ensemble)
 

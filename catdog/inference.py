@@ -1,4 +1,7 @@
-"""Batch inference with Ray Data: predict over an image folder, and evaluate on a labelled one.
+"""Batch inference with Ray Data: the pieces that score images and read the scores back.
+
+The predict and evaluate jobs (:mod:`catdog.predict_job`) and the report's validation study
+(:mod:`catdog.report`) are built from them; nothing here runs a whole job.
 
 Pipeline: list files or shard names (driver, names only) → decode with each model's eval preset (CPU tasks) →
 ``map_batches(Predictor)`` in an actor pool (model loaded once per actor) → Parquet, written
@@ -8,30 +11,20 @@ from the Parquet columns they need, never from whole rows pulled through the dri
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
-import time
 import uuid
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from catdog import tracking
-from catdog.checkpoints import CheckpointError, load_model, read_meta
+from catdog.checkpoints import load_model, read_meta
 from catdog.config import CatdogConfig
-from catdog.console import job_log
-from catdog.data import DataError, Split, image_dataset, list_table, load_split
+from catdog.data import image_dataset
 from catdog.presets import MEAN, STD, EvalPreset
-from catdog.runtime import check_predict_resources, init_ray
-from catdog.scoring_plan import PREDICTION_SCHEMA as PREDICTION_SCHEMA  # the schema of predictions/
-from catdog.scoring_plan import commit_part, make_plan, promote, score_and_commit, scoring_fingerprint
-from catdog.storage import Storage, StorageError, basename, join
+from catdog.storage import Storage, basename
 from catdog.training import CLIP, autocast, to_model_input
 
 logger = logging.getLogger(__name__)
@@ -72,26 +65,6 @@ def model_ref(storage: Storage, checkpoint_uri: str) -> ModelRef:
         tuple(meta.get("mean", MEAN)),
         tuple(meta.get("std", STD)),
     )
-
-
-def resolve_models(storage: Storage, cfg: CatdogConfig, model_uri: str | None, ensemble: bool) -> list[ModelRef]:
-    """``--model`` may name a ``best.json`` (default: the run's) or a checkpoint folder.
-    With ``ensemble`` every checkpoint on the run's leaderboard is used."""
-    model_uri = model_uri or join(cfg.run_uri, "best.json")
-    if model_uri.endswith(".json"):
-        if not storage.exists(model_uri):
-            raise CheckpointError(
-                f"{model_uri}: not found{storage.why_missing(model_uri)}; train first (make train) or pass --model"
-            )
-        best = json.loads(storage.read_text(model_uri))
-        if ensemble:
-            board = join(model_uri.rsplit("/", 1)[0], "leaderboard.csv")
-            rows = list(csv.DictReader(io.StringIO(storage.read_text(board))))
-            return [model_ref(storage, row["checkpoint"]) for row in rows]
-        return [model_ref(storage, best["checkpoint"])]
-    if ensemble:
-        raise CheckpointError(f"{model_uri}: --ensemble needs a best.json next to a leaderboard.csv")
-    return [model_ref(storage, model_uri)]
 
 
 class Predictor:
@@ -252,111 +225,6 @@ def unique_ids_in_order(ids: list[int], paths: list[str]) -> tuple[list[int], li
     return kept, repeated
 
 
-def refresh_report(cfg: CatdogConfig, storage: Storage, output_uri: str) -> None:
-    """Outputs that land in the run folder also refresh its ``report.html`` (unless ``train.report`` is off)."""
-    if (
-        cfg.train.report
-        and output_uri.rstrip("/").startswith(cfg.run_uri.rstrip("/"))
-        and storage.exists(join(cfg.run_uri, "leaderboard.csv"))
-    ):
-        from catdog.report import write_report  # report builds on this module
-
-        logger.info("report: %s", write_report(cfg, storage))
-
-
-def run_predict(
-    cfg: CatdogConfig,
-    model_uri: str | None = None,
-    input_uri: str | None = None,
-    output_uri: str | None = None,
-    tta: bool = False,
-    ensemble: bool = False,
-    proba: bool = False,
-    full: bool = False,
-) -> str:
-    """Score the images under ``input_uri`` (a folder or a shard set) that ``output_uri`` has no
-    valid result for (all of them with ``full``), resuming an interrupted run; return the URI of
-    ``submission.csv``.  See :mod:`catdog.scoring_plan`."""
-    started = time.time()
-    tracking.require_mlflow(cfg)
-    storage = Storage.from_config(cfg.storage)
-    input_uri, output_uri = input_uri or cfg.data.test, output_uri or cfg.run_uri
-    models = resolve_models(storage, cfg, model_uri, ensemble)
-    listing, shards = list_table(storage, input_uri)
-    if not listing.num_rows:
-        raise DataError(f"{input_uri}: no .jpg/.jpeg/.png images found")
-    storage.check_bucket(output_uri)
-    fingerprint = scoring_fingerprint(storage, [m.checkpoint for m in models], tta, cfg.predict.amp)
-    plan = make_plan(storage, listing.select(["path", "size", "version", "id"]), output_uri, fingerprint, full)
-    scored, scoring = 0, 0.0
-    with job_log(storage, output_uri, "predict") as ray_log:
-        logger.info(
-            "predicting %d of %d images from %s with %s (%d reused, %d resumed, %d removed); "
-            "outputs in %s, Ray's log in %s",
-            plan.to_score.num_rows,
-            listing.num_rows,
-            input_uri,
-            ", ".join(m.name for m in models),
-            plan.reused,
-            plan.resumed,
-            plan.removed,
-            output_uri,
-            ray_log.where,
-        )
-        if plan.to_score.num_rows:
-            init_ray(cfg)
-            check_predict_resources(cfg)
-            ray_log.settle()
-            scoring = time.time()
-            ds = predictions_dataset(cfg, storage, plan.to_score, models, tta, shards).map_batches(
-                commit_part, fn_args=(storage, plan.parts_uri, fingerprint), batch_size=None, batch_format="pyarrow"
-            )
-            scored = score_and_commit(ds, plan).scored
-            scoring = time.time() - scoring
-    promote(storage, plan, cfg.predict.threshold)
-    submission_uri, n_unreadable = write_submission(cfg, storage, output_uri, plan.predictions_uri, proba)
-    print(
-        f"predict: scored {scored}, reused {plan.reused + plan.resumed}, removed {plan.removed} "
-        f"of {listing.num_rows} images in {time.time() - started:.1f} s",
-        flush=True,
-    )
-    refresh_report(cfg, storage, output_uri)
-    tracking.log_job_run(
-        cfg,
-        "predict",
-        throughput(scored, scoring, started) | {"n_unreadable": n_unreadable, "n_reused": plan.reused + plan.resumed},
-        {"input": input_uri, "output": output_uri, "models": "+".join(m.name for m in models), "tta": tta},
-    )
-    return submission_uri
-
-
-def write_submission(
-    cfg: CatdogConfig, storage: Storage, output_uri: str, predictions_uri: str, proba: bool
-) -> tuple[str, int]:
-    """``submission.csv`` from ``predictions/``; its URI and how many unreadable images it labels."""
-    text, unreadable = submission_csv(storage, predictions_uri, cfg, proba)
-    if unreadable:
-        logger.warning(
-            "%d unreadable images were given label %d in the submission: ids %s",
-            len(unreadable),
-            cfg.predict.unreadable_label,
-            ", ".join(map(str, unreadable[:50])),
-        )
-    submission_uri = join(output_uri, "submission.csv")
-    storage.write_text(submission_uri, text)
-    logger.info("wrote %s (%d rows) and %s", submission_uri, text.count("\n") - 1, predictions_uri)
-    return submission_uri, len(unreadable)
-
-
-def throughput(n_images: int, scoring_seconds: float, started: float) -> dict:
-    return {
-        "n_images": n_images,
-        "scoring_seconds": round(scoring_seconds, 1),
-        "images_per_s": n_images / max(scoring_seconds, 1e-9),
-        "wall_seconds": round(time.time() - started, 1),
-    }
-
-
 def classification_metrics(storage: Storage, predictions_uri: str) -> dict:
     """Accuracy, clipped log loss and the 2×2 confusion matrix (rows = truth, cols = predicted)."""
     confusion = np.zeros((2, 2), dtype=np.int64)
@@ -396,113 +264,3 @@ def evaluation_rows(labelled: list[dict]) -> pa.Table:
         },
         schema=EVALUATION_ROWS,
     )
-
-
-def training_split(storage: Storage, cfg: CatdogConfig, model: ModelRef) -> tuple[Split, str]:
-    """The train/val split ``model`` was trained on (the data settings in its checkpoint's
-    fingerprint; ``cfg.data`` for checkpoints from before fingerprints), and how to name it."""
-    recorded = read_meta(storage, model.checkpoint).get("fingerprint") or {}
-    train_uri = recorded.get("data.train", cfg.data.train)
-    settings = {key: recorded.get(f"data.{key}", getattr(cfg.data, key)) for key in ("val_fraction", "seed", "limit")}
-    split = load_split(storage, train_uri, **settings)
-    described = ", ".join(f"{k} {v}" for k, v in settings.items())
-    return split, f"validation split of {train_uri} ({described})"
-
-
-def train_overlap(storage: Storage, cfg: CatdogConfig, model: ModelRef, paths: pa.ChunkedArray) -> int | None:
-    """How many of ``paths`` are in ``model``'s training split (None when that cannot be listed).
-    The split assigns files by base name, so a copy of a training image counts too."""
-    try:
-        split, _ = training_split(storage, cfg, model)
-    except (DataError, StorageError) as exc:
-        logger.warning("cannot check the input against the training split: %s", exc)
-        return None
-    trained = pa.array([basename(r["path"]) for r in split.train], pa.string())
-    names = pc.replace_substring_regex(paths, r"^.*/", "")
-    return int(pc.sum(pc.is_in(names, value_set=trained)).as_py() or 0)
-
-
-def input_rows(storage: Storage, input_uri: str) -> tuple[pa.Table, object, int, list[str]]:
-    """The labelled images of a folder or shard set as :data:`EVALUATION_ROWS`, the shard set (or
-    None), how many files carry no label, and the first few of them."""
-    listing, shards = list_table(storage, input_uri)
-    labelled = pc.is_valid(listing["label"])
-    unlabeled = listing.filter(pc.invert(labelled))["path"].to_pylist()[:20]
-    rows = listing.filter(labelled).select(["path", "id", "label"]).rename_columns(["path", "id", "truth"])
-    return rows.cast(EVALUATION_ROWS), shards, listing.num_rows - rows.num_rows, unlabeled
-
-
-def run_evaluate(
-    cfg: CatdogConfig,
-    input_uri: str | None = None,
-    model_uri: str | None = None,
-    output_uri: str | None = None,
-    tta: bool = False,
-    ensemble: bool = False,
-) -> str:
-    """Score a labelled folder or shard set, by default the run's validation split (never its
-    training images); write ``metrics.json`` and return its URI."""
-    started = time.time()
-    tracking.require_mlflow(cfg)
-    storage = Storage.from_config(cfg.storage)
-    output_uri = output_uri or join(cfg.run_uri, "evaluate")
-    models = resolve_models(storage, cfg, model_uri, ensemble)
-    if input_uri is None:
-        split, split_name = training_split(storage, cfg, models[0])
-        rows, shards, n_unlabeled, unlabeled = evaluation_rows(split.val), split.shards, 0, []
-        scored = {"split": "validation", "input": split_name}
-    else:
-        rows, shards, n_unlabeled, unlabeled = input_rows(storage, input_uri)
-        overlap = train_overlap(storage, cfg, models[0], rows["path"])
-        scored = {"split": "input", "input": input_uri, "train_overlap": overlap}
-        if overlap:
-            logger.warning(
-                "%s: %d of its %d labelled images are in the model's training split; the metrics overstate "
-                "accuracy on unseen images (evaluate without --input scores the validation split)",
-                input_uri,
-                overlap,
-                rows.num_rows,
-            )
-    if n_unlabeled:
-        logger.warning(
-            "%s: skipped %d files whose names carry no label: %s",
-            input_uri,
-            n_unlabeled,
-            ", ".join(basename(p) for p in unlabeled),
-        )
-    if not rows.num_rows:
-        raise DataError(f"{scored['input']}: no labelled images (cat.N.jpg / dog.N.jpg or cat(s)/ dog(s)/ folders)")
-    storage.check_bucket(output_uri)
-    predictions_uri = join(output_uri, "predictions")
-    with job_log(storage, output_uri, "evaluate") as ray_log:
-        logger.info(
-            "evaluating on %d images from %s; outputs in %s, Ray's log in %s",
-            rows.num_rows,
-            scored["input"],
-            output_uri,
-            ray_log.where,
-        )
-        init_ray(cfg)
-        check_predict_resources(cfg)
-        ray_log.settle()
-        scoring = time.time()
-        write_parquet_atomically(predictions_dataset(cfg, storage, rows, models, tta, shards), storage, predictions_uri)
-        scoring = time.time() - scoring
-    metrics = {**classification_metrics(storage, predictions_uri), **scored}
-    metrics_uri = join(output_uri, "metrics.json")
-    storage.write_text(metrics_uri, json.dumps(metrics, indent=2) + "\n")
-    if not metrics["n_images"]:
-        raise DataError(f"{scored['input']}: none of the {metrics['n_unreadable']} labelled images could be read")
-    print(
-        f"evaluate: accuracy {metrics['accuracy']:.4f} log_loss {metrics['log_loss']:.4f} on "
-        f"{metrics['n_images']} images ({metrics['n_unreadable']} unreadable) with {metrics['model']}",
-        flush=True,
-    )
-    refresh_report(cfg, storage, output_uri)
-    tracking.log_job_run(
-        cfg,
-        "evaluate",
-        {k: metrics[k] for k in ("accuracy", "log_loss", "n_unreadable")} | throughput(rows.num_rows, scoring, started),
-        {"input": scored["input"], "output": output_uri, "models": metrics["model"], "tta": tta},
-    )
-    return metrics_uri

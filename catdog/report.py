@@ -16,7 +16,7 @@ import logging
 import numpy as np
 
 from catdog.config import CatdogConfig
-from catdog.data import decode_image
+from catdog.images import decode_image
 from catdog.inference import (
     classification_metrics,
     evaluation_rows,
@@ -26,6 +26,7 @@ from catdog.inference import (
     write_parquet_atomically,
 )
 from catdog.presets import EvalPreset
+from catdog.shards import open_shard_set
 from catdog.storage import Storage, basename, join
 
 logger = logging.getLogger(__name__)
@@ -141,8 +142,6 @@ def report_image_bytes(storage: Storage, train_uri: str, paths: list[str]) -> di
     shards: the folder they were packed from may be gone (or on another machine)."""
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
-
-    from catdog.shards import open_shard_set
 
     shards = open_shard_set(storage, train_uri)
     if shards is None:

@@ -14,7 +14,7 @@ of unlabelled names (``123.jpg``) or null; ``bytes`` is the original encoded fil
 Packing is deterministic: the driver lists names only and orders them by a fixed hash of the name
 (this interleaves the classes, so every shard holds both and block-level shuffling in training
 mixes them), cuts that list into shards of ``shard_size``, and one Ray Data task per shard reads,
-validates (with :func:`catdog.data.decode_rgb`, the decoder every job uses) and writes its shard.
+validates (with :func:`catdog.images.decode_rgb`, the decoder every job uses) and writes its shard.
 The same folder always gives the same file names with the same rows in the same order.
 
 Jobs detect a shard set by its marker.  They read the ``name``/``label``/``id`` columns on the
@@ -41,7 +41,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-from catdog.data import (
+from catdog.images import (
     LISTING_SCHEMA,
     DataError,
     decode_rgb,
@@ -119,7 +119,7 @@ class ShardSet:
 
 
 def source_root(storage: Storage, uri: str) -> str:
-    """The prefix that :func:`catdog.data.list_images` puts before relative names."""
+    """The prefix that :func:`catdog.images.list_images` puts before relative names."""
     return uri.rstrip("/") if is_remote(uri) else storage.resolve(uri)[1]
 
 
@@ -163,8 +163,8 @@ def _read_small_columns(storage: Storage, uri: str, columns: list[str], schema: 
 
 
 def shard_listing(storage: Storage, shards: ShardSet) -> pa.Table:
-    """A :data:`~catdog.data.LISTING_SCHEMA` table of every image file of the source folder, packed
-    or rejected, sorted by path as :func:`catdog.data.image_listing` gives it, read from the small
+    """A :data:`~catdog.images.LISTING_SCHEMA` table of every image file of the source folder, packed
+    or rejected, sorted by path as :func:`catdog.images.image_listing` gives it, read from the small
     columns only (names, never bytes).  ``version`` is the file's sha256; ``size`` is 0 for packed
     images (their shards do not keep it)."""
     parts = []

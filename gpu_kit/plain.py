@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from catdog.data import decode_image, label_from_path
+from catdog.images import decode_image, label_from_path
 from catdog.presets import EvalPreset, TrainPreset
 from catdog.training import autocast, build_optimizer, grad_scaler, to_model_input
 

@@ -152,7 +152,8 @@ def predict(a: dict) -> dict:
     import pyarrow.parquet as pq
 
     from catdog.checkpoints import load_model
-    from catdog.inference import model_ref, predictions_dataset, run_predict
+    from catdog.inference import model_ref, predictions_dataset
+    from catdog.predict_job import run_predict
     from catdog.storage import Storage
     from gpu_kit.plain import plain_predict
 

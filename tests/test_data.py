@@ -11,16 +11,8 @@ import torch
 from conftest import jpeg_bytes, write_image
 from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 
-from catdog.data import (
-    DataError,
-    decode_image,
-    id_from_path,
-    image_dataset,
-    label_from_path,
-    list_images,
-    load_split,
-    split_rows,
-)
+from catdog.data import image_dataset, load_split, split_rows
+from catdog.images import DataError, decode_image, id_from_path, label_from_path, list_images
 from catdog.presets import EvalPreset, TrainPreset
 from catdog.storage import Storage
 from catdog.training import Collate

@@ -132,7 +132,7 @@ def test_restart_moves_the_previous_run_aside(tmp_path, kaggle_folder):
     ],
 )
 def test_predict_that_can_never_be_placed_stops_before_scoring(quick_run, small_real_data, tmp_path, predict, message):
-    from catdog.inference import run_predict
+    from catdog.predict_job import run_predict
 
     cfg, _ = quick_run
     cfg = cfg.model_copy(update={"predict": cfg.predict.model_copy(update={"concurrency": 1, **predict})})

@@ -11,7 +11,7 @@ import torch
 from conftest import REPO, quick_overrides
 
 from catdog.config import load_config
-from catdog.inference import run_predict
+from catdog.predict_job import run_predict
 from catdog.train_job import run_training
 from catdog.training import autocast
 

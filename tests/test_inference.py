@@ -21,7 +21,9 @@ import pytest
 from conftest import REPO, jpeg_bytes
 
 import catdog.inference
-from catdog.inference import PREDICTION_SCHEMA, Predictor, run_evaluate, run_predict
+from catdog.inference import Predictor
+from catdog.predict_job import run_evaluate, run_predict
+from catdog.scoring_plan import PREDICTION_SCHEMA
 from catdog.storage import Storage
 
 pytestmark = pytest.mark.slow
@@ -125,7 +127,7 @@ def test_proba_writes_clipped_probabilities(quick_run, messy_test_folder, tmp_pa
 
 def four_test_images(small_real_data, ref) -> dict:
     """A decoded batch in the shape the predictor gets from Ray Data."""
-    from catdog.data import decode_image
+    from catdog.images import decode_image
 
     paths = sorted((small_real_data / "test1").glob("*.jpg"))[:4]
     return {

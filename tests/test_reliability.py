@@ -25,7 +25,7 @@ from PIL import Image
 
 from catdog.config import load_config
 from catdog.data import load_split
-from catdog.inference import run_predict
+from catdog.predict_job import run_predict
 from catdog.storage import Storage
 from catdog.train_job import run_training
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import CHROMIUM
 
-from catdog.inference import run_predict
+from catdog.predict_job import run_predict
 from catdog.report import write_report
 from catdog.storage import Storage
 

@@ -23,9 +23,10 @@ from PIL import Image
 
 from catdog.checkpoints import save_checkpoint
 from catdog.config import load_config
-from catdog.data import LISTING_SCHEMA, id_from_path, image_dataset, label_from_path, list_table
-from catdog.inference import run_predict
+from catdog.data import image_dataset, list_table
+from catdog.images import LISTING_SCHEMA, id_from_path, label_from_path
 from catdog.models import build_model
+from catdog.predict_job import run_predict
 from catdog.presets import EvalPreset
 from catdog.scoring_plan import PARTIAL, PARTS, make_plan
 from catdog.storage import Storage

@@ -17,7 +17,8 @@ import pytest
 from conftest import REPO, jpeg_bytes, write_image
 from PIL import Image
 
-from catdog.data import DataError, decode_batch, image_dataset, list_entries, list_images, load_split
+from catdog.data import decode_batch, image_dataset, list_entries, load_split
+from catdog.images import DataError, list_images
 from catdog.presets import EvalPreset
 from catdog.shards import (
     MARKER,

@@ -65,7 +65,7 @@ def train(cfg):
 
 @pytest.mark.slow
 def test_training_runs_in_mlflow_server_and_a_rerun_adds_none(mlflow_server, small_real_data, tmp_path, ray_session):
-    from catdog.inference import run_predict
+    from catdog.predict_job import run_predict
 
     overrides = quick_overrides(
         small_real_data,

@@ -18,7 +18,8 @@ from faults import arm
 from catdog import training
 from catdog.checkpoints import load_model
 from catdog.config import load_config
-from catdog.data import decode_image, load_split
+from catdog.data import load_split
+from catdog.images import decode_image
 from catdog.models import split_parameters
 from catdog.presets import EvalPreset
 from catdog.storage import Storage

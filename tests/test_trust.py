@@ -23,7 +23,8 @@ from s3proxy import FaultyS3Proxy
 from catdog import storage as storage_module
 from catdog.checkpoints import load_model
 from catdog.config import load_config, split_overrides
-from catdog.data import decode_batch, decode_image, image_dataset, list_images, load_split
+from catdog.data import decode_batch, image_dataset, load_split
+from catdog.images import decode_image, list_images
 from catdog.presets import EvalPreset
 from catdog.runtime import ResourceError
 from catdog.storage import ReadError, Storage, read_failure_in, read_with_retries
@@ -272,7 +273,7 @@ def test_a_predict_section_that_can_never_be_placed_stops_training_before_it_sta
 def test_evaluate_scores_the_validation_split_and_counts_training_images_in_an_input(
     small_real_data, tmp_path, ray_session, caplog
 ):
-    from catdog.inference import run_evaluate
+    from catdog.predict_job import run_evaluate
 
     cfg = tiny_cfg(small_real_data, tmp_path, "evaluate")
     run_training(cfg)
