@@ -166,6 +166,7 @@ def loop_config(cfg: CatdogConfig, spec: ModelSpec, storage: Storage, n_train: i
         "image_size": cfg.image_size_for(spec),
         "early_image_size": spec.early_image_size,
         "early_epochs": spec.early_epochs,
+        "amp": train.amp if spec.amp is None else spec.amp,
         "n_train": n_train,
         "storage": storage,
         "arch_uri": join(cfg.run_uri, spec.arch),
@@ -180,7 +181,7 @@ def loop_config(cfg: CatdogConfig, spec: ModelSpec, storage: Storage, n_train: i
 def arch_params(cfg: CatdogConfig, loop_cfg: dict) -> dict:
     """The resolved config of one architecture, for MLflow: every section, with ``models``
     replaced by this architecture's settings as trained."""
-    keys = ("arch", "init", "epochs", "batch_size", "lr", "image_size", "early_image_size", "early_epochs")
+    keys = ("arch", "init", "epochs", "batch_size", "lr", "image_size", "early_image_size", "early_epochs", "amp")
     return {
         **{k: v for k, v in cfg.model_dump(mode="json").items() if k != "models"},
         "model": {k: loop_cfg[k] for k in keys},

@@ -141,3 +141,14 @@ def test_jobs_print_one_line_and_exit_2_on_bad_config(tmp_path, job):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {path}: train.epochz: unknown key"]
     assert "Traceback" not in proc.stderr
+
+
+def test_amp_is_set_per_architecture_and_reaches_the_train_loop():
+    from catdog.storage import Storage
+    from catdog.train_job import arch_params, loop_config
+
+    cfg = load_config(REPO / "configs" / "quick.yaml", ["models=[{arch: mobilenet_v2, amp: false}, resnet18]"])
+    assert cfg.train.amp is True
+    loops = {spec.arch: loop_config(cfg, spec, Storage(), n_train=64) for spec in cfg.models}
+    assert {arch: loop["amp"] for arch, loop in loops.items()} == {"mobilenet_v2": False, "resnet18": True}
+    assert arch_params(cfg, loops["mobilenet_v2"])["model"]["amp"] is False  # what MLflow records
