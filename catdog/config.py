@@ -63,8 +63,8 @@ class ModelSpec(_Section):
     # run at ``image_size``, so the model ends calibrated at the size predict uses.
     early_image_size: PositiveInt | None = None
     early_epochs: int = Field(0, ge=0)
-    # Overrides train.amp for this architecture: bf16 autocast is not faster for every model
-    # (MobileNetV2 at 64 px trained at 160 img/s in bf16 against 230 in fp32 on a 2-core AMX CPU).
+    # Overrides train.amp for this architecture: bf16's gain depends on the model (MobileNetV2's
+    # depthwise convolutions gain little; bench/NOTES.md, "Model compute").
     amp: bool | None = None
 
 
