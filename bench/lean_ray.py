@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -24,13 +23,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def timed(command: list[str]) -> float:
@@ -74,6 +66,8 @@ def main() -> None:
                 times[variant]["predict"].append(timed(predict))
                 print(variant, {k: round(v[-1], 1) for k, v in times[variant].items()}, flush=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    from catdog.runtime import cpu_model
+
     record = {"cpu": cpu_model(), "cores": os.cpu_count(), "note": args.note, "times": times}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"lean_ray-{stamp}.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -10,6 +10,17 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 
+def cpu_model() -> str:
+    """This machine's CPU model, as /proc/cpuinfo names it (else what ``platform`` knows)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 class ResourceError(Exception):
     """A job that the cluster can never schedule, phrased as one line."""
 

@@ -35,7 +35,7 @@ from catdog.data import Split, image_dataset, load_split, split_key
 from catdog.models import InitError, check_init
 from catdog.presets import EvalPreset, TrainPreset
 from catdog.report import RUN_SUMMARY_FILE, validation_study, write_report
-from catdog.runtime import check_predict_resources, check_train_resources, init_ray, run_on_worker_nodes
+from catdog.runtime import check_predict_resources, check_train_resources, cpu_model, init_ray, run_on_worker_nodes
 from catdog.storage import Storage, join
 from catdog.training import train_loop_per_worker, write_json
 
@@ -421,21 +421,13 @@ def train_all(cfg: CatdogConfig, split: Split, storage: Storage, started: float,
 def machine_summary(cfg: CatdogConfig) -> dict:
     """What the run ran on, for the report's headline: the Ray cluster's CPUs and GPUs, the
     driver's CPU model, and the Train workers."""
-    import platform
-
     import ray
 
     resources = ray.cluster_resources()
-    cpu_model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu_model = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     return {
         "cpus": int(resources.get("CPU", 0)),
         "gpus": int(resources.get("GPU", 0)),
-        "cpu_model": cpu_model,
+        "cpu_model": cpu_model(),
         "nodes": len([n for n in ray.nodes() if n.get("Alive")]),
         "train_workers": cfg.train.num_workers,
         "use_gpu": cfg.train.use_gpu,
