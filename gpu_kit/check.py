@@ -214,10 +214,7 @@ def main() -> int:
             + ["-p", "gpu_kit.instafail", *pytest_files()],
         )
     ]
-    steps += [
-        (name, [sys.executable, "-m", "gpu_kit.steps", name, json.dumps(step_args)])
-        for name in ("train", "train_timing", "predict")
-    ]
+    steps += [(name, [sys.executable, "-m", "gpu_kit.steps", name, json.dumps(step_args)]) for name in STEP_NAMES[1:]]
     steps = [(name, cmd) for name, cmd in steps if not args.steps or name in args.steps]
     results = []
     with open(out / "gpu-check.log", "w") as log:
