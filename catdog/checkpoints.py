@@ -30,6 +30,7 @@ METRIC_COLUMNS = (
     "images_per_s",
     "train_image_size",
     "train_seconds",
+    "epoch_seconds",
     "first_batch_seconds",
     "data_wait_seconds",
     "train_images",
@@ -73,6 +74,8 @@ def save_checkpoint(
         "fingerprint": cfg.get("fingerprint", {}),
         "run_name": cfg["run_name"],
     }
+    if cfg.get("budget"):  # a time-budgeted run's plan as it stands (re-planned from the real pace); a resume keeps it
+        meta["plan"] = {"epochs": cfg["epochs"], "early_epochs": cfg["early_epochs"]}
     torch.save(net.state_dict(), os.path.join(folder, MODEL_FILE))
     train_state = {
         "optimizer": optimizer.state_dict(),

@@ -35,8 +35,10 @@ REPORT_DIR = "report"
 VAL_PREDICTIONS = "val_predictions"
 VAL_STUDY = "val_study.json"
 RUN_SUMMARY_FILE = "run_summary.json"  # wall time, machine, date: written by train
+PLAN_FILE = "plan.json"  # a time-budgeted run's plan and what each part took: written by train
 # Rounding in tables: seconds and rates to 0.1, every other fractional number to 4 decimals.
-ONE_DECIMAL = {"train_seconds", "images_per_s", "seconds", "wall_seconds", "scoring_seconds"}
+ONE_DECIMAL = {"train_seconds", "images_per_s", "seconds", "wall_seconds", "scoring_seconds", "minutes"}
+ONE_DECIMAL |= {"budget_minutes", "allotted_minutes", "predicted_minutes", "actual_minutes"}
 # Output files the report links to, relative to the run folder, when they exist.
 RUN_FILES = (
     "config.yaml",
@@ -44,6 +46,7 @@ RUN_FILES = (
     "best.json",
     "val_study.json",
     "run_summary.json",
+    "plan.json",
     "submission.csv",
     "evaluate/metrics.json",
     "mlflow.json",
@@ -269,6 +272,22 @@ def files_section(storage: Storage, run: str, board: list[dict]) -> str:
     return f"<h2 id='files'>Files</h2><ul>{items}</ul>"
 
 
+def budget_section(plan: dict) -> str:
+    """What each architecture got from the time budget: planned vs trained epochs, sizes, and
+    predicted vs actual minutes, so a reader sees whether a model lost on merit or on budget."""
+    rows = [{"part": arch, **entry} for arch, entry in plan["archs"].items()]
+    rows.append({"part": "validation study", **plan["study"]})
+    columns = ["part", "share", "image_sizes", "planned_epochs", "epochs", "allotted_minutes"]
+    columns += ["predicted_minutes", "actual_minutes"]
+    total = plan.get("actual_minutes")
+    return (
+        f"<h2 id='budget'>Time budget: {plan['budget_minutes']} min"
+        + (f", {total} min used</h2>" if total is not None else "</h2>")
+        + f"<p>speeds measured on a Train worker in {plan['measure_seconds']} s; plans re-made from the real pace</p>"
+        + _table(rows, columns)
+    )
+
+
 def _img(storage: Storage, report_dir: str, name: str, png: bytes) -> str:
     storage.write_bytes(join(report_dir, name), png)
     encoded = base64.b64encode(png).decode()
@@ -350,8 +369,11 @@ def write_report(cfg: CatdogConfig, storage: Storage) -> str:
         sections.append("<h2 id='histogram'>Predicted probabilities on the test set</h2><p>run predict first</p>")
     sections.append(
         "<h2 id='throughput'>Throughput and wall time</h2>"
-        + _table(board, ["arch", "images_per_s", "train_seconds", "epochs"])
+        + _table(board, ["arch", "images_per_s", "train_seconds", "epochs", "image_sizes", "minutes"])
     )
+    plan_uri = join(run, PLAN_FILE)
+    if storage.exists(plan_uri):
+        sections.append(budget_section(json.loads(storage.read_text(plan_uri))))
     sections.append(files_section(storage, run, board))
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>catdog run {html.escape(cfg.run_name)}</title>"

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from ray.data.collate_fn import NumpyBatchCollateFn
 from torch import nn
 
+from catdog import budget
 from catdog.checkpoints import load_checkpoint, metrics_csv, save_checkpoint
 from catdog.console import duration, emit, worker_logging
 from catdog.models import build_model, split_parameters
@@ -403,11 +404,16 @@ def train_loop_per_worker(cfg: dict) -> None:
     if state:
         optimizer.load_state_dict(state["train_state"]["optimizer"])
         restore_scaler(scaler, state["train_state"])
+    if state and cfg.get("budget") and state["meta"].get("plan"):
+        cfg.update(state["meta"]["plan"])  # a resumed budgeted run keeps the plan it was trained on
     steps_per_epoch = math.ceil(cfg["n_train"] // world / cfg["batch_size"])
-    total_steps = steps_per_epoch * cfg["epochs"]
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     clock["epochs_before"] = len(history)
-    for epoch in range(len(history) + 1, cfg["epochs"] + 1):
+    epoch = len(history)
+    while epoch < cfg["epochs"]:
+        epoch += 1
+        total_steps = steps_per_epoch * cfg["epochs"]
+        epoch_started = time.time()
         frozen = cfg["fine_tune"] and epoch <= cfg["freeze_backbone_epochs"]  # a random backbone is never frozen
         progress = epoch_progress_bar(cfg, epoch, steps_per_epoch) if rank == 0 else None
         stats = train_one_epoch(
@@ -439,9 +445,109 @@ def train_loop_per_worker(cfg: dict) -> None:
                     err=True,
                 )
             cfg["storage"].write_text(join(cfg["arch_uri"], "unreadable.txt"), "".join(p + "\n" for p in unreadable))
+        metrics["epoch_seconds"] = time.time() - epoch_started
+        changed = replan(cfg, metrics, metrics["epoch_seconds"], device) if cfg.get("budget") else None
         report_epoch(model, optimizer, cfg, metrics, history, step, rank, scaler=scaler)
         if rank == 0:
             emit(epoch_line(cfg, metrics, clock))
+            if changed:
+                emit(changed)
+
+
+def replan(cfg: dict, metrics: dict, seconds: float, device: torch.device) -> str | None:
+    """Re-size a budgeted run from the real pace: after the first epoch (both ways), and after the
+    first epoch at the final size (only fewer epochs: the schedule's tail must not climb back).
+    Rank 0 decides for every rank; the plan rides in ``cfg`` (and so in each checkpoint).
+    Returns a line for the console when the plan changed."""
+    plan = cfg["budget"]
+    size = metrics["train_image_size"]
+    epoch, first_final = metrics["epoch"], metrics["epoch"] == cfg["early_epochs"] + 1
+    if epoch != 1 and not first_final:
+        return None
+    epoch_s = {int(k): v for k, v in plan["epoch_seconds"].items()}
+    # The first epoch's first batch waited for the pipeline to start: a one-off, not the pace.
+    steady = seconds - (metrics["first_batch_seconds"] if epoch == 1 else 0.0)
+    if epoch == 1:
+        pace = max(steady - budget.EPOCH_FIXED_S, 1e-3) / max(epoch_s[size] - budget.EPOCH_FIXED_S, 1e-3)
+        epoch_s = {k: (v - budget.EPOCH_FIXED_S) * pace + budget.EPOCH_FIXED_S for k, v in epoch_s.items()}
+    else:
+        epoch_s = {**epoch_s, size: steady}
+    plan["epoch_seconds"] = epoch_s
+    left = (plan["deadline"] - time.time()) * budget.SAFETY
+    sizes = (cfg["early_image_size"] or cfg["image_size"], cfg["image_size"])
+    done = (epoch, min(epoch, cfg["early_epochs"]))
+    epochs, early = budget.fit_epochs(left, epoch_s, sizes, plan["early_fraction"], done)
+    if epoch != 1:
+        epochs = min(epochs, cfg["epochs"])
+    epochs, early = broadcast_from_rank0([epochs, early], device)
+    before = (cfg["epochs"], cfg["early_epochs"])
+    cfg.update(epochs=epochs, early_epochs=early)
+    if (epochs, early) == before:
+        return None
+    early_text = f" ({early} at {sizes[0]} px)" if early else ""
+    pace = f"epoch {epoch}'s pace ({seconds:.0f} s)"
+    return f"{cfg['arch']}: time budget: re-planned to {epochs} epochs{early_text} from {pace}"
+
+
+def broadcast_from_rank0(values: list[int], device: torch.device) -> list[int]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.broadcast(tensor, src=0)
+    return [int(v) for v in tensor.tolist()]
+
+
+def measure_speed(arch: str, sizes: list[int], val_size: int, cfg: dict) -> dict:
+    """This worker's seconds per image: a training step at each of ``sizes`` and a validation
+    forward pass at ``val_size``, on random data (compute only).
+    ``cfg``: batch_size, amp, torch_threads, use_gpu."""
+    if cfg.get("torch_threads"):
+        torch.set_num_threads(cfg["torch_threads"])
+    device = torch.device("cuda" if cfg["use_gpu"] and torch.cuda.is_available() else "cpu")
+    model = build_model(arch, "scratch").to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    batch = cfg["batch_size"]
+
+    def images(n: int, size: int) -> torch.Tensor:
+        return torch.randn(n, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+
+    def train_step(x: torch.Tensor) -> None:
+        with autocast(device, cfg["amp"]):
+            logits = model(x)
+        loss = nn.functional.cross_entropy(logits.float(), torch.zeros(len(x), dtype=torch.long, device=device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    speed = {"train": {size: timed_call(train_step, images(batch, size)) / batch for size in sizes}}
+    model.eval()
+    with torch.inference_mode(), autocast(device, cfg["amp"]):
+        speed["val"] = timed_call(model, images(batch * 2, val_size)) / (batch * 2)
+    return speed
+
+
+def measure_speeds(jobs: list[tuple[str, list[int], int, dict]]) -> dict[str, dict]:
+    """:func:`measure_speed` for each (arch, sizes, val_size, cfg), in one process (one torch import)."""
+    return {arch: measure_speed(arch, sizes, val_size, cfg) for arch, sizes, val_size, cfg in jobs}
+
+
+def timed_call(fn, x: torch.Tensor, warmup: int = 2, min_calls: int = 3, min_seconds: float = 1.0) -> float:
+    """Mean seconds of ``fn(x)``: after ``warmup`` calls (oneDNN builds its kernels for each new
+    shape on the first ones), at least ``min_calls`` calls and ``min_seconds``, at most 50 calls."""
+
+    def sync() -> None:
+        if x.is_cuda:
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        fn(x)
+    sync()
+    calls, start = 0, time.perf_counter()
+    while calls < min_calls or (time.perf_counter() - start < min_seconds and calls < 50):
+        fn(x)
+        sync()
+        calls += 1
+    return (time.perf_counter() - start) / calls
 
 
 def restore_scaler(scaler: torch.amp.GradScaler, train_state: dict) -> None:
