@@ -27,6 +27,8 @@ METRIC_COLUMNS = (
     "val_loss",
     "val_acc",
     "val_log_loss",
+    "val_log_loss_calibrated",
+    "temperature",
     "images_per_s",
     "train_image_size",
     "train_seconds",
@@ -55,7 +57,8 @@ def save_checkpoint(
     history: list[dict],
     scaler: torch.amp.GradScaler | None = None,
 ) -> dict:
-    """Write a checkpoint into ``folder`` and return its metadata.  ``train_state.pt`` holds what
+    """Write a checkpoint into ``folder`` and return its metadata (``temperature``: the epoch's
+    fitted temperature, 1.0 when its metrics have none).  ``train_state.pt`` holds what
     resuming needs beyond the weights: optimizer, step, and the fp16 loss scaler's state
     (empty when the run does not scale: bf16 or fp32)."""
     net = getattr(model, "module", model)
@@ -68,6 +71,8 @@ def save_checkpoint(
         "class_map": {str(i): name for i, name in enumerate(CLASS_NAMES)},
         "epoch": epoch,
         "metrics": history[-1],
+        # Divides the logits at predict time (catdog.calibration); fitted on this epoch's validation pass.
+        "temperature": history[-1].get("temperature", 1.0),
         "history": history,
         "config_hash": cfg["config_hash"],
         # The settings that shaped this model (train_job.run_fingerprint); none for ad-hoc checkpoints.

@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import base64
 import csv
+import dataclasses
 import html
 import io
 import json
 import logging
 
 import numpy as np
+import pyarrow.compute as pc
 
+from catdog.calibration import clipped_log_loss, greedy_ensemble_weights
 from catdog.config import CatdogConfig
 from catdog.images import decode_image
 from catdog.inference import (
+    ModelRef,
     classification_metrics,
     evaluation_rows,
     model_ref,
@@ -62,31 +66,80 @@ def _read_csv(storage: Storage, uri: str) -> list[dict]:
 
 
 def validation_study(cfg: CatdogConfig, storage: Storage, val_rows: list[dict], shards=None) -> dict:
-    """Score the held-out split with the best model, with TTA, and with the ensemble (± TTA).
+    """Score the held-out split with the best model (calibrated, and its log loss uncalibrated),
+    with TTA, and with the ensemble (± TTA) whose weights are fitted here.
 
-    The best model's plain predictions are kept as Parquet for the confusion matrix and the
+    The best model's calibrated predictions are kept as Parquet for the confusion matrix and the
     most-confidently-wrong grid.  Never uses test1: these figures are on validation only.
     """
     board = _read_csv(storage, join(cfg.run_uri, "leaderboard.csv"))
     refs = [model_ref(storage, row["checkpoint"]) for row in board]
     rows = evaluation_rows(val_rows)
-    variants = {"best": (refs[:1], False), "best+tta": (refs[:1], True)}
+    best = refs[0]
+    study = {"best": score_variant(cfg, storage, rows, shards, "best", [best], False)}
+    study["best"]["temperature"] = best.temperature
+    uncalibrated = [dataclasses.replace(best, temperature=1.0)]
+    study["best"]["log_loss_uncalibrated"] = (
+        score_variant(cfg, storage, rows, shards, "best-uncalibrated", uncalibrated, False)["log_loss"]
+        if best.temperature != 1.0
+        else study["best"]["log_loss"]
+    )
+    study["best+tta"] = score_variant(cfg, storage, rows, shards, "best+tta", [best], True)
     if len(refs) > 1:
-        variants.update({"ensemble": (refs, False), "ensemble+tta": (refs, True)})
-    study = {}
-    for name, (models, tta) in variants.items():
-        uri = join(cfg.run_uri, VAL_PREDICTIONS if name == "best" else f".{VAL_PREDICTIONS}-{name}")
-        write_parquet_atomically(predictions_dataset(cfg, storage, rows, models, tta, shards), storage, uri)
-        metrics = classification_metrics(storage, uri)
-        study[name] = {k: metrics[k] for k in ("accuracy", "log_loss", "n_images", "confusion", "model")}
-        if name != "best":
-            storage.delete_dir(uri)
+        members = fit_ensemble(cfg, storage, rows, shards, refs)
+        weighted = [dataclasses.replace(ref, weight=m["weight"]) for ref, m in zip(refs, members) if m["weight"] > 0]
+        for name, tta in (("ensemble", False), ("ensemble+tta", True)):
+            study[name] = score_variant(cfg, storage, rows, shards, name, weighted, tta)
+        study["ensemble"]["weights"] = {m["checkpoint"]: m["weight"] for m in members}
+        study["ensemble"]["members"] = members
     storage.write_text(join(cfg.run_uri, VAL_STUDY), json.dumps(study, indent=2) + "\n")
     logger.info(
-        "validation study (accuracy / log loss): %s",
+        "validation study (accuracy / log loss): %s; best uncalibrated log loss %.4f (temperature %.3f)",
         ", ".join(f"{k} {v['accuracy']:.4f} / {v['log_loss']:.4f}" for k, v in study.items()),
+        study["best"]["log_loss_uncalibrated"],
+        best.temperature,
     )
     return study
+
+
+def score_variant(
+    cfg: CatdogConfig, storage: Storage, rows, shards, variant: str, models: list[ModelRef], tta: bool
+) -> dict:
+    """Score the validation rows with ``models``; their metrics.  The ``best`` variant's predictions
+    stay as ``val_predictions/`` (the report's figures); the others' are deleted."""
+    uri = join(cfg.run_uri, VAL_PREDICTIONS if variant == "best" else f".{VAL_PREDICTIONS}-{variant}")
+    write_parquet_atomically(predictions_dataset(cfg, storage, rows, models, tta, shards), storage, uri)
+    metrics = classification_metrics(storage, uri)
+    if variant != "best":
+        storage.delete_dir(uri)
+    return {k: metrics[k] for k in ("accuracy", "log_loss", "n_images", "confusion", "model")}
+
+
+def fit_ensemble(cfg: CatdogConfig, storage: Storage, rows, shards, refs: list[ModelRef]) -> list[dict]:
+    """One pass of every member over the validation rows (their calibrated probabilities, side by
+    side in ``member_prob_dog``), then weights by greedy selection on log loss
+    (:func:`~catdog.calibration.greedy_ensemble_weights`).  Each member's checkpoint, arch,
+    temperature, calibrated log loss and weight."""
+    uri = join(cfg.run_uri, f".{VAL_PREDICTIONS}-members")
+    write_parquet_atomically(predictions_dataset(cfg, storage, rows, refs, False, shards), storage, uri)
+    probs, truth = [], []
+    for batch in read_columns(storage, uri, ["member_prob_dog", "truth", "error"]):
+        batch = batch.filter(pc.is_null(batch.column("error")))
+        probs.append(np.asarray(batch.column("member_prob_dog").flatten()).reshape(-1, len(refs)))
+        truth.append(np.asarray(batch.column("truth")))
+    storage.delete_dir(uri)
+    member_probs, labels = np.concatenate(probs).T, np.concatenate(truth)
+    weights = greedy_ensemble_weights(member_probs, labels)
+    return [
+        {
+            "checkpoint": ref.checkpoint,
+            "arch": ref.arch,
+            "temperature": ref.temperature,
+            "log_loss": clipped_log_loss(p, labels),
+            "weight": float(w),
+        }
+        for ref, p, w in zip(refs, member_probs, weights)
+    ]
 
 
 def _figure_png(fig) -> bytes:
@@ -294,6 +347,24 @@ def _img(storage: Storage, report_dir: str, name: str, png: bytes) -> str:
     return f'<img class="figure" alt="{name}" src="data:image/png;base64,{encoded}">'
 
 
+def study_section(study: dict, run: str) -> str:
+    """The validation study: each variant's accuracy and log loss (the best model's also before
+    calibration), and the ensemble's members with their temperatures and fitted weights."""
+    columns = ("accuracy", "log_loss", "log_loss_uncalibrated", "temperature", "n_images")
+    rows = [{"variant": k, **{c: v[c] for c in columns if c in v}} for k, v in study.items()]
+    text = (
+        "<h2 id='tta'>Test-time options on validation</h2><p>Probabilities calibrated by each model's "
+        "temperature (fitted on validation); <code>log_loss_uncalibrated</code>: the model's own.</p>"
+        + _table(rows, ["variant", *columns])
+    )
+    members = study.get("ensemble", {}).get("members")
+    if members:
+        text += "<p>Ensemble weights, fitted on validation log loss (greedy selection):</p>" + _table(
+            members, ["arch", "temperature", "log_loss", "weight", "checkpoint"], links={"checkpoint": run}
+        )
+    return text
+
+
 def write_report(cfg: CatdogConfig, storage: Storage) -> str:
     """Build ``<run>/report.html`` (+ ``<run>/report/*.png``) from what the run folder holds."""
     run, report_dir = cfg.run_uri, join(cfg.run_uri, REPORT_DIR)
@@ -338,12 +409,7 @@ def write_report(cfg: CatdogConfig, storage: Storage) -> str:
         sections.append("<h2 id='confusion'>Confusion matrix</h2><p>no validation predictions yet</p>")
     study_uri = join(run, VAL_STUDY)
     if storage.exists(study_uri):
-        study = json.loads(storage.read_text(study_uri))
-        rows = [{"variant": k, **{m: v[m] for m in ("accuracy", "log_loss", "n_images")}} for k, v in study.items()]
-        sections.append(
-            "<h2 id='tta'>Test-time options on validation</h2>"
-            + _table(rows, ["variant", "accuracy", "log_loss", "n_images"])
-        )
+        sections.append(study_section(json.loads(storage.read_text(study_uri)), run))
     evaluation_uri = join(run, "evaluate", "metrics.json")
     if storage.exists(evaluation_uri):
         evaluation = json.loads(storage.read_text(evaluation_uri))

@@ -27,6 +27,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from torch import nn
 
 from catdog import budget
+from catdog.calibration import CLIP, TEMPERATURES, log_loss_sums, pick_temperature
 from catdog.checkpoints import load_checkpoint, metrics_csv, save_checkpoint
 from catdog.console import duration, emit, worker_logging
 from catdog.models import build_model, split_parameters
@@ -34,8 +35,6 @@ from catdog.presets import MEAN, STD
 from catdog.storage import Storage, join
 
 logger = logging.getLogger(__name__)
-
-CLIP = (0.005, 0.995)  # Kaggle Redux: one confident mistake must not explode log loss
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
@@ -340,11 +339,17 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, shard, cfg: dict, device: torch.device) -> dict:
-    """Validation loss, accuracy and clipped log loss over every rank's share of the val set."""
+    """Validation loss, accuracy and clipped log loss over every rank's share of the val set, and
+    the temperature that minimises that log loss with the log loss it gives (``temperature``,
+    ``val_log_loss_calibrated``; ``val_log_loss`` stays the model's own).  The temperature is
+    fitted from per-temperature log-loss sums over a fixed grid, accumulated in this same pass and
+    all-reduced with the other sums: no second pass, and no rank holds more than its batch."""
     net = getattr(model, "module", model)  # no DDP collectives: ranks may see unequal val shares
     net.eval()
     # loss, correct, log loss: summed on the device, read once at the end; the image count on the host
     sums, n_images, unreadable = torch.zeros(3, dtype=torch.float64, device=device), 0, []
+    temperatures = torch.tensor(TEMPERATURES, dtype=torch.float64, device=device)
+    calibration_sums = torch.zeros(len(TEMPERATURES), dtype=torch.float64, device=device)
     collate = Collate()
     for batch in iter_batches(shard, cfg["batch_size"] * 2, collate, device):
         unreadable += unreadable_paths(collate.paths(batch), batch)
@@ -365,13 +370,19 @@ def evaluate(model: nn.Module, shard, cfg: dict, device: torch.device) -> dict:
                 nn.functional.binary_cross_entropy(prob_dog, y.float(), reduction="sum"),
             ]
         ).double()
+        calibration_sums += log_loss_sums(logits[:, 1] - logits[:, 0], y, temperatures)
         n_images += len(labels)
-    loss, correct, log_loss, n = all_reduce_sum([*sums.tolist(), n_images], device)
+    loss, correct, log_loss, n, *calibration = all_reduce_sum(
+        [*sums.tolist(), n_images, *calibration_sums.tolist()], device
+    )
     n = max(n, 1)
+    temperature, calibrated = pick_temperature(TEMPERATURES, calibration, n)
     return {
         "val_loss": loss / n,
         "val_acc": correct / n,
         "val_log_loss": log_loss / n,
+        "val_log_loss_calibrated": calibrated,
+        "temperature": temperature,
         "val_images": int(n),
         "unreadable": unreadable,
     }
