@@ -95,6 +95,7 @@ def run_fingerprint(cfg: CatdogConfig, spec: ModelSpec) -> dict:
         "train.momentum": train.momentum,
         "train.warmup_fraction": train.warmup_fraction,
         "train.label_smoothing": train.label_smoothing,
+        "train.ema_decay": train.ema_decay,
         "train.crop_scale_min": train.crop_scale_min,
         "train.batch_size": spec.batch_size or train.batch_size,
         "train.num_workers": train.num_workers,
