@@ -140,8 +140,10 @@ def load_model(storage: Storage, checkpoint_uri: str) -> tuple[nn.Module, dict]:
 
 
 def metrics_csv(history: list[dict]) -> str:
+    """One row per epoch; a column only when some epoch has it (a run without an EMA gets no EMA columns)."""
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    columns = [column for column in METRIC_COLUMNS if any(column in row for row in history)]
+    writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in history:
         writer.writerow({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()})

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from catdog.checkpoints import load_checkpoint, save_checkpoint
+from catdog.checkpoints import load_checkpoint, metrics_csv, save_checkpoint
 from catdog.config import TrainConfig
 from catdog.ema import ModelEma
 from catdog.models import MODEL_FILE, build_model, sequential_cnn
@@ -111,6 +111,18 @@ def test_checkpoint_without_ema_keeps_the_old_format(tmp_path):
     state = load_checkpoint(tmp_path)
     assert state["ema"] is None
     assert all(torch.equal(state["model"][k], v) for k, v in model.state_dict().items())
+
+
+def test_metrics_csv_has_ema_columns_only_with_an_ema():
+    plain = {"epoch": 1, "val_acc": 0.5, "val_log_loss": 0.7}
+    assert metrics_csv([plain]).splitlines()[0] == "epoch,val_acc,val_log_loss"
+    picked = pick_weights({**plain, "val_loss": 0.7}, {**plain, "val_loss": 0.7, "val_log_loss": 0.6})
+    header, row = metrics_csv([{"epoch": 1, **picked}]).splitlines()
+    assert (
+        header
+        == "epoch,val_loss,val_acc,val_log_loss,weights,val_acc_raw,val_log_loss_raw,val_acc_ema,val_log_loss_ema"
+    )
+    assert row == "1,0.7,0.5,0.6,ema,0.5,0.7,0.5,0.6"
 
 
 class ArrayShard:
