@@ -85,6 +85,12 @@ class TrainConfig(_Section):
     momentum: float = Field(0.9, ge=0, lt=1)
     warmup_fraction: float = Field(0.1, ge=0, lt=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    # Exponential moving average of the weights, updated after every step with this decay (warm-up:
+    # min(decay, (1 + t) / (10 + t)) at update t): an average over the last ~1/(1 - decay) steps often
+    # validates better than the last step's weights.  Costs a copy of the model and one more validation
+    # pass per epoch, which scores both and checkpoints the better, saying which (meta.json "weights").
+    # Unset: off.
+    ema_decay: float | None = Field(None, gt=0, lt=1)
     # Smallest area fraction the random resized crop keeps; lower means stronger augmentation.
     crop_scale_min: float = Field(0.35, gt=0, le=1)
     num_workers: PositiveInt = 1

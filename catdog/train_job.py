@@ -101,6 +101,7 @@ def run_fingerprint(cfg: CatdogConfig, spec: ModelSpec) -> dict:
         "train.momentum": train.momentum,
         "train.warmup_fraction": train.warmup_fraction,
         "train.label_smoothing": train.label_smoothing,
+        "train.ema_decay": train.ema_decay,
         "train.crop_scale_min": train.crop_scale_min,
         "train.batch_size": spec.batch_size or train.batch_size,
         "train.num_workers": train.num_workers,
@@ -398,6 +399,7 @@ class RunBudget:
         speeds = measure_speeds_on_a_worker(cfg)
         world = cfg.train.num_workers
         n_train, n_val = -(-len(split.train) // world), -(-len(split.val) // world)
+        n_val *= 2 if cfg.train.ema_decay else 1  # with an EMA, every epoch validates both weights
         self.deadline = started + cfg.train.time_budget_minutes * 60
         self.arch_fixed = budget.ARCH_FIXED_S
         self.archs = [

@@ -30,11 +30,15 @@ from catdog import budget
 from catdog.calibration import CLIP, TEMPERATURES, log_loss_sums, pick_temperature
 from catdog.checkpoints import load_checkpoint, metrics_csv, save_checkpoint
 from catdog.console import duration, emit, worker_logging
+from catdog.ema import ModelEma
 from catdog.models import build_model, split_parameters
 from catdog.presets import MEAN, STD
 from catdog.storage import Storage, join
 
 logger = logging.getLogger(__name__)
+
+# With an EMA, each epoch's metrics also carry these for both weight variants (val_acc_raw, val_acc_ema, ...).
+COMPARED = ("val_acc", "val_log_loss", "val_log_loss_calibrated")
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
@@ -228,6 +232,7 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     seen: list | None = None,
     progress=None,
+    ema: ModelEma | None = None,
 ) -> dict:
     """One pass over this worker's shard. Returns plain numbers (and the next global step).
 
@@ -235,7 +240,7 @@ def train_one_epoch(
     statistics), but every DDP rank still takes the same number of steps; their paths are
     returned in ``unreadable``.  ``scaler`` lives as long as the run (its scale carries over
     epochs and checkpoints); the loss is summed on the device and read once, so no step waits
-    for the GPU."""
+    for the GPU.  ``ema``, if given, is updated after every optimizer step."""
     set_backbone_frozen(model, cfg["arch"], frozen)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"], reduction="none")
     scaler = grad_scaler(device, cfg["amp"]) if scaler is None else scaler
@@ -257,6 +262,8 @@ def train_one_epoch(
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        if ema is not None:
+            ema.update(model)
         n_valid = int(batch["valid"].sum())  # a host tensor: no sync
         loss_sum += loss.detach() * n_valid
         images += n_valid
@@ -388,6 +395,32 @@ def evaluate(model: nn.Module, shard, cfg: dict, device: torch.device) -> dict:
     }
 
 
+def validate(model: nn.Module, ema: ModelEma | None, shard, cfg: dict, device: torch.device) -> dict:
+    """The epoch's validation: the raw model's metrics, or with an EMA, those of the better of the two
+    (:func:`pick_weights`).  Buffers first come from rank 0, so that every rank validates, and rank 0
+    checkpoints, one and the same model."""
+    sync_buffers_from_rank0(model)
+    raw = evaluate(model, shard, cfg, device)
+    if ema is None:
+        return raw
+    # DDP keeps the parameters, hence their average, identical; each rank's BatchNorm statistics differ.
+    sync_buffers_from_rank0(ema.module)
+    return pick_weights(raw, evaluate(ema.module, shard, cfg, device))
+
+
+def pick_weights(raw: dict, ema: dict) -> dict:
+    """The better of two validations of the same images: higher ``val_acc``, then lower ``val_log_loss``;
+    the raw weights on a tie.  The chosen one's metrics, plus ``weights`` (which one) and both
+    variants' accuracy and log loss under explicit names.  Every rank sees the same all-reduced
+    metrics, so every rank chooses alike."""
+    ema_wins = (ema["val_acc"], -ema["val_log_loss"]) > (raw["val_acc"], -raw["val_log_loss"])
+    return {
+        **(ema if ema_wins else raw),
+        "weights": "ema" if ema_wins else "raw",
+        **{f"{key}_{name}": variant[key] for name, variant in (("raw", raw), ("ema", ema)) for key in COMPARED},
+    }
+
+
 def train_loop_per_worker(cfg: dict) -> None:
     """Entry point of every Train worker: resume if there is a checkpoint, then train epoch by epoch."""
     worker_logging()
@@ -415,6 +448,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     if state:
         optimizer.load_state_dict(state["train_state"]["optimizer"])
         restore_scaler(scaler, state["train_state"])
+    ema = start_ema(model, cfg, state)
     if state and cfg.get("budget") and state["meta"].get("plan"):
         cfg.update(state["meta"]["plan"])  # a resumed budgeted run keeps the plan it was trained on
     steps_per_epoch = math.ceil(cfg["n_train"] // world / cfg["batch_size"])
@@ -439,12 +473,12 @@ def train_loop_per_worker(cfg: dict) -> None:
             input_size=input_size_for_epoch(epoch, cfg),
             scaler=scaler,
             progress=progress,
+            ema=ema,
         )
         if progress is not None:
             progress.close()
         step = stats.pop("step")
-        sync_buffers_from_rank0(model)  # validate the model that rank 0 checkpoints
-        val = evaluate(model, val_shard, cfg, device)
+        val = validate(model, ema, val_shard, cfg, device)
         unreadable = sorted(gather_lists(stats.pop("unreadable") + val.pop("unreadable")))
         metrics = {"epoch": epoch, **stats, **val, "unreadable_images": len(unreadable)}
         history.append(metrics)
@@ -458,7 +492,7 @@ def train_loop_per_worker(cfg: dict) -> None:
             cfg["storage"].write_text(join(cfg["arch_uri"], "unreadable.txt"), "".join(p + "\n" for p in unreadable))
         metrics["epoch_seconds"] = time.time() - epoch_started
         changed = replan(cfg, metrics, metrics["epoch_seconds"], device) if cfg.get("budget") else None
-        report_epoch(model, optimizer, cfg, metrics, history, step, rank, scaler=scaler)
+        report_epoch(model, optimizer, cfg, metrics, history, step, rank, scaler=scaler, ema=ema)
         if rank == 0:
             emit(epoch_line(cfg, metrics, clock))
             if changed:
@@ -561,6 +595,17 @@ def timed_call(fn, x: torch.Tensor, warmup: int = 2, min_calls: int = 3, min_sec
     return (time.perf_counter() - start) / calls
 
 
+def start_ema(model: nn.Module, cfg: dict, state: dict | None) -> ModelEma | None:
+    """The run's weight average (None when ``ema_decay`` is off), resumed from the checkpoint's if it
+    has one.  Built after the DDP wrap: every rank starts from rank 0's weights."""
+    if not cfg.get("ema_decay"):
+        return None
+    ema = ModelEma(model, cfg["ema_decay"])
+    if state and state.get("ema"):
+        ema.load_state_dict(state["ema"])
+    return ema
+
+
 def restore_scaler(scaler: torch.amp.GradScaler, train_state: dict) -> None:
     """Resume the loss scale where it was.  A checkpoint from a run without fp16 (bf16, fp32)
     holds an empty state, and a disabled scaler ignores what it is given."""
@@ -589,9 +634,20 @@ def epoch_line(cfg: dict, metrics: dict, clock: dict) -> str:
     run_left = arch_left + (now - run["started"]) / max(run_done, 1) * run["epochs_after"]
     return (
         f"{cfg['arch']} epoch {epoch}/{epochs}: train_loss {metrics['train_loss']:.4f} "
-        f"val_acc {metrics['val_acc']:.4f} val_log_loss {metrics['val_log_loss']:.4f} "
+        f"val_acc {metrics['val_acc']:.4f} val_log_loss {metrics['val_log_loss']:.4f}{weights_note(metrics)} "
         f"{metrics['images_per_s']:.0f} img/s | elapsed {duration(now - run['arch_started'])} "
         f"ETA {duration(arch_left)} ({cfg['arch']}) {duration(run_left)} (run)"
+    )
+
+
+def weights_note(metrics: dict) -> str:
+    """With an EMA: which weights the epoch kept, and the other variant's scores."""
+    if "weights" not in metrics:
+        return ""
+    other = "raw" if metrics["weights"] == "ema" else "ema"
+    return (
+        f" ({metrics['weights']} weights; {other}: val_acc {metrics[f'val_acc_{other}']:.4f} "
+        f"val_log_loss {metrics[f'val_log_loss_{other}']:.4f})"
     )
 
 
@@ -604,6 +660,7 @@ def report_epoch(
     step: int,
     rank: int,
     scaler: torch.amp.GradScaler | None = None,
+    ema: ModelEma | None = None,
 ) -> None:
     """Every rank reports; rank 0 also writes the checkpoint, refreshes ``metrics.csv`` and, once
     the checkpoint is stored, logs the epoch to MLflow (a restart never logs an epoch twice)."""
@@ -612,7 +669,15 @@ def report_epoch(
         return
     with tempfile.TemporaryDirectory(prefix="catdog-ckpt-") as folder:
         save_checkpoint(
-            folder, model, optimizer, cfg=cfg, epoch=metrics["epoch"], step=step, history=history, scaler=scaler
+            folder,
+            model,
+            optimizer,
+            cfg=cfg,
+            epoch=metrics["epoch"],
+            step=step,
+            history=history,
+            scaler=scaler,
+            ema=ema,
         )
         ray.train.report(
             metrics,
