@@ -37,6 +37,13 @@ def pick_temperature(temperatures, loss_sums, n_images: int) -> tuple[float, flo
     return float(temps[best]), float(losses[best])
 
 
+def without_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """The probabilities a model gave before its temperature: p(dog) = sigmoid(margin / T) undone.
+    Exact wherever either side is inside the clip range (float32 p loses the margin only beyond it)."""
+    p = np.clip(np.asarray(probs, dtype=np.float64), 1e-12, 1 - 1e-12)
+    return 1 / (1 + np.exp(-temperature * np.log(p / (1 - p))))
+
+
 def clipped_log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
     """Mean clipped binary log loss of p(dog) ``probs`` against 0/1 ``labels``."""
     p = np.clip(np.asarray(probs, dtype=np.float64), *CLIP)

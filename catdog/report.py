@@ -17,7 +17,7 @@ import logging
 import numpy as np
 import pyarrow.compute as pc
 
-from catdog.calibration import clipped_log_loss, greedy_ensemble_weights
+from catdog.calibration import clipped_log_loss, greedy_ensemble_weights, without_temperature
 from catdog.config import CatdogConfig
 from catdog.images import decode_image
 from catdog.inference import (
@@ -78,12 +78,7 @@ def validation_study(cfg: CatdogConfig, storage: Storage, val_rows: list[dict], 
     best = refs[0]
     study = {"best": score_variant(cfg, storage, rows, shards, "best", [best], False)}
     study["best"]["temperature"] = best.temperature
-    uncalibrated = [dataclasses.replace(best, temperature=1.0)]
-    study["best"]["log_loss_uncalibrated"] = (
-        score_variant(cfg, storage, rows, shards, "best-uncalibrated", uncalibrated, False)["log_loss"]
-        if best.temperature != 1.0
-        else study["best"]["log_loss"]
-    )
+    study["best"]["log_loss_uncalibrated"] = uncalibrated_log_loss(storage, join(cfg.run_uri, VAL_PREDICTIONS), best)
     study["best+tta"] = score_variant(cfg, storage, rows, shards, "best+tta", [best], True)
     if len(refs) > 1:
         members = fit_ensemble(cfg, storage, rows, shards, refs)
@@ -113,6 +108,16 @@ def score_variant(
     if variant != "best":
         storage.delete_dir(uri)
     return {k: metrics[k] for k in ("accuracy", "log_loss", "n_images", "confusion", "model")}
+
+
+def uncalibrated_log_loss(storage: Storage, predictions_uri: str, model: ModelRef) -> float:
+    """The log loss ``model``'s calibrated predictions had before its temperature (no second pass)."""
+    probs, truth = [], []
+    for batch in read_columns(storage, predictions_uri, ["prob_dog", "truth", "error"]):
+        batch = batch.filter(pc.is_null(batch.column("error")))
+        probs.append(np.asarray(batch.column("prob_dog")))
+        truth.append(np.asarray(batch.column("truth")))
+    return clipped_log_loss(without_temperature(np.concatenate(probs), model.temperature), np.concatenate(truth))
 
 
 def fit_ensemble(cfg: CatdogConfig, storage: Storage, rows, shards, refs: list[ModelRef]) -> list[dict]:
@@ -377,7 +382,7 @@ def write_report(cfg: CatdogConfig, storage: Storage) -> str:
         + (
             _table(
                 board,
-                ["arch", "val_acc", "val_log_loss", "epochs", "best_epoch", "checkpoint"],
+                ["arch", "val_acc", "val_log_loss", "val_log_loss_calibrated", "epochs", "best_epoch", "checkpoint"],
                 links={"checkpoint": run},
             )
             if board

@@ -46,6 +46,9 @@ LEADERBOARD_COLUMNS = (
     "arch",
     "val_acc",
     "val_log_loss",
+    "val_log_loss_calibrated",
+    "temperature",
+    "weights",
     "epochs",
     "best_epoch",
     "image_sizes",
@@ -292,6 +295,10 @@ def record_result(storage: Storage, loop_cfg: dict, result) -> dict:
         "arch": loop_cfg["arch"],
         "val_acc": best_metrics["val_acc"],
         "val_log_loss": best_metrics["val_log_loss"],
+        # What predict applies by default, and which weights the checkpoint holds (train.ema_decay).
+        "val_log_loss_calibrated": best_metrics.get("val_log_loss_calibrated"),
+        "temperature": best_metrics.get("temperature"),
+        "weights": best_metrics.get("weights", "raw"),
         "epochs": len(history),
         "best_epoch": best_metrics["epoch"],
         "image_sizes": ">".join(str(size) for size in dict.fromkeys(h["train_image_size"] for h in history)),
@@ -628,12 +635,14 @@ def record_run_summary(cfg: CatdogConfig, storage: Storage, seconds: float) -> N
 def log_leaderboard(rows: list[dict], seconds: float) -> None:
     logger.info("leaderboard (best first, %s in all):", duration(seconds))
     for rank, row in enumerate(rows, 1):
+        calibrated = row.get("val_log_loss_calibrated")
         logger.info(
-            "  %d. %-14s val_acc %.4f  val_log_loss %.4f  %6.1f s  %s",
+            "  %d. %-14s val_acc %.4f  val_log_loss %.4f%s  %6.1f s  %s",
             rank,
             row["arch"],
             row["val_acc"],
             row["val_log_loss"],
+            f" ({calibrated:.4f} calibrated)" if calibrated is not None else "",
             float(row["train_seconds"]),
             row["checkpoint"],
         )

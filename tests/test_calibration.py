@@ -19,6 +19,7 @@ from catdog.calibration import (
     greedy_ensemble_weights,
     log_loss_sums,
     pick_temperature,
+    without_temperature,
 )
 from catdog.checkpoints import CheckpointError, save_checkpoint
 from catdog.cli import main
@@ -260,3 +261,15 @@ def test_ensemble_without_fitted_weights_stops_before_any_work(tmp_path, capsys,
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "train.report=true" in err[0]
     assert not (Path(cfg.run_uri) / "predictions").exists()
+
+
+@pytest.mark.parametrize("temperature", [0.5, 0.85, 1.0, 2.0, 7.0])
+def test_without_temperature_recovers_the_uncalibrated_log_loss(temperature):
+    """The validation study derives the uncalibrated log loss from the calibrated float32 predictions
+    instead of scoring the split again: it must match scoring without the temperature."""
+    margins, labels = true_margins_and_labels()
+    margins = margins * 3  # an over-confident model: many probabilities beyond the clip range
+    calibrated = torch.sigmoid(torch.tensor(margins / temperature, dtype=torch.float32)).numpy()
+    uncalibrated = 1 / (1 + np.exp(-margins))
+    recovered = without_temperature(calibrated, temperature)
+    assert clipped_log_loss(recovered, labels) == pytest.approx(clipped_log_loss(uncalibrated, labels), rel=1e-5)
