@@ -15,6 +15,7 @@ import os
 import torch
 from torch import nn
 
+from catdog.ema import ModelEma
 from catdog.images import CLASS_NAMES
 from catdog.models import META_FILE, MODEL_FILE, build_model, load_weights_file
 from catdog.presets import MEAN, STD, EvalPreset
@@ -27,9 +28,17 @@ METRIC_COLUMNS = (
     "val_loss",
     "val_acc",
     "val_log_loss",
+    "val_log_loss_calibrated",
+    "temperature",
+    "weights",
+    "val_acc_raw",
+    "val_log_loss_raw",
+    "val_acc_ema",
+    "val_log_loss_ema",
     "images_per_s",
     "train_image_size",
     "train_seconds",
+    "epoch_seconds",
     "first_batch_seconds",
     "data_wait_seconds",
     "train_images",
@@ -53,11 +62,19 @@ def save_checkpoint(
     step: int,
     history: list[dict],
     scaler: torch.amp.GradScaler | None = None,
+    ema: ModelEma | None = None,
 ) -> dict:
-    """Write a checkpoint into ``folder`` and return its metadata.  ``train_state.pt`` holds what
+    """Write a checkpoint into ``folder`` and return its metadata (``temperature``: the epoch's
+    fitted temperature, 1.0 when its metrics have none).  ``train_state.pt`` holds what
     resuming needs beyond the weights: optimizer, step, and the fp16 loss scaler's state
-    (empty when the run does not scale: bf16 or fp32)."""
+    (empty when the run does not scale: bf16 or fp32).
+
+    With an EMA, ``model.pt`` holds the weights the epoch chose (``weights`` in ``meta.json``), so
+    predict needs nothing else; ``train_state.pt`` holds the rest, each set of weights stored once:
+    ``ema`` (its update count, and its weights unless they are ``model.pt``'s) and, when the EMA
+    was chosen, ``raw_model``."""
     net = getattr(model, "module", model)
+    chosen_ema = ema is not None and history[-1].get("weights") == "ema"
     meta = {
         "arch": cfg["arch"],
         "image_size": cfg["image_size"],
@@ -67,19 +84,28 @@ def save_checkpoint(
         "class_map": {str(i): name for i, name in enumerate(CLASS_NAMES)},
         "epoch": epoch,
         "metrics": history[-1],
+        # Divides the logits at predict time (catdog.calibration); fitted on this epoch's validation pass.
+        "temperature": history[-1].get("temperature", 1.0),
         "history": history,
         "config_hash": cfg["config_hash"],
         # The settings that shaped this model (train_job.run_fingerprint); none for ad-hoc checkpoints.
         "fingerprint": cfg.get("fingerprint", {}),
         "run_name": cfg["run_name"],
     }
-    torch.save(net.state_dict(), os.path.join(folder, MODEL_FILE))
+    if cfg.get("budget"):  # a time-budgeted run's plan as it stands (re-planned from the real pace); a resume keeps it
+        meta["plan"] = {"epochs": cfg["epochs"], "early_epochs": cfg["early_epochs"]}
+    torch.save((ema.module if chosen_ema else net).state_dict(), os.path.join(folder, MODEL_FILE))
     train_state = {
         "optimizer": optimizer.state_dict(),
         "step": step,
         "epoch": epoch,
         "scaler": scaler.state_dict() if scaler is not None else {},
     }
+    if ema is not None:
+        meta["weights"] = "ema" if chosen_ema else "raw"
+        train_state["ema"] = {"updates": ema.updates} if chosen_ema else ema.state_dict()
+        if chosen_ema:
+            train_state["raw_model"] = net.state_dict()
     torch.save(train_state, os.path.join(folder, TRAIN_STATE_FILE))
     with open(os.path.join(folder, META_FILE), "w") as handle:
         json.dump(meta, handle, indent=2)
@@ -87,14 +113,16 @@ def save_checkpoint(
 
 
 def load_checkpoint(folder: str) -> dict:
-    """Everything a resumed worker needs: ``model`` state, ``train_state`` and ``meta``."""
+    """Everything a resumed worker needs: the trained (raw) ``model`` state, ``train_state``, ``meta``
+    and ``ema`` (``{"model", "updates"}``, None without one)."""
     with open(os.path.join(folder, META_FILE)) as handle:
         meta = json.load(handle)
-    return {
-        "meta": meta,
-        "model": torch.load(os.path.join(folder, MODEL_FILE), map_location="cpu", weights_only=True),
-        "train_state": torch.load(os.path.join(folder, TRAIN_STATE_FILE), map_location="cpu", weights_only=True),
-    }
+    weights = torch.load(os.path.join(folder, MODEL_FILE), map_location="cpu", weights_only=True)
+    train_state = torch.load(os.path.join(folder, TRAIN_STATE_FILE), map_location="cpu", weights_only=True)
+    ema = train_state.pop("ema", None)
+    if ema is not None and "model" not in ema:  # the EMA was chosen: its weights are model.pt
+        ema = {"model": weights, "updates": ema["updates"]}
+    return {"meta": meta, "model": train_state.pop("raw_model", weights), "train_state": train_state, "ema": ema}
 
 
 def read_meta(storage: Storage, checkpoint_uri: str) -> dict:
@@ -120,8 +148,10 @@ def load_model(storage: Storage, checkpoint_uri: str) -> tuple[nn.Module, dict]:
 
 
 def metrics_csv(history: list[dict]) -> str:
+    """One row per epoch; a column only when some epoch has it (a run without an EMA gets no EMA columns)."""
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    columns = [column for column in METRIC_COLUMNS if any(column in row for row in history)]
+    writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in history:
         writer.writerow({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()})

@@ -25,7 +25,8 @@ from catdog.tracking import TrackingError
 USER_ERRORS = (ConfigError, DataError, InitError, ResourceError, StorageError, CheckpointError, TrackingError)
 MODEL_HELP = "best.json or checkpoint folder (default: the run's best.json)"
 TTA_HELP = "average with the horizontally flipped image"
-ENSEMBLE_HELP = "average every model on the leaderboard"
+ENSEMBLE_HELP = "weighted average of the leaderboard's models, weights fitted on validation (val_study.json)"
+NO_CALIBRATE_HELP = "use each model's own probabilities, without the temperature fitted on validation"
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, config_required: bool = True) -> None:
@@ -65,6 +66,7 @@ def predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", help="output folder (default: <storage.root>/<run_name>)")
     parser.add_argument("--tta", action="store_true", help=TTA_HELP)
     parser.add_argument("--ensemble", action="store_true", help=ENSEMBLE_HELP)
+    parser.add_argument("--no-calibrate", action="store_true", help=NO_CALIBRATE_HELP)
     parser.add_argument("--proba", action="store_true", help="write clipped probabilities (Kaggle Redux format)")
     parser.add_argument("--full", action="store_true", help="re-score every image (default: only new or changed ones)")
 
@@ -77,6 +79,7 @@ def evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", help="output folder (default: <storage.root>/<run_name>/evaluate)")
     parser.add_argument("--tta", action="store_true", help=TTA_HELP)
     parser.add_argument("--ensemble", action="store_true", help=ENSEMBLE_HELP)
+    parser.add_argument("--no-calibrate", action="store_true", help=NO_CALIBRATE_HELP)
 
 
 def prepare_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,13 +103,23 @@ def run_train(cfg: CatdogConfig, args: argparse.Namespace) -> str:
 def run_predict(cfg: CatdogConfig, args: argparse.Namespace) -> str:
     from catdog.predict_job import run_predict as predict
 
-    return predict(cfg, args.model, args.input, args.output, args.tta, args.ensemble, args.proba, full=args.full)
+    return predict(
+        cfg,
+        args.model,
+        args.input,
+        args.output,
+        args.tta,
+        args.ensemble,
+        args.proba,
+        full=args.full,
+        calibrate=not args.no_calibrate,
+    )
 
 
 def run_evaluate(cfg: CatdogConfig, args: argparse.Namespace) -> str:
     from catdog.predict_job import run_evaluate as evaluate
 
-    return evaluate(cfg, args.input, args.model, args.output, args.tta, args.ensemble)
+    return evaluate(cfg, args.input, args.model, args.output, args.tta, args.ensemble, calibrate=not args.no_calibrate)
 
 
 def run_prepare(cfg: CatdogConfig, args: argparse.Namespace) -> str:

@@ -63,6 +63,10 @@ class ModelSpec(_Section):
     # run at ``image_size``, so the model ends calibrated at the size predict uses.
     early_image_size: PositiveInt | None = None
     early_epochs: int = Field(0, ge=0)
+    # With train.time_budget_minutes: this architecture's share of the training time (unset = 1,
+    # shares are normalised), and the fraction of its planned epochs at ``early_image_size``.
+    budget_share: PositiveFloat | None = None
+    early_fraction: float | None = Field(None, ge=0, lt=1)
     # Overrides train.amp for this architecture: bf16's gain depends on the model (MobileNetV2's
     # depthwise convolutions gain little; bench/NOTES.md, "Model compute").
     amp: bool | None = None
@@ -70,6 +74,10 @@ class ModelSpec(_Section):
 
 class TrainConfig(_Section):
     epochs: PositiveInt = 3
+    # Wall-clock minutes for the whole train job (training, validation study, report).  Set, it
+    # replaces the epoch counts: the job measures this machine's step speed, sizes every
+    # architecture's epochs to fit, and re-plans from the real pace after the first epoch.
+    time_budget_minutes: PositiveFloat | None = None
     batch_size: PositiveInt = 64
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: PositiveFloat = 2e-3
@@ -77,6 +85,12 @@ class TrainConfig(_Section):
     momentum: float = Field(0.9, ge=0, lt=1)
     warmup_fraction: float = Field(0.1, ge=0, lt=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    # Exponential moving average of the weights, updated after every step with this decay (warm-up:
+    # min(decay, (1 + t) / (10 + t)) at update t): an average over the last ~1/(1 - decay) steps often
+    # validates better than the last step's weights.  Costs a copy of the model and one more validation
+    # pass per epoch, which scores both and checkpoints the better, saying which (meta.json "weights").
+    # Unset: off.
+    ema_decay: float | None = Field(None, gt=0, lt=1)
     # Smallest area fraction the random resized crop keeps; lower means stronger augmentation.
     crop_scale_min: float = Field(0.35, gt=0, le=1)
     num_workers: PositiveInt = 1
@@ -163,6 +177,12 @@ class CatdogConfig(_Section):
         return self
 
     def _check_progressive(self, index: int, spec: ModelSpec) -> None:
+        if self.train.time_budget_minutes is not None:
+            self._check_budgeted(index, spec)
+            return
+        for key in ("budget_share", "early_fraction"):
+            if getattr(spec, key) is not None:
+                raise ValueError(f"models.{index}.{key}: only applies with train.time_budget_minutes")
         if not spec.early_epochs:
             return
         size, epochs = self.image_size_for(spec), spec.epochs or self.train.epochs
@@ -175,6 +195,20 @@ class CatdogConfig(_Section):
                 f"models.{index}.early_epochs: must be fewer than the architecture's epochs ({epochs}), "
                 "so that the last epochs train at image_size"
             )
+
+    def _check_budgeted(self, index: int, spec: ModelSpec) -> None:
+        """Under a time budget the plan sizes the epochs: fixed counts would contradict it."""
+        for key in ("epochs", "early_epochs"):
+            if getattr(spec, key):
+                raise ValueError(
+                    f"models.{index}.{key}: train.time_budget_minutes sizes the epochs; "
+                    "set early_fraction instead, or drop the budget"
+                )
+        size = self.image_size_for(spec)
+        if (spec.early_image_size is None) != (spec.early_fraction is None):
+            raise ValueError(f"models.{index}: early_image_size and early_fraction go together under a time budget")
+        if spec.early_image_size is not None and spec.early_image_size >= size:
+            raise ValueError(f"models.{index}.early_image_size: needs a size below image_size ({size})")
 
     def image_size_for(self, spec: ModelSpec) -> int:
         return spec.image_size or self.data.image_size

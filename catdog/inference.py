@@ -20,12 +20,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from catdog.calibration import CLIP
 from catdog.checkpoints import load_model, read_meta
 from catdog.config import CatdogConfig
 from catdog.data import image_dataset
 from catdog.presets import MEAN, STD, EvalPreset
 from catdog.storage import Storage, basename
-from catdog.training import CLIP, autocast, to_model_input
+from catdog.training import autocast, to_model_input
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,10 @@ class ModelRef:
     # Normalisation the model was trained with, from its own meta.json.
     mean: tuple[float, ...] = MEAN
     std: tuple[float, ...] = STD
+    # Logits are divided by it (fitted on validation, meta.json; 1.0: the model's own probabilities).
+    temperature: float = 1.0
+    # Its share of an ensemble's average (normalised over the members; fitted on validation).
+    weight: float = 1.0
 
     @property
     def column(self) -> str:
@@ -55,7 +60,9 @@ class ModelRef:
         return f"{self.arch}:{basename(self.checkpoint)}"
 
 
-def model_ref(storage: Storage, checkpoint_uri: str) -> ModelRef:
+def model_ref(storage: Storage, checkpoint_uri: str, calibrate: bool = True, weight: float = 1.0) -> ModelRef:
+    """The checkpoint as its meta.json describes it; ``calibrate``: with its fitted temperature
+    (checkpoints from before calibration have none: 1.0)."""
     meta = read_meta(storage, checkpoint_uri)
     return ModelRef(
         checkpoint_uri,
@@ -64,11 +71,17 @@ def model_ref(storage: Storage, checkpoint_uri: str) -> ModelRef:
         meta.get("crop_fraction", 0.875),
         tuple(meta.get("mean", MEAN)),
         tuple(meta.get("std", STD)),
+        float(meta.get("temperature", 1.0)) if calibrate else 1.0,
+        weight,
     )
 
 
 class Predictor:
-    """Ray Data actor: loads its models once, then scores batches under ``inference_mode``."""
+    """Ray Data actor: loads its models once, then scores batches under ``inference_mode``.
+
+    Each model's logits are divided by its ref's temperature; several models are averaged with
+    their refs' weights (normalised), and each one's own probability is kept in ``member_prob_dog``
+    (in ``models`` order) so that the validation study can fit the weights from one pass."""
 
     def __init__(
         self,
@@ -84,25 +97,33 @@ class Predictor:
             torch.set_num_threads(torch_threads)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.models = [(ref, load_model(storage, ref.checkpoint)[0].to(self.device)) for ref in models]
+        weights = np.array([ref.weight for ref in models], dtype=np.float32)
+        self.weights = weights / weights.sum()
         self.threshold, self.tta, self.amp = threshold, tta, amp
         self.name = "+".join(ref.name for ref in models) + ("+tta" if tta else "")
 
     @torch.inference_mode()
-    def prob_dog(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+    def member_probs(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """Each model's calibrated p(dog) (with its flip averaged in under TTA): (models, rows)."""
         probs = []
         for ref, model in self.models:
             images = torch.from_numpy(np.ascontiguousarray(batch[ref.column]))
             x = to_model_input(images, self.device, mean=ref.mean, std=ref.std)
             with autocast(self.device, self.amp):
-                p = torch.softmax(model(x).float(), dim=1)[:, 1]
+                p = torch.softmax(model(x).float() / ref.temperature, dim=1)[:, 1]
                 if self.tta:
-                    p = (p + torch.softmax(model(torch.flip(x, dims=[3])).float(), dim=1)[:, 1]) / 2
+                    flipped = model(torch.flip(x, dims=[3])).float()
+                    p = (p + torch.softmax(flipped / ref.temperature, dim=1)[:, 1]) / 2
             probs.append(p)
-        return torch.stack(probs).mean(0).cpu().numpy().astype(np.float32)
+        return torch.stack(probs).cpu().numpy().astype(np.float32)
+
+    def prob_dog(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        return self.weights @ self.member_probs(batch)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         bad = np.array([bool(e) for e in batch["error"]], dtype=bool)
-        prob = self.prob_dog(batch)
+        members = self.member_probs(batch)
+        prob = (self.weights @ members).astype(np.float32)
         label = (prob >= self.threshold).astype(np.int8)
         columns = {
             "id": pa.array(batch["id"], type=pa.int64(), from_pandas=True),  # NaN (no id in the name) → null
@@ -112,12 +133,22 @@ class Predictor:
             "model": pa.array([self.name] * len(prob), type=pa.string()),
             "error": pa.array([e or None for e in batch["error"]], type=pa.string()),
         }
+        if len(members) > 1:
+            columns["member_prob_dog"] = member_column(members, bad)
         if "truth" in batch:
             columns["truth"] = pa.array(batch["truth"], type=pa.int8(), from_pandas=True)
         if "version" in batch:  # predict: what the image was scored at, for incremental reruns
             columns["size"] = pa.array(batch["size"], type=pa.int64())
             columns["version"] = pa.array(batch["version"], type=pa.string())
         return pa.table(columns)
+
+
+def member_column(members: np.ndarray, bad: np.ndarray) -> pa.Array:
+    """(models, rows) probabilities as one list<float32> per row, null where the image did not decode."""
+    n_models, n_rows = members.shape
+    offsets = pa.array(np.arange(n_rows + 1, dtype=np.int32) * n_models, type=pa.int32())
+    values = pa.array(np.ascontiguousarray(members.T).ravel(), type=pa.float32())
+    return pa.ListArray.from_arrays(offsets, values, mask=pa.array(bad))
 
 
 def predictions_dataset(

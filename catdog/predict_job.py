@@ -34,7 +34,7 @@ from catdog.inference import (
     submission_csv,
     write_parquet_atomically,
 )
-from catdog.report import write_report
+from catdog.report import VAL_STUDY, write_report
 from catdog.runtime import check_predict_resources, init_ray
 from catdog.scoring_plan import commit_part, make_plan, promote, score_and_commit, scoring_fingerprint
 from catdog.storage import Storage, StorageError, basename, join
@@ -42,9 +42,13 @@ from catdog.storage import Storage, StorageError, basename, join
 logger = logging.getLogger(__name__)
 
 
-def resolve_models(storage: Storage, cfg: CatdogConfig, model_uri: str | None, ensemble: bool) -> list[ModelRef]:
+def resolve_models(
+    storage: Storage, cfg: CatdogConfig, model_uri: str | None, ensemble: bool, calibrate: bool = True
+) -> list[ModelRef]:
     """``--model`` may name a ``best.json`` (default: the run's) or a checkpoint folder.
-    With ``ensemble`` every checkpoint on the run's leaderboard is used."""
+    With ``ensemble``, the leaderboard's checkpoints that the validation study gave a weight
+    (``val_study.json`` beside ``best.json``), with those weights.  ``calibrate``: with each
+    checkpoint's fitted temperature (else 1.0)."""
     model_uri = model_uri or join(cfg.run_uri, "best.json")
     if model_uri.endswith(".json"):
         if not storage.exists(model_uri):
@@ -53,13 +57,33 @@ def resolve_models(storage: Storage, cfg: CatdogConfig, model_uri: str | None, e
             )
         best = json.loads(storage.read_text(model_uri))
         if ensemble:
-            board = join(model_uri.rsplit("/", 1)[0], "leaderboard.csv")
-            rows = list(csv.DictReader(io.StringIO(storage.read_text(board))))
-            return [model_ref(storage, row["checkpoint"]) for row in rows]
-        return [model_ref(storage, best["checkpoint"])]
+            weights = ensemble_weights(storage, model_uri.rsplit("/", 1)[0])
+            return [model_ref(storage, uri, calibrate, weight) for uri, weight in weights.items() if weight > 0]
+        return [model_ref(storage, best["checkpoint"], calibrate)]
     if ensemble:
         raise CheckpointError(f"{model_uri}: --ensemble needs a best.json next to a leaderboard.csv")
-    return [model_ref(storage, model_uri)]
+    return [model_ref(storage, model_uri, calibrate)]
+
+
+def ensemble_weights(storage: Storage, run_uri: str) -> dict[str, float]:
+    """Checkpoint → weight for every model on the run's leaderboard, as the validation study fitted
+    them; one leaderboard model needs none.  Stops (one line) when they are missing or were fitted
+    for other checkpoints than the leaderboard's."""
+    rows = csv.DictReader(io.StringIO(storage.read_text(join(run_uri, "leaderboard.csv"))))
+    board = [row["checkpoint"] for row in rows]
+    if len(board) == 1:
+        return {board[0]: 1.0}
+    study_uri = join(run_uri, VAL_STUDY)
+    study = json.loads(storage.read_text(study_uri)) if storage.exists(study_uri) else {}
+    weights = study.get("ensemble", {}).get("weights")
+    if weights is None or set(weights) != set(board):
+        found = "has none" if weights is None else "has them for other checkpoints than leaderboard.csv"
+        raise CheckpointError(
+            f"{study_uri}: --ensemble needs weights fitted on validation and {basename(study_uri)} {found}; "
+            "run the same train command again with --set train.report=true (it reuses the trained models "
+            "and only runs the validation study)"
+        )
+    return {uri: float(weights[uri]) for uri in board}
 
 
 def refresh_report(cfg: CatdogConfig, storage: Storage, output_uri: str) -> None:
@@ -81,6 +105,7 @@ def run_predict(
     ensemble: bool = False,
     proba: bool = False,
     full: bool = False,
+    calibrate: bool = True,
 ) -> str:
     """Score the images under ``input_uri`` (a folder or a shard set) that ``output_uri`` has no
     valid result for (all of them with ``full``), resuming an interrupted run; return the URI of
@@ -89,12 +114,14 @@ def run_predict(
     tracking.require_mlflow(cfg)
     storage = Storage.from_config(cfg.storage)
     input_uri, output_uri = input_uri or cfg.data.test, output_uri or cfg.run_uri
-    models = resolve_models(storage, cfg, model_uri, ensemble)
+    models = resolve_models(storage, cfg, model_uri, ensemble, calibrate)
     listing, shards = list_table(storage, input_uri)
     if not listing.num_rows:
         raise DataError(f"{input_uri}: no .jpg/.jpeg/.png images found")
     storage.check_bucket(output_uri)
-    fingerprint = scoring_fingerprint(storage, [m.checkpoint for m in models], tta, cfg.predict.amp)
+    total = sum(m.weight for m in models)
+    scales = [(m.temperature, m.weight / total) for m in models]
+    fingerprint = scoring_fingerprint(storage, [m.checkpoint for m in models], tta, cfg.predict.amp, scales)
     plan = make_plan(storage, listing.select(["path", "size", "version", "id"]), output_uri, fingerprint, full)
     scored, scoring = 0, 0.0
     with job_log(storage, output_uri, "predict") as ray_log:
@@ -104,7 +131,7 @@ def run_predict(
             plan.to_score.num_rows,
             listing.num_rows,
             input_uri,
-            ", ".join(m.name for m in models),
+            described(models),
             plan.reused,
             plan.resumed,
             plan.removed,
@@ -133,9 +160,16 @@ def run_predict(
         cfg,
         "predict",
         throughput(scored, scoring, started) | {"n_unreadable": n_unreadable, "n_reused": plan.reused + plan.resumed},
-        {"input": input_uri, "output": output_uri, "models": "+".join(m.name for m in models), "tta": tta},
+        {"input": input_uri, "output": output_uri, "models": described(models), "tta": tta, "calibrate": calibrate},
     )
     return submission_uri
+
+
+def described(models: list[ModelRef]) -> str:
+    """The models with their temperature and (ensembles) weight, for logs and MLflow params."""
+    total = sum(m.weight for m in models)
+    weight = (lambda m: f" w{m.weight / total:.3f}") if len(models) > 1 else (lambda m: "")
+    return ", ".join(f"{m.name} T{m.temperature:.3f}{weight(m)}" for m in models)
 
 
 def write_submission(
@@ -206,6 +240,7 @@ def run_evaluate(
     output_uri: str | None = None,
     tta: bool = False,
     ensemble: bool = False,
+    calibrate: bool = True,
 ) -> str:
     """Score a labelled folder or shard set, by default the run's validation split (never its
     training images); write ``metrics.json`` and return its URI."""
@@ -213,7 +248,7 @@ def run_evaluate(
     tracking.require_mlflow(cfg)
     storage = Storage.from_config(cfg.storage)
     output_uri = output_uri or join(cfg.run_uri, "evaluate")
-    models = resolve_models(storage, cfg, model_uri, ensemble)
+    models = resolve_models(storage, cfg, model_uri, ensemble, calibrate)
     if input_uri is None:
         split, split_name = training_split(storage, cfg, models[0])
         rows, shards, n_unlabeled, unlabeled = evaluation_rows(split.val), split.shards, 0, []
@@ -270,6 +305,12 @@ def run_evaluate(
         cfg,
         "evaluate",
         {k: metrics[k] for k in ("accuracy", "log_loss", "n_unreadable")} | throughput(rows.num_rows, scoring, started),
-        {"input": scored["input"], "output": output_uri, "models": metrics["model"], "tta": tta},
+        {
+            "input": scored["input"],
+            "output": output_uri,
+            "models": described(models),
+            "tta": tta,
+            "calibrate": calibrate,
+        },
     )
     return metrics_uri

@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import base64
 import csv
+import dataclasses
 import html
 import io
 import json
 import logging
 
 import numpy as np
+import pyarrow.compute as pc
 
+from catdog.calibration import clipped_log_loss, greedy_ensemble_weights, without_temperature
 from catdog.config import CatdogConfig
 from catdog.images import decode_image
 from catdog.inference import (
+    ModelRef,
     classification_metrics,
     evaluation_rows,
     model_ref,
@@ -35,8 +39,10 @@ REPORT_DIR = "report"
 VAL_PREDICTIONS = "val_predictions"
 VAL_STUDY = "val_study.json"
 RUN_SUMMARY_FILE = "run_summary.json"  # wall time, machine, date: written by train
+PLAN_FILE = "plan.json"  # a time-budgeted run's plan and what each part took: written by train
 # Rounding in tables: seconds and rates to 0.1, every other fractional number to 4 decimals.
-ONE_DECIMAL = {"train_seconds", "images_per_s", "seconds", "wall_seconds", "scoring_seconds"}
+ONE_DECIMAL = {"train_seconds", "images_per_s", "seconds", "wall_seconds", "scoring_seconds", "minutes"}
+ONE_DECIMAL |= {"budget_minutes", "allotted_minutes", "predicted_minutes", "actual_minutes"}
 # Output files the report links to, relative to the run folder, when they exist.
 RUN_FILES = (
     "config.yaml",
@@ -44,6 +50,7 @@ RUN_FILES = (
     "best.json",
     "val_study.json",
     "run_summary.json",
+    "plan.json",
     "submission.csv",
     "evaluate/metrics.json",
     "mlflow.json",
@@ -59,31 +66,85 @@ def _read_csv(storage: Storage, uri: str) -> list[dict]:
 
 
 def validation_study(cfg: CatdogConfig, storage: Storage, val_rows: list[dict], shards=None) -> dict:
-    """Score the held-out split with the best model, with TTA, and with the ensemble (± TTA).
+    """Score the held-out split with the best model (calibrated, and its log loss uncalibrated),
+    with TTA, and with the ensemble (± TTA) whose weights are fitted here.
 
-    The best model's plain predictions are kept as Parquet for the confusion matrix and the
+    The best model's calibrated predictions are kept as Parquet for the confusion matrix and the
     most-confidently-wrong grid.  Never uses test1: these figures are on validation only.
     """
     board = _read_csv(storage, join(cfg.run_uri, "leaderboard.csv"))
     refs = [model_ref(storage, row["checkpoint"]) for row in board]
     rows = evaluation_rows(val_rows)
-    variants = {"best": (refs[:1], False), "best+tta": (refs[:1], True)}
+    best = refs[0]
+    study = {"best": score_variant(cfg, storage, rows, shards, "best", [best], False)}
+    study["best"]["temperature"] = best.temperature
+    study["best"]["log_loss_uncalibrated"] = uncalibrated_log_loss(storage, join(cfg.run_uri, VAL_PREDICTIONS), best)
+    study["best+tta"] = score_variant(cfg, storage, rows, shards, "best+tta", [best], True)
     if len(refs) > 1:
-        variants.update({"ensemble": (refs, False), "ensemble+tta": (refs, True)})
-    study = {}
-    for name, (models, tta) in variants.items():
-        uri = join(cfg.run_uri, VAL_PREDICTIONS if name == "best" else f".{VAL_PREDICTIONS}-{name}")
-        write_parquet_atomically(predictions_dataset(cfg, storage, rows, models, tta, shards), storage, uri)
-        metrics = classification_metrics(storage, uri)
-        study[name] = {k: metrics[k] for k in ("accuracy", "log_loss", "n_images", "confusion", "model")}
-        if name != "best":
-            storage.delete_dir(uri)
+        members = fit_ensemble(cfg, storage, rows, shards, refs)
+        weighted = [dataclasses.replace(ref, weight=m["weight"]) for ref, m in zip(refs, members) if m["weight"] > 0]
+        for name, tta in (("ensemble", False), ("ensemble+tta", True)):
+            study[name] = score_variant(cfg, storage, rows, shards, name, weighted, tta)
+        study["ensemble"]["weights"] = {m["checkpoint"]: m["weight"] for m in members}
+        study["ensemble"]["members"] = members
     storage.write_text(join(cfg.run_uri, VAL_STUDY), json.dumps(study, indent=2) + "\n")
     logger.info(
-        "validation study (accuracy / log loss): %s",
+        "validation study (accuracy / log loss): %s; best uncalibrated log loss %.4f (temperature %.3f)",
         ", ".join(f"{k} {v['accuracy']:.4f} / {v['log_loss']:.4f}" for k, v in study.items()),
+        study["best"]["log_loss_uncalibrated"],
+        best.temperature,
     )
     return study
+
+
+def score_variant(
+    cfg: CatdogConfig, storage: Storage, rows, shards, variant: str, models: list[ModelRef], tta: bool
+) -> dict:
+    """Score the validation rows with ``models``; their metrics.  The ``best`` variant's predictions
+    stay as ``val_predictions/`` (the report's figures); the others' are deleted."""
+    uri = join(cfg.run_uri, VAL_PREDICTIONS if variant == "best" else f".{VAL_PREDICTIONS}-{variant}")
+    write_parquet_atomically(predictions_dataset(cfg, storage, rows, models, tta, shards), storage, uri)
+    metrics = classification_metrics(storage, uri)
+    if variant != "best":
+        storage.delete_dir(uri)
+    return {k: metrics[k] for k in ("accuracy", "log_loss", "n_images", "confusion", "model")}
+
+
+def uncalibrated_log_loss(storage: Storage, predictions_uri: str, model: ModelRef) -> float:
+    """The log loss ``model``'s calibrated predictions had before its temperature (no second pass)."""
+    probs, truth = [], []
+    for batch in read_columns(storage, predictions_uri, ["prob_dog", "truth", "error"]):
+        batch = batch.filter(pc.is_null(batch.column("error")))
+        probs.append(np.asarray(batch.column("prob_dog")))
+        truth.append(np.asarray(batch.column("truth")))
+    return clipped_log_loss(without_temperature(np.concatenate(probs), model.temperature), np.concatenate(truth))
+
+
+def fit_ensemble(cfg: CatdogConfig, storage: Storage, rows, shards, refs: list[ModelRef]) -> list[dict]:
+    """One pass of every member over the validation rows (their calibrated probabilities, side by
+    side in ``member_prob_dog``), then weights by greedy selection on log loss
+    (:func:`~catdog.calibration.greedy_ensemble_weights`).  Each member's checkpoint, arch,
+    temperature, calibrated log loss and weight."""
+    uri = join(cfg.run_uri, f".{VAL_PREDICTIONS}-members")
+    write_parquet_atomically(predictions_dataset(cfg, storage, rows, refs, False, shards), storage, uri)
+    probs, truth = [], []
+    for batch in read_columns(storage, uri, ["member_prob_dog", "truth", "error"]):
+        batch = batch.filter(pc.is_null(batch.column("error")))
+        probs.append(np.asarray(batch.column("member_prob_dog").flatten()).reshape(-1, len(refs)))
+        truth.append(np.asarray(batch.column("truth")))
+    storage.delete_dir(uri)
+    member_probs, labels = np.concatenate(probs).T, np.concatenate(truth)
+    weights = greedy_ensemble_weights(member_probs, labels)
+    return [
+        {
+            "checkpoint": ref.checkpoint,
+            "arch": ref.arch,
+            "temperature": ref.temperature,
+            "log_loss": clipped_log_loss(p, labels),
+            "weight": float(w),
+        }
+        for ref, p, w in zip(refs, member_probs, weights)
+    ]
 
 
 def _figure_png(fig) -> bytes:
@@ -269,10 +330,44 @@ def files_section(storage: Storage, run: str, board: list[dict]) -> str:
     return f"<h2 id='files'>Files</h2><ul>{items}</ul>"
 
 
+def budget_section(plan: dict) -> str:
+    """What each architecture got from the time budget: planned vs trained epochs, sizes, and
+    predicted vs actual minutes, so a reader sees whether a model lost on merit or on budget."""
+    rows = [{"part": arch, **entry} for arch, entry in plan["archs"].items()]
+    rows.append({"part": "validation study", **plan["study"]})
+    columns = ["part", "share", "image_sizes", "planned_epochs", "epochs", "allotted_minutes"]
+    columns += ["predicted_minutes", "actual_minutes"]
+    total = plan.get("actual_minutes")
+    return (
+        f"<h2 id='budget'>Time budget: {plan['budget_minutes']} min"
+        + (f", {total} min used</h2>" if total is not None else "</h2>")
+        + f"<p>speeds measured on a Train worker in {plan['measure_seconds']} s; plans re-made from the real pace</p>"
+        + _table(rows, columns)
+    )
+
+
 def _img(storage: Storage, report_dir: str, name: str, png: bytes) -> str:
     storage.write_bytes(join(report_dir, name), png)
     encoded = base64.b64encode(png).decode()
     return f'<img class="figure" alt="{name}" src="data:image/png;base64,{encoded}">'
+
+
+def study_section(study: dict, run: str) -> str:
+    """The validation study: each variant's accuracy and log loss (the best model's also before
+    calibration), and the ensemble's members with their temperatures and fitted weights."""
+    columns = ("accuracy", "log_loss", "log_loss_uncalibrated", "temperature", "n_images")
+    rows = [{"variant": k, **{c: v[c] for c in columns if c in v}} for k, v in study.items()]
+    text = (
+        "<h2 id='tta'>Test-time options on validation</h2><p>Probabilities calibrated by each model's "
+        "temperature (fitted on validation); <code>log_loss_uncalibrated</code>: the model's own.</p>"
+        + _table(rows, ["variant", *columns])
+    )
+    members = study.get("ensemble", {}).get("members")
+    if members:
+        text += "<p>Ensemble weights, fitted on validation log loss (greedy selection):</p>" + _table(
+            members, ["arch", "temperature", "log_loss", "weight", "checkpoint"], links={"checkpoint": run}
+        )
+    return text
 
 
 def write_report(cfg: CatdogConfig, storage: Storage) -> str:
@@ -287,7 +382,7 @@ def write_report(cfg: CatdogConfig, storage: Storage) -> str:
         + (
             _table(
                 board,
-                ["arch", "val_acc", "val_log_loss", "epochs", "best_epoch", "checkpoint"],
+                ["arch", "val_acc", "val_log_loss", "val_log_loss_calibrated", "epochs", "best_epoch", "checkpoint"],
                 links={"checkpoint": run},
             )
             if board
@@ -319,12 +414,7 @@ def write_report(cfg: CatdogConfig, storage: Storage) -> str:
         sections.append("<h2 id='confusion'>Confusion matrix</h2><p>no validation predictions yet</p>")
     study_uri = join(run, VAL_STUDY)
     if storage.exists(study_uri):
-        study = json.loads(storage.read_text(study_uri))
-        rows = [{"variant": k, **{m: v[m] for m in ("accuracy", "log_loss", "n_images")}} for k, v in study.items()]
-        sections.append(
-            "<h2 id='tta'>Test-time options on validation</h2>"
-            + _table(rows, ["variant", "accuracy", "log_loss", "n_images"])
-        )
+        sections.append(study_section(json.loads(storage.read_text(study_uri)), run))
     evaluation_uri = join(run, "evaluate", "metrics.json")
     if storage.exists(evaluation_uri):
         evaluation = json.loads(storage.read_text(evaluation_uri))
@@ -350,8 +440,11 @@ def write_report(cfg: CatdogConfig, storage: Storage) -> str:
         sections.append("<h2 id='histogram'>Predicted probabilities on the test set</h2><p>run predict first</p>")
     sections.append(
         "<h2 id='throughput'>Throughput and wall time</h2>"
-        + _table(board, ["arch", "images_per_s", "train_seconds", "epochs"])
+        + _table(board, ["arch", "images_per_s", "train_seconds", "epochs", "image_sizes", "minutes"])
     )
+    plan_uri = join(run, PLAN_FILE)
+    if storage.exists(plan_uri):
+        sections.append(budget_section(json.loads(storage.read_text(plan_uri))))
     sections.append(files_section(storage, run, board))
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>catdog run {html.escape(cfg.run_name)}</title>"

@@ -65,15 +65,19 @@ PROGRESS_EVERY_S = 10.0
 ROWS_PER_OUTPUT_FILE = 1_000_000
 
 
-def scoring_fingerprint(storage: Storage, checkpoints: list[str], tta: bool, amp: bool) -> str:
+def scoring_fingerprint(
+    storage: Storage, checkpoints: list[str], tta: bool, amp: bool, scales: list[tuple[float, float]] | None = None
+) -> str:
     """What decides a probability: every checkpoint's files (name, size, version: listing
-    metadata), TTA and AMP.  The threshold is not in it: labels are recomputed at promotion."""
+    metadata), each one's (temperature, weight) in ``scales`` (None: all (1.0, 1.0)), TTA and AMP.
+    The threshold is not in it: labels are recomputed at promotion."""
     items = []
     for uri in checkpoints:
         files = storage.list_versions(uri)
         names = [posixpath.basename(p) for p in files["path"].to_pylist()]
         items.append(sorted(zip(names, files["size"].to_pylist(), files["version"].to_pylist())))
-    text = json.dumps({"checkpoints": items, "tta": tta, "amp": amp}, sort_keys=True)
+    scales = [[float(t), float(w)] for t, w in scales] if scales is not None else [[1.0, 1.0]] * len(checkpoints)
+    text = json.dumps({"checkpoints": items, "scales": scales, "tta": tta, "amp": amp}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

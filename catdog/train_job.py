@@ -27,17 +27,17 @@ import time
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from catdog import tracking
+from catdog import budget, tracking
 from catdog.checkpoints import metrics_csv
 from catdog.config import CatdogConfig, ConfigError, ModelSpec
 from catdog.console import duration, job_log, verbose
 from catdog.data import Split, image_dataset, load_split, split_key
 from catdog.models import InitError, check_init
 from catdog.presets import EvalPreset, TrainPreset
-from catdog.report import RUN_SUMMARY_FILE, validation_study, write_report
+from catdog.report import PLAN_FILE, RUN_SUMMARY_FILE, validation_study, write_report
 from catdog.runtime import check_predict_resources, check_train_resources, cpu_model, init_ray, run_on_worker_nodes
 from catdog.storage import Storage, join
-from catdog.training import train_loop_per_worker, write_json
+from catdog.training import measure_speeds, train_loop_per_worker, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +46,14 @@ LEADERBOARD_COLUMNS = (
     "arch",
     "val_acc",
     "val_log_loss",
+    "val_log_loss_calibrated",
+    "temperature",
+    "weights",
     "epochs",
     "best_epoch",
+    "image_sizes",
+    "minutes",
+    "budget_minutes",
     "train_seconds",
     "images_per_s",
     "checkpoint",
@@ -88,6 +94,9 @@ def run_fingerprint(cfg: CatdogConfig, spec: ModelSpec) -> dict:
         "image_size": cfg.image_size_for(spec),
         "early_image_size": spec.early_image_size,
         "early_epochs": spec.early_epochs,
+        "train.time_budget_minutes": train.time_budget_minutes,
+        "budget_share": spec.budget_share,
+        "early_fraction": spec.early_fraction,
         "init": init if init in ("scratch", "imagenet") else absolute(init),
         "train.optimizer": train.optimizer,
         "train.lr": spec.lr or train.lr,
@@ -95,6 +104,7 @@ def run_fingerprint(cfg: CatdogConfig, spec: ModelSpec) -> dict:
         "train.momentum": train.momentum,
         "train.warmup_fraction": train.warmup_fraction,
         "train.label_smoothing": train.label_smoothing,
+        "train.ema_decay": train.ema_decay,
         "train.crop_scale_min": train.crop_scale_min,
         "train.batch_size": spec.batch_size or train.batch_size,
         "train.num_workers": train.num_workers,
@@ -194,12 +204,19 @@ def read_result(storage: Storage, arch_uri: str) -> dict | None:
 
 
 def train_architecture(
-    cfg: CatdogConfig, spec: ModelSpec, split: Split, storage: Storage, run_clock: dict, tracker=None
+    cfg: CatdogConfig,
+    spec: ModelSpec,
+    split: Split,
+    storage: Storage,
+    run_clock: dict,
+    tracker=None,
+    run_budget: RunBudget | None = None,
 ) -> dict:
-    """Train (or resume, or skip) one architecture; return its leaderboard row."""
+    """Train (or resume, or skip) one architecture; return its leaderboard row.  Under a time
+    budget, a finished architecture is always skipped: its plan was its epoch count."""
     loop_cfg = loop_config(cfg, spec, storage, len(split.train))
     done = read_result(storage, loop_cfg["arch_uri"])
-    if done and done["epochs"] >= loop_cfg["epochs"]:
+    if done and (run_budget is not None or done["epochs"] >= loop_cfg["epochs"]):
         logger.info(
             "%s: already trained for %d epochs, skipping (see %s)",
             spec.arch,
@@ -208,6 +225,8 @@ def train_architecture(
         )
         return done
     loop_cfg["run_clock"] = {**run_clock, "arch_started": time.time()}
+    if run_budget is not None:
+        loop_cfg.update(run_budget.start(cfg.models.index(spec)))
     if tracker is not None:
         loop_cfg["mlflow"] = tracker.arch_run(
             spec.arch, arch_params(cfg, loop_cfg), fingerprint_digest(loop_cfg["fingerprint"])
@@ -237,17 +256,20 @@ def train_architecture(
         dataset_config=ShardConfig(),
     )
     logger.info(
-        "%s: training %d epochs at %d px on %d train / %d val images with %d worker(s)%s",
+        "%s: training %d epochs at %s px on %d train / %d val images with %d worker(s)%s%s",
         spec.arch,
         loop_cfg["epochs"],
-        size,
+        image_sizes_text((spec.early_image_size or size, size), loop_cfg["early_epochs"]),
         len(split.train),
         len(split.val),
         cfg.train.num_workers,
         f", resuming after epoch {done['epochs']}" if done else "",
+        f", planned for {loop_cfg['budget']['deadline'] - time.time():.0f} s of the time budget" if run_budget else "",
     )
     result = trainer.fit()
     row = record_result(storage, loop_cfg, result)
+    if run_budget is not None:
+        run_budget.finished(spec.arch, row, time.time() - loop_cfg["run_clock"]["arch_started"])
     logger.info(
         "%s: done in %s: best val_acc %.4f, val_log_loss %.4f (epoch %d)",
         spec.arch,
@@ -262,7 +284,8 @@ def train_architecture(
 
 
 def record_result(storage: Storage, loop_cfg: dict, result) -> dict:
-    """Write ``metrics.csv`` from the final checkpoint's history and ``result.json`` for this arch."""
+    """Write ``metrics.csv`` from the final checkpoint's history and ``result.json`` for this arch:
+    its best checkpoint, and the budget it got (epochs, image sizes, minutes)."""
     best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_acc"])
     # Through Storage (retried reads), not a download of the whole checkpoint.
     final_uri = storage.uri_of(loop_cfg["arch_uri"], result.checkpoint.path)
@@ -272,9 +295,19 @@ def record_result(storage: Storage, loop_cfg: dict, result) -> dict:
         "arch": loop_cfg["arch"],
         "val_acc": best_metrics["val_acc"],
         "val_log_loss": best_metrics["val_log_loss"],
+        # What predict applies by default, and which weights the checkpoint holds (train.ema_decay).
+        "val_log_loss_calibrated": best_metrics.get("val_log_loss_calibrated"),
+        "temperature": best_metrics.get("temperature"),
+        "weights": best_metrics.get("weights", "raw"),
         "epochs": len(history),
         "best_epoch": best_metrics["epoch"],
+        "image_sizes": ">".join(str(size) for size in dict.fromkeys(h["train_image_size"] for h in history)),
+        "minutes": round((time.time() - loop_cfg["run_clock"]["arch_started"]) / 60, 2),
+        "budget_minutes": budget.minutes(loop_cfg["budget"]["deadline"] - loop_cfg["run_clock"]["arch_started"])
+        if loop_cfg.get("budget")
+        else None,
         "train_seconds": round(sum(h["train_seconds"] for h in history), 1),
+        "epoch_seconds": round(sum(h.get("epoch_seconds", 0.0) for h in history), 1),
         "images_per_s": round(sum(h["images_per_s"] for h in history) / len(history), 1),
         "checkpoint": storage.uri_of(loop_cfg["arch_uri"], best_checkpoint.path),
         "image_size": loop_cfg["image_size"],
@@ -337,6 +370,122 @@ def prepare_run(cfg: CatdogConfig, storage: Storage, restart: bool) -> None:
     storage.write_text(join(cfg.run_uri, "config.yaml"), cfg.to_yaml())
 
 
+def train_sizes(cfg: CatdogConfig, spec: ModelSpec) -> tuple[int, int]:
+    """(early, final) training image sizes; both the final size without progressive resizing."""
+    size = cfg.image_size_for(spec)
+    return (spec.early_image_size or size, size)
+
+
+def measure_speeds_on_a_worker(cfg: CatdogConfig) -> dict[str, dict]:
+    """Each architecture's seconds per image at each size it trains at, measured in one Ray task
+    holding what a Train worker holds (its CPUs, its GPU), so the figures are a worker's."""
+    import ray
+
+    jobs = []
+    for spec in cfg.models:
+        loop = {
+            "batch_size": spec.batch_size or cfg.train.batch_size,
+            "amp": cfg.train.amp if spec.amp is None else spec.amp,
+            "torch_threads": cfg.train.torch_threads,
+            "use_gpu": cfg.train.use_gpu,
+        }
+        jobs.append((spec.arch, sorted(set(train_sizes(cfg, spec))), cfg.image_size_for(spec), loop))
+    task = ray.remote(measure_speeds).options(
+        num_cpus=cfg.train.cpus_per_worker, num_gpus=1 if cfg.train.use_gpu else 0, max_retries=1
+    )
+    return ray.get(task.remote(jobs))
+
+
+class RunBudget:
+    """The driver's side of ``train.time_budget_minutes``: the plan made from measured speeds,
+    re-planned as each architecture starts from the time really left, and what each part took.
+    Everything lands in ``plan.json``; the Train workers re-plan from their own pace (budget.py)."""
+
+    def __init__(self, cfg: CatdogConfig, split: Split, started: float):
+        measure_start = time.time()
+        speeds = measure_speeds_on_a_worker(cfg)
+        world = cfg.train.num_workers
+        n_train, n_val = -(-len(split.train) // world), -(-len(split.val) // world)
+        n_val *= 2 if cfg.train.ema_decay else 1  # with an EMA, every epoch validates both weights
+        self.deadline = started + cfg.train.time_budget_minutes * 60
+        self.arch_fixed = budget.ARCH_FIXED_S
+        self.archs = [
+            {
+                "arch": spec.arch,
+                "share": share,
+                "sizes": train_sizes(cfg, spec),
+                "early_fraction": spec.early_fraction or 0.0,
+                "epoch_s": {
+                    size: budget.epoch_seconds(speeds[spec.arch], size, n_train, n_val)
+                    for size in train_sizes(cfg, spec)
+                },
+            }
+            for spec, share in zip(cfg.models, budget.shares([spec.budget_share for spec in cfg.models]))
+        ]
+        study = (
+            budget.study_seconds([speeds[s.arch]["val"] for s in cfg.models], len(split.val)) if cfg.train.report else 0
+        )
+        self.reserve = study + budget.ARCH_TAIL_S
+        first = budget.plan_run(self.archs, self.training_left(), self.arch_fixed)
+        self.record = {
+            "budget_minutes": cfg.train.time_budget_minutes,
+            "measure_seconds": round(time.time() - measure_start, 1),
+            "seconds_per_image": speeds,
+            "study": {"predicted_minutes": budget.minutes(study)},
+            "archs": {
+                a["arch"]: {
+                    "share": round(a["share"], 4),
+                    "image_sizes": image_sizes_text(a["sizes"], plan["early_epochs"]),
+                    "planned_epochs": plan["epochs"],
+                    "planned_early_epochs": plan["early_epochs"],
+                    "predicted_minutes": budget.minutes(plan["predicted_s"]),
+                }
+                for a, plan in zip(self.archs, first)
+            },
+        }
+
+    def training_left(self) -> float:
+        return self.deadline - time.time() - self.reserve
+
+    def start(self, index: int) -> dict:
+        """Loop-config entries for architecture ``index``, planned from the time left now."""
+        arch = self.archs[index]
+        later = [a["share"] for a in self.archs[index + 1 :]]
+        seconds = budget.arch_seconds(self.training_left(), later, arch["share"], self.arch_fixed)
+        plan = budget.arch_plan(arch, seconds, self.arch_fixed)
+        self.record["archs"][arch["arch"]].update(
+            allotted_minutes=budget.minutes(seconds), predicted_minutes=budget.minutes(plan["predicted_s"])
+        )
+        deadline = time.time() + seconds - budget.ARCH_TAIL_S
+        return {
+            "epochs": plan["epochs"],
+            "early_epochs": plan["early_epochs"],
+            "budget": {
+                "deadline": deadline,
+                "epoch_seconds": arch["epoch_s"],
+                "early_fraction": arch["early_fraction"],
+            },
+        }
+
+    def finished(self, arch: str, row: dict, seconds: float) -> None:
+        """Record what the architecture took; its fixed cost (all but its epochs) replaces the prior."""
+        self.record["archs"][arch].update(
+            epochs=row["epochs"], image_sizes=row["image_sizes"], actual_minutes=budget.minutes(seconds)
+        )
+        if row.get("epoch_seconds"):
+            self.arch_fixed = max(0.0, seconds - row["epoch_seconds"])
+
+    def summary(self, study_seconds: float | None, total_seconds: float) -> dict:
+        if study_seconds is not None:
+            self.record["study"]["actual_minutes"] = budget.minutes(study_seconds)
+        return {**self.record, "actual_minutes": budget.minutes(total_seconds)}
+
+
+def image_sizes_text(sizes: tuple[int, int], early_epochs: int) -> str:
+    """``96>128`` for progressive resizing (early epochs at 96 px), ``128`` otherwise."""
+    return f"{sizes[0]}>{sizes[1]}" if early_epochs and sizes[0] != sizes[1] else str(sizes[1])
+
+
 def run_training(cfg: CatdogConfig, restart: bool = False) -> str:
     """Train every architecture in ``cfg.models``; return the URI of ``best.json``."""
     started = time.time()
@@ -365,8 +514,9 @@ def run_training(cfg: CatdogConfig, restart: bool = False) -> str:
         check_init_on_worker_nodes(cfg, storage)
         prepare_run(cfg, storage, restart)
         ray_log.settle()
+        run_budget = plan_budget(cfg, split, storage, started) if cfg.train.time_budget_minutes else None
         tracker = tracking.TrainingTracker(cfg, storage, cfg.hash()) if tracking.enabled(cfg) else None
-        rows = rank_results(train_all(cfg, split, storage, started, tracker))
+        rows = rank_results(train_all(cfg, split, storage, started, tracker, run_budget))
         leaderboard = leaderboard_csv(rows)
         storage.write_text(join(cfg.run_uri, "leaderboard.csv"), leaderboard)
         best_uri = join(cfg.run_uri, "best.json")
@@ -377,11 +527,15 @@ def run_training(cfg: CatdogConfig, restart: bool = False) -> str:
                 **rows[0],
                 "metrics": {k: rows[0][k] for k in ("val_acc", "val_log_loss")},
                 "config": cfg.model_dump(mode="json"),
+                **({"plan": run_budget.record} if run_budget else {}),
             },
         )
-        report_uri = None
+        report_uri, study_started = None, time.time()
         if cfg.train.report:
             validation_study(cfg, storage, split.val, split.shards)
+        if run_budget is not None:
+            study = time.time() - study_started if cfg.train.report else None
+            write_json(storage, join(cfg.run_uri, PLAN_FILE), run_budget.summary(study, time.time() - started))
         record_run_summary(cfg, storage, time.time() - started)
         if cfg.train.report:
             report_uri = write_report(cfg, storage)
@@ -391,6 +545,29 @@ def run_training(cfg: CatdogConfig, restart: bool = False) -> str:
         logger.info("report: %s", report_uri)
     log_leaderboard(rows, time.time() - started)
     return best_uri
+
+
+def plan_budget(cfg: CatdogConfig, split: Split, storage: Storage, started: float) -> RunBudget:
+    """Measure, plan, and say so: in the log, in ``plan.json`` and at the end of ``config.yaml``."""
+    run_budget = RunBudget(cfg, split, started)
+    lines = [
+        f"{arch}: {p['planned_epochs']} epochs at {p['image_sizes']} px, {p['predicted_minutes']:.1f} min"
+        for arch, p in run_budget.record["archs"].items()
+    ]
+    logger.info(
+        "time budget %.1f min (speeds measured in %.0f s): %s; validation study %.1f min",
+        cfg.train.time_budget_minutes,
+        run_budget.record["measure_seconds"],
+        "; ".join(lines),
+        run_budget.record["study"]["predicted_minutes"],
+    )
+    write_json(storage, join(cfg.run_uri, PLAN_FILE), run_budget.record)
+    comment = "".join(f"#   {line}\n" for line in lines)
+    storage.write_text(
+        join(cfg.run_uri, "config.yaml"),
+        cfg.to_yaml() + f"# Time budget plan (re-planned as the run goes; see {PLAN_FILE}):\n" + comment,
+    )
+    return run_budget
 
 
 def train_datasets(cfg: CatdogConfig, split: Split, storage: Storage, size: int) -> dict:
@@ -405,17 +582,25 @@ def train_datasets(cfg: CatdogConfig, split: Split, storage: Storage, size: int)
     }
 
 
-def train_all(cfg: CatdogConfig, split: Split, storage: Storage, started: float, tracker) -> list[dict]:
+def train_all(
+    cfg: CatdogConfig, split: Split, storage: Storage, started: float, tracker, run_budget: RunBudget | None
+) -> list[dict]:
     """Each architecture in turn; the run clock lets each epoch line estimate the run's ETA."""
     rows, trained_epochs = [], 0
     for index, spec in enumerate(cfg.models):
-        later = sum(s.epochs or cfg.train.epochs for s in cfg.models[index + 1 :])
+        later = sum(planned_epochs(cfg, s, run_budget) for s in cfg.models[index + 1 :])
         clock = {"started": started, "epochs_done": trained_epochs, "epochs_after": later}
         before = read_result(storage, join(cfg.run_uri, spec.arch))
-        row = train_architecture(cfg, spec, split, storage, clock, tracker)
+        row = train_architecture(cfg, spec, split, storage, clock, tracker, run_budget)
         trained_epochs += row["epochs"] - (before["epochs"] if before else 0)
         rows.append(row)
     return rows
+
+
+def planned_epochs(cfg: CatdogConfig, spec: ModelSpec, run_budget: RunBudget | None) -> int:
+    if run_budget is not None:
+        return run_budget.record["archs"][spec.arch]["planned_epochs"]
+    return spec.epochs or cfg.train.epochs
 
 
 def machine_summary(cfg: CatdogConfig) -> dict:
@@ -450,12 +635,14 @@ def record_run_summary(cfg: CatdogConfig, storage: Storage, seconds: float) -> N
 def log_leaderboard(rows: list[dict], seconds: float) -> None:
     logger.info("leaderboard (best first, %s in all):", duration(seconds))
     for rank, row in enumerate(rows, 1):
+        calibrated = row.get("val_log_loss_calibrated")
         logger.info(
-            "  %d. %-14s val_acc %.4f  val_log_loss %.4f  %6.1f s  %s",
+            "  %d. %-14s val_acc %.4f  val_log_loss %.4f%s  %6.1f s  %s",
             rank,
             row["arch"],
             row["val_acc"],
             row["val_log_loss"],
+            f" ({calibrated:.4f} calibrated)" if calibrated is not None else "",
             float(row["train_seconds"]),
             row["checkpoint"],
         )

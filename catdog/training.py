@@ -26,15 +26,19 @@ import torch.distributed as dist
 from ray.data.collate_fn import NumpyBatchCollateFn
 from torch import nn
 
+from catdog import budget
+from catdog.calibration import CLIP, TEMPERATURES, log_loss_sums, pick_temperature
 from catdog.checkpoints import load_checkpoint, metrics_csv, save_checkpoint
 from catdog.console import duration, emit, worker_logging
+from catdog.ema import ModelEma
 from catdog.models import build_model, split_parameters
 from catdog.presets import MEAN, STD
 from catdog.storage import Storage, join
 
 logger = logging.getLogger(__name__)
 
-CLIP = (0.005, 0.995)  # Kaggle Redux: one confident mistake must not explode log loss
+# With an EMA, each epoch's metrics also carry these for both weight variants (val_acc_raw, val_acc_ema, ...).
+COMPARED = ("val_acc", "val_log_loss", "val_log_loss_calibrated")
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
@@ -228,6 +232,7 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     seen: list | None = None,
     progress=None,
+    ema: ModelEma | None = None,
 ) -> dict:
     """One pass over this worker's shard. Returns plain numbers (and the next global step).
 
@@ -235,7 +240,7 @@ def train_one_epoch(
     statistics), but every DDP rank still takes the same number of steps; their paths are
     returned in ``unreadable``.  ``scaler`` lives as long as the run (its scale carries over
     epochs and checkpoints); the loss is summed on the device and read once, so no step waits
-    for the GPU."""
+    for the GPU.  ``ema``, if given, is updated after every optimizer step."""
     set_backbone_frozen(model, cfg["arch"], frozen)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"], reduction="none")
     scaler = grad_scaler(device, cfg["amp"]) if scaler is None else scaler
@@ -257,6 +262,8 @@ def train_one_epoch(
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        if ema is not None:
+            ema.update(model)
         n_valid = int(batch["valid"].sum())  # a host tensor: no sync
         loss_sum += loss.detach() * n_valid
         images += n_valid
@@ -339,11 +346,17 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, shard, cfg: dict, device: torch.device) -> dict:
-    """Validation loss, accuracy and clipped log loss over every rank's share of the val set."""
+    """Validation loss, accuracy and clipped log loss over every rank's share of the val set, and
+    the temperature that minimises that log loss with the log loss it gives (``temperature``,
+    ``val_log_loss_calibrated``; ``val_log_loss`` stays the model's own).  The temperature is
+    fitted from per-temperature log-loss sums over a fixed grid, accumulated in this same pass and
+    all-reduced with the other sums: no second pass, and no rank holds more than its batch."""
     net = getattr(model, "module", model)  # no DDP collectives: ranks may see unequal val shares
     net.eval()
     # loss, correct, log loss: summed on the device, read once at the end; the image count on the host
     sums, n_images, unreadable = torch.zeros(3, dtype=torch.float64, device=device), 0, []
+    temperatures = torch.tensor(TEMPERATURES, dtype=torch.float64, device=device)
+    calibration_sums = torch.zeros(len(TEMPERATURES), dtype=torch.float64, device=device)
     collate = Collate()
     for batch in iter_batches(shard, cfg["batch_size"] * 2, collate, device):
         unreadable += unreadable_paths(collate.paths(batch), batch)
@@ -364,15 +377,47 @@ def evaluate(model: nn.Module, shard, cfg: dict, device: torch.device) -> dict:
                 nn.functional.binary_cross_entropy(prob_dog, y.float(), reduction="sum"),
             ]
         ).double()
+        calibration_sums += log_loss_sums(logits[:, 1] - logits[:, 0], y, temperatures)
         n_images += len(labels)
-    loss, correct, log_loss, n = all_reduce_sum([*sums.tolist(), n_images], device)
+    loss, correct, log_loss, n, *calibration = all_reduce_sum(
+        [*sums.tolist(), n_images, *calibration_sums.tolist()], device
+    )
     n = max(n, 1)
+    temperature, calibrated = pick_temperature(TEMPERATURES, calibration, n)
     return {
         "val_loss": loss / n,
         "val_acc": correct / n,
         "val_log_loss": log_loss / n,
+        "val_log_loss_calibrated": calibrated,
+        "temperature": temperature,
         "val_images": int(n),
         "unreadable": unreadable,
+    }
+
+
+def validate(model: nn.Module, ema: ModelEma | None, shard, cfg: dict, device: torch.device) -> dict:
+    """The epoch's validation: the raw model's metrics, or with an EMA, those of the better of the two
+    (:func:`pick_weights`).  Buffers first come from rank 0, so that every rank validates, and rank 0
+    checkpoints, one and the same model."""
+    sync_buffers_from_rank0(model)
+    raw = evaluate(model, shard, cfg, device)
+    if ema is None:
+        return raw
+    # DDP keeps the parameters, hence their average, identical; each rank's BatchNorm statistics differ.
+    sync_buffers_from_rank0(ema.module)
+    return pick_weights(raw, evaluate(ema.module, shard, cfg, device))
+
+
+def pick_weights(raw: dict, ema: dict) -> dict:
+    """The better of two validations of the same images: higher ``val_acc``, then lower ``val_log_loss``;
+    the raw weights on a tie.  The chosen one's metrics, plus ``weights`` (which one) and both
+    variants' accuracy and log loss under explicit names.  Every rank sees the same all-reduced
+    metrics, so every rank chooses alike."""
+    ema_wins = (ema["val_acc"], -ema["val_log_loss"]) > (raw["val_acc"], -raw["val_log_loss"])
+    return {
+        **(ema if ema_wins else raw),
+        "weights": "ema" if ema_wins else "raw",
+        **{f"{key}_{name}": variant[key] for name, variant in (("raw", raw), ("ema", ema)) for key in COMPARED},
     }
 
 
@@ -403,11 +448,17 @@ def train_loop_per_worker(cfg: dict) -> None:
     if state:
         optimizer.load_state_dict(state["train_state"]["optimizer"])
         restore_scaler(scaler, state["train_state"])
+    ema = start_ema(model, cfg, state)
+    if state and cfg.get("budget") and state["meta"].get("plan"):
+        cfg.update(state["meta"]["plan"])  # a resumed budgeted run keeps the plan it was trained on
     steps_per_epoch = math.ceil(cfg["n_train"] // world / cfg["batch_size"])
-    total_steps = steps_per_epoch * cfg["epochs"]
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     clock["epochs_before"] = len(history)
-    for epoch in range(len(history) + 1, cfg["epochs"] + 1):
+    epoch = len(history)
+    while epoch < cfg["epochs"]:
+        epoch += 1
+        total_steps = steps_per_epoch * cfg["epochs"]
+        epoch_started = time.time()
         frozen = cfg["fine_tune"] and epoch <= cfg["freeze_backbone_epochs"]  # a random backbone is never frozen
         progress = epoch_progress_bar(cfg, epoch, steps_per_epoch) if rank == 0 else None
         stats = train_one_epoch(
@@ -422,12 +473,12 @@ def train_loop_per_worker(cfg: dict) -> None:
             input_size=input_size_for_epoch(epoch, cfg),
             scaler=scaler,
             progress=progress,
+            ema=ema,
         )
         if progress is not None:
             progress.close()
         step = stats.pop("step")
-        sync_buffers_from_rank0(model)  # validate the model that rank 0 checkpoints
-        val = evaluate(model, val_shard, cfg, device)
+        val = validate(model, ema, val_shard, cfg, device)
         unreadable = sorted(gather_lists(stats.pop("unreadable") + val.pop("unreadable")))
         metrics = {"epoch": epoch, **stats, **val, "unreadable_images": len(unreadable)}
         history.append(metrics)
@@ -439,9 +490,120 @@ def train_loop_per_worker(cfg: dict) -> None:
                     err=True,
                 )
             cfg["storage"].write_text(join(cfg["arch_uri"], "unreadable.txt"), "".join(p + "\n" for p in unreadable))
-        report_epoch(model, optimizer, cfg, metrics, history, step, rank, scaler=scaler)
+        metrics["epoch_seconds"] = time.time() - epoch_started
+        changed = replan(cfg, metrics, metrics["epoch_seconds"], device) if cfg.get("budget") else None
+        report_epoch(model, optimizer, cfg, metrics, history, step, rank, scaler=scaler, ema=ema)
         if rank == 0:
             emit(epoch_line(cfg, metrics, clock))
+            if changed:
+                emit(changed)
+
+
+def replan(cfg: dict, metrics: dict, seconds: float, device: torch.device) -> str | None:
+    """Re-size a budgeted run from the real pace: after the first epoch (both ways), and after the
+    first epoch at the final size (only fewer epochs: the schedule's tail must not climb back).
+    Rank 0 decides for every rank; the plan rides in ``cfg`` (and so in each checkpoint).
+    Returns a line for the console when the plan changed."""
+    plan = cfg["budget"]
+    size = metrics["train_image_size"]
+    epoch, first_final = metrics["epoch"], metrics["epoch"] == cfg["early_epochs"] + 1
+    if epoch != 1 and not first_final:
+        return None
+    epoch_s = {int(k): v for k, v in plan["epoch_seconds"].items()}
+    # The first epoch's first batch waited for the pipeline to start: a one-off, not the pace.
+    steady = seconds - (metrics["first_batch_seconds"] if epoch == 1 else 0.0)
+    if epoch == 1:
+        pace = max(steady - budget.EPOCH_FIXED_S, 1e-3) / max(epoch_s[size] - budget.EPOCH_FIXED_S, 1e-3)
+        epoch_s = {k: (v - budget.EPOCH_FIXED_S) * pace + budget.EPOCH_FIXED_S for k, v in epoch_s.items()}
+    else:
+        epoch_s = {**epoch_s, size: steady}
+    plan["epoch_seconds"] = epoch_s
+    left = (plan["deadline"] - time.time()) * budget.SAFETY
+    sizes = (cfg["early_image_size"] or cfg["image_size"], cfg["image_size"])
+    done = (epoch, min(epoch, cfg["early_epochs"]))
+    epochs, early = budget.fit_epochs(left, epoch_s, sizes, plan["early_fraction"], done)
+    if epoch != 1:
+        epochs = min(epochs, cfg["epochs"])
+    epochs, early = broadcast_from_rank0([epochs, early], device)
+    before = (cfg["epochs"], cfg["early_epochs"])
+    cfg.update(epochs=epochs, early_epochs=early)
+    if (epochs, early) == before:
+        return None
+    early_text = f" ({early} at {sizes[0]} px)" if early else ""
+    pace = f"epoch {epoch}'s pace ({seconds:.0f} s)"
+    return f"{cfg['arch']}: time budget: re-planned to {epochs} epochs{early_text} from {pace}"
+
+
+def broadcast_from_rank0(values: list[int], device: torch.device) -> list[int]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.broadcast(tensor, src=0)
+    return [int(v) for v in tensor.tolist()]
+
+
+def measure_speed(arch: str, sizes: list[int], val_size: int, cfg: dict) -> dict:
+    """This worker's seconds per image: a training step at each of ``sizes`` and a validation
+    forward pass at ``val_size``, on random data (compute only).
+    ``cfg``: batch_size, amp, torch_threads, use_gpu."""
+    if cfg.get("torch_threads"):
+        torch.set_num_threads(cfg["torch_threads"])
+    device = torch.device("cuda" if cfg["use_gpu"] and torch.cuda.is_available() else "cpu")
+    model = build_model(arch, "scratch").to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    batch = cfg["batch_size"]
+
+    def images(n: int, size: int) -> torch.Tensor:
+        return torch.randn(n, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+
+    def train_step(x: torch.Tensor) -> None:
+        with autocast(device, cfg["amp"]):
+            logits = model(x)
+        loss = nn.functional.cross_entropy(logits.float(), torch.zeros(len(x), dtype=torch.long, device=device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    speed = {"train": {size: timed_call(train_step, images(batch, size)) / batch for size in sizes}}
+    model.eval()
+    with torch.inference_mode(), autocast(device, cfg["amp"]):
+        speed["val"] = timed_call(model, images(batch * 2, val_size)) / (batch * 2)
+    return speed
+
+
+def measure_speeds(jobs: list[tuple[str, list[int], int, dict]]) -> dict[str, dict]:
+    """:func:`measure_speed` for each (arch, sizes, val_size, cfg), in one process (one torch import)."""
+    return {arch: measure_speed(arch, sizes, val_size, cfg) for arch, sizes, val_size, cfg in jobs}
+
+
+def timed_call(fn, x: torch.Tensor, warmup: int = 2, min_calls: int = 3, min_seconds: float = 1.0) -> float:
+    """Mean seconds of ``fn(x)``: after ``warmup`` calls (oneDNN builds its kernels for each new
+    shape on the first ones), at least ``min_calls`` calls and ``min_seconds``, at most 50 calls."""
+
+    def sync() -> None:
+        if x.is_cuda:
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        fn(x)
+    sync()
+    calls, start = 0, time.perf_counter()
+    while calls < min_calls or (time.perf_counter() - start < min_seconds and calls < 50):
+        fn(x)
+        sync()
+        calls += 1
+    return (time.perf_counter() - start) / calls
+
+
+def start_ema(model: nn.Module, cfg: dict, state: dict | None) -> ModelEma | None:
+    """The run's weight average (None when ``ema_decay`` is off), resumed from the checkpoint's if it
+    has one.  Built after the DDP wrap: every rank starts from rank 0's weights."""
+    if not cfg.get("ema_decay"):
+        return None
+    ema = ModelEma(model, cfg["ema_decay"])
+    if state and state.get("ema"):
+        ema.load_state_dict(state["ema"])
+    return ema
 
 
 def restore_scaler(scaler: torch.amp.GradScaler, train_state: dict) -> None:
@@ -472,9 +634,20 @@ def epoch_line(cfg: dict, metrics: dict, clock: dict) -> str:
     run_left = arch_left + (now - run["started"]) / max(run_done, 1) * run["epochs_after"]
     return (
         f"{cfg['arch']} epoch {epoch}/{epochs}: train_loss {metrics['train_loss']:.4f} "
-        f"val_acc {metrics['val_acc']:.4f} val_log_loss {metrics['val_log_loss']:.4f} "
+        f"val_acc {metrics['val_acc']:.4f} val_log_loss {metrics['val_log_loss']:.4f}{weights_note(metrics)} "
         f"{metrics['images_per_s']:.0f} img/s | elapsed {duration(now - run['arch_started'])} "
         f"ETA {duration(arch_left)} ({cfg['arch']}) {duration(run_left)} (run)"
+    )
+
+
+def weights_note(metrics: dict) -> str:
+    """With an EMA: which weights the epoch kept, and the other variant's scores."""
+    if "weights" not in metrics:
+        return ""
+    other = "raw" if metrics["weights"] == "ema" else "ema"
+    return (
+        f" ({metrics['weights']} weights; {other}: val_acc {metrics[f'val_acc_{other}']:.4f} "
+        f"val_log_loss {metrics[f'val_log_loss_{other}']:.4f})"
     )
 
 
@@ -487,6 +660,7 @@ def report_epoch(
     step: int,
     rank: int,
     scaler: torch.amp.GradScaler | None = None,
+    ema: ModelEma | None = None,
 ) -> None:
     """Every rank reports; rank 0 also writes the checkpoint, refreshes ``metrics.csv`` and, once
     the checkpoint is stored, logs the epoch to MLflow (a restart never logs an epoch twice)."""
@@ -495,7 +669,15 @@ def report_epoch(
         return
     with tempfile.TemporaryDirectory(prefix="catdog-ckpt-") as folder:
         save_checkpoint(
-            folder, model, optimizer, cfg=cfg, epoch=metrics["epoch"], step=step, history=history, scaler=scaler
+            folder,
+            model,
+            optimizer,
+            cfg=cfg,
+            epoch=metrics["epoch"],
+            step=step,
+            history=history,
+            scaler=scaler,
+            ema=ema,
         )
         ray.train.report(
             metrics,

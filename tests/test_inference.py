@@ -192,7 +192,9 @@ def test_predictor_normalises_with_the_checkpoint_own_mean_and_std(quick_run, sm
     with torch.inference_mode():
         images = torch.from_numpy(batch[ref.column])
         by_hand = {
-            norm: torch.softmax(model(to_model_input(images, torch.device("cpu"), mean=m, std=s)), 1)[:, 1].numpy()
+            norm: torch.softmax(
+                model(to_model_input(images, torch.device("cpu"), mean=m, std=s)) / other.temperature, 1
+            )[:, 1].numpy()
             for norm, (m, s) in {"stored": (other.mean, other.std), "imagenet": (ref.mean, ref.std)}.items()
         }
     np.testing.assert_allclose(changed, by_hand["stored"], atol=1e-6)
@@ -217,25 +219,61 @@ def test_tta_changes_probabilities_but_not_the_schema(quick_run, small_real_data
     assert tta.column("model")[0].as_py().endswith("+tta")
 
 
-def test_ensemble_averages_every_leaderboard_model(quick_run, small_real_data, tmp_path):
+def test_ensemble_applies_the_weights_fitted_on_validation(quick_run, small_real_data, tmp_path):
     cfg, _ = quick_run
     run_predict(cfg, input_uri=str(small_real_data / "test1"), output_uri=str(tmp_path), ensemble=True)
     table = read_predictions(tmp_path / "predictions")
     assert table.num_rows == 120 and table.schema.equals(PREDICTION_SCHEMA)
-    model = table.column("model")[0].as_py()
-    assert sorted(part.split(":")[0] for part in model.split("+")) == ["mobilenet_v2", "resnet18", "sequential_cnn"]
-    # Each probability is the mean of the members' own: score a few images with each member alone.
     from catdog.inference import model_ref
 
-    board = (Path(cfg.run_uri) / "leaderboard.csv").read_text().splitlines()[1:]
-    refs = [model_ref(Storage(), line.split(",")[-1]) for line in board]
-    assert len(refs) == 3 and not cfg.predict.amp
+    weights = json.loads((Path(cfg.run_uri) / "val_study.json").read_text())["ensemble"]["weights"]
+    board = [line.split(",")[-1] for line in (Path(cfg.run_uri) / "leaderboard.csv").read_text().splitlines()[1:]]
+    assert sorted(weights) == sorted(board) and sum(weights.values()) == pytest.approx(1.0)
+    used = [uri for uri in board if weights[uri] > 0]  # members that never helped on validation are left out
+    model = table.column("model")[0].as_py()
+    assert sorted(model.split("+")) == sorted(model_ref(Storage(), uri).name for uri in used)
+    # Each probability is the weighted mean of the members' own calibrated ones: score a few images
+    # with each member alone.
+    refs = [model_ref(Storage(), uri) for uri in used]
+    assert not cfg.predict.amp
     batch = four_test_images(small_real_data, refs[0])
     assert all(ref.column == refs[0].column for ref in refs)  # one image size: one decoded column
     members = [Predictor(Storage(), [ref], 0.5, tta=False, use_gpu=False).prob_dog(batch) for ref in refs]
+    expected = np.array([weights[uri] for uri in used]) @ np.array(members)
     ensemble = {row["id"]: row["prob_dog"] for row in table.to_pylist()}
-    np.testing.assert_allclose([ensemble[i] for i in batch["id"]], np.mean(members, axis=0), atol=1e-5)
-    assert np.ptp(members, axis=0).max() > 1e-3  # the members disagree, so the mean is not any one of them
+    np.testing.assert_allclose([ensemble[i] for i in batch["id"]], expected, atol=1e-5)
+
+
+def test_predict_applies_the_temperature_and_no_calibrate_rescores_without_it(
+    quick_run, small_real_data, tmp_path, capsys
+):
+    """The best checkpoint's temperature divides its logits; ``--no-calibrate`` into the same output
+    changes the scoring fingerprint, so every image is scored again, with the model's own logits."""
+    cfg, best_uri = quick_run
+    best = Path(json.loads(Path(best_uri).read_text())["checkpoint"])
+    meta = json.loads((best / "meta.json").read_text())
+    assert meta["temperature"] == meta["metrics"]["temperature"] > 0
+    copy = tmp_path / "checkpoint"
+    shutil.copytree(best, copy)
+    # The fitted temperature, unless training happened to land on 1.0 (then nothing would differ).
+    temperature = meta["temperature"] if abs(meta["temperature"] - 1) > 0.05 else 2.0
+    (copy / "meta.json").write_text(json.dumps({**meta, "temperature": temperature}))
+    out, images = tmp_path / "out", str(small_real_data / "test1")
+    probs = {}
+    for calibrate in (True, False):
+        run_predict(cfg, str(copy), images, str(out), calibrate=calibrate)
+        assert "predict: scored 120, reused 0" in capsys.readouterr().out
+        table = read_predictions(out / "predictions")
+        probs[calibrate] = dict(zip(table.column("id").to_pylist(), table.column("prob_dog").to_pylist()))
+    ids = sorted(probs[True])
+    calibrated, raw = (np.array([probs[c][i] for i in ids], dtype=np.float64) for c in (True, False))
+    keep = (np.minimum(raw, 1 - raw) > 1e-4) & (np.minimum(calibrated, 1 - calibrated) > 1e-4)  # float32 logits
+    assert keep.sum() > 50
+
+    def logit(p):
+        return np.log(p / (1 - p))
+
+    np.testing.assert_allclose(logit(calibrated[keep]) * temperature, logit(raw[keep]), rtol=1e-3, atol=1e-3)
 
 
 def test_evaluate_production_path_on_labelled_images(quick_run, small_real_data, tmp_path):
@@ -269,9 +307,10 @@ class StubPredictor(Predictor):
 
     def __init__(self, storage, models, threshold, tta, use_gpu, torch_threads=None, amp=False):
         self.threshold, self.tta, self.name, self.models = threshold, tta, "stub", []
+        self.weights = np.ones(1, dtype=np.float32)
 
-    def prob_dog(self, batch):
-        return np.array([self.PROBS[Path(p).name] for p in batch["path"]], dtype=np.float32)
+    def member_probs(self, batch):
+        return np.array([[self.PROBS[Path(p).name] for p in batch["path"]]], dtype=np.float32)
 
 
 def test_evaluate_metrics_by_hand_with_a_stub_predictor(quick_run, tmp_path, monkeypatch):

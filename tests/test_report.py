@@ -41,6 +41,18 @@ def test_train_writes_the_validation_study(quick_run):
     assert all(0 <= v["accuracy"] <= 1 and v["log_loss"] > 0 for v in study.values())
     board = (Path(cfg.run_uri) / "leaderboard.csv").read_text().splitlines()[1].split(",")
     assert study["best"]["accuracy"] == pytest.approx(float(board[1]), abs=1.5 / n_val)
+    # Calibration: fitted on these images in training's validation pass, so it can only lower their log loss.
+    best_meta = json.loads((Path(board[-1]) / "meta.json").read_text())
+    assert study["best"]["temperature"] == best_meta["temperature"]
+    assert study["best"]["log_loss"] <= study["best"]["log_loss_uncalibrated"] + 1e-6
+    assert study["best"]["log_loss"] == pytest.approx(best_meta["metrics"]["val_log_loss_calibrated"], abs=1e-4)
+    # The ensemble: weights on the leaderboard's checkpoints, never worse than its best member.
+    ensemble = study["ensemble"]
+    assert set(ensemble["weights"]) == {line.split(",")[-1] for line in (Path(cfg.run_uri) / "leaderboard.csv")
+                                        .read_text().splitlines()[1:]}  # fmt: skip
+    assert sum(ensemble["weights"].values()) == pytest.approx(1.0)
+    assert ensemble["log_loss"] <= min(m["log_loss"] for m in ensemble["members"]) + 1e-6
+    assert ensemble["log_loss"] <= study["best"]["log_loss"] + 1e-6
 
 
 def test_report_has_every_section_inline(report):
@@ -51,6 +63,7 @@ def test_report_has_every_section_inline(report):
     images = re.findall(r'<img class="figure" alt="([^"]+)" src="data:image/png;base64,', page)
     assert set(images) >= {"confusion.png", "wrong.png", "test_histogram.png", "curves.png"}
     assert 'src="http' not in page and "src='http" not in page  # opens offline
+    assert "<th>log_loss_uncalibrated</th>" in page and "<th>weight</th>" in page  # calibration, ensemble weights
     assert all((path.parent / "report" / name).stat().st_size > 1000 for name in images)
 
 

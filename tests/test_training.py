@@ -16,11 +16,11 @@ from conftest import REPO, quick_overrides
 from faults import arm
 
 from catdog import training
-from catdog.checkpoints import load_model
+from catdog.checkpoints import load_checkpoint, load_model
 from catdog.config import load_config
 from catdog.data import load_split
 from catdog.images import decode_image
-from catdog.models import split_parameters
+from catdog.models import build_model, split_parameters
 from catdog.presets import EvalPreset
 from catdog.storage import Storage
 from catdog.train_job import run_training
@@ -118,15 +118,20 @@ def test_best_checkpoint_reproduces_its_validation_accuracy(quick_run):
     cfg, best_uri = quick_run
     best = json.loads(Path(best_uri).read_text())
     model, meta = load_model(STORAGE, best["checkpoint"])
+    assert not cfg.train.amp  # fp32 on every CPU: bf16 near ties would make the comparison CPU-dependent
+    accuracy, n_val = val_accuracy(cfg, model, meta)
+    assert accuracy == pytest.approx(best["val_acc"], abs=1.5 / n_val)
+
+
+def val_accuracy(cfg, model: torch.nn.Module, meta: dict) -> tuple[float, int]:
+    """``model``'s accuracy on the run's validation split, preprocessed as ``meta`` says (as predict does)."""
     split = load_split(STORAGE, cfg.data.train, cfg.data.val_fraction, cfg.data.seed, cfg.data.limit)
     preset = EvalPreset(meta["image_size"], meta["crop_fraction"])
     images = np.stack([decode_image(Path(r["path"]).read_bytes(), preset) for r in split.val])
     labels = torch.tensor([r["label"] for r in split.val])
-    assert not cfg.train.amp  # fp32 on every CPU: bf16 near ties would make the comparison CPU-dependent
     with torch.no_grad():
-        predicted = model(to_model_input(torch.from_numpy(images), torch.device("cpu"))).argmax(1)
-    accuracy = float((predicted == labels).float().mean())
-    assert accuracy == pytest.approx(best["val_acc"], abs=1.5 / len(split.val))
+        predicted = model.eval()(to_model_input(torch.from_numpy(images), torch.device("cpu"))).argmax(1)
+    return float((predicted == labels).float().mean()), len(split.val)
 
 
 def quick_cfg(data: Path, root: Path, run_name: str, **extra):
@@ -138,8 +143,15 @@ def quick_cfg(data: Path, root: Path, run_name: str, **extra):
 
 @pytest.mark.slow
 def test_rerun_with_more_epochs_runs_only_the_new_ones(small_real_data, tmp_path, ray_session):
-    # Progressive resizing rides along: epoch 1 trains at 48 px, the rest at the full 64 px.
-    progressive = {"models.0.early_image_size": 48, "models.0.early_epochs": 1}
+    # Progressive resizing rides along: epoch 1 trains at 48 px, the rest at the full 64 px.  So does
+    # the EMA of weights (fp32, so that its scores reproduce exactly below).
+    progressive = {
+        "models.0.early_image_size": 48,
+        "models.0.early_epochs": 1,
+        "train.ema_decay": 0.9,
+        "train.amp": False,
+        "train.keep_checkpoints": 3,  # every epoch's checkpoint is checked
+    }
     run_training(quick_cfg(small_real_data, tmp_path, "resume", **{"train.epochs": 2, **progressive}))
     arch = tmp_path / "resume" / "sequential_cnn"
     first = read_csv(arch / "metrics.csv")
@@ -156,9 +168,37 @@ def test_rerun_with_more_epochs_runs_only_the_new_ones(small_real_data, tmp_path
         assert path.stat().st_mtime_ns == stamps[str(path)]
     result = json.loads((arch / "result.json").read_text())
     assert result["epochs"] == 3
+    check_ema_checkpoints(
+        quick_cfg(small_real_data, tmp_path, "resume", **{"train.epochs": 3, **progressive}), arch, second
+    )
     # A third run with the same epochs skips the architecture entirely.
     run_training(quick_cfg(small_real_data, tmp_path, "resume", **{"train.epochs": 3, **progressive}))
     assert read_csv(arch / "metrics.csv") == second
+
+
+def check_ema_checkpoints(cfg, arch: Path, rows: list[dict]) -> None:
+    """Each epoch checkpointed the weights its metrics chose and says which; the EMA's update count ran on
+    across the resume; model.pt (what predict loads) and the other weights reproduce their scores."""
+    n_train = len(load_split(STORAGE, cfg.data.train, cfg.data.val_fraction, cfg.data.seed, cfg.data.limit).train)
+    steps_per_epoch = math.ceil(n_train / cfg.train.batch_size)
+    for row in rows:
+        chosen = row["weights"]
+        assert chosen in ("ema", "raw") and float(row["val_acc"]) == float(row[f"val_acc_{chosen}"])
+        assert float(row["val_log_loss"]) == float(row[f"val_log_loss_{chosen}"])
+        folder = arch / f"epoch_{int(row['epoch']):03d}"
+        meta = json.loads((folder / "meta.json").read_text())
+        assert meta["weights"] == meta["metrics"]["weights"] == chosen
+        state = load_checkpoint(str(folder))
+        assert state["ema"]["updates"] == int(row["epoch"]) * steps_per_epoch  # epoch 3: resumed, not restarted
+    last = arch / f"epoch_{int(rows[-1]['epoch']):03d}"
+    model, meta = load_model(STORAGE, str(last))
+    state = load_checkpoint(str(last))
+    other_name = "raw" if meta["weights"] == "ema" else "ema"
+    other = build_model(meta["arch"])
+    other.load_state_dict(state["model"] if other_name == "raw" else state["ema"]["model"])
+    for net, name in ((model, meta["weights"]), (other, other_name)):
+        accuracy, n_val = val_accuracy(cfg, net, meta)
+        assert accuracy == pytest.approx(float(rows[-1][f"val_acc_{name}"]), abs=1.5 / n_val), name
 
 
 @pytest.mark.slow
@@ -265,7 +305,6 @@ def test_init_from_state_dict_with_frozen_backbone_warm_up(small_real_data, tmp_
     assert not torch.equal(after1["classifier.1.weight"], after2["classifier.1.weight"])
     assert any(not torch.equal(after2[k], after1[k]) for k in backbone_keys), "backbone never unfroze"
     # Fine-tuning uses a lower backbone rate than the head's.
-    from catdog.models import build_model
     from catdog.train_job import loop_config
     from catdog.training import build_optimizer, set_learning_rates
 

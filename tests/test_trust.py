@@ -21,6 +21,7 @@ from conftest import REPO, copy_images, jpeg_bytes, printed_result, quick_overri
 from s3proxy import FaultyS3Proxy
 
 from catdog import storage as storage_module
+from catdog.calibration import TEMPERATURES, log_loss_sums, pick_temperature
 from catdog.checkpoints import load_model
 from catdog.config import load_config, split_overrides
 from catdog.data import decode_batch, image_dataset, load_split
@@ -201,6 +202,12 @@ def test_two_workers_report_the_accuracy_of_the_checkpoint_they_write(small_real
     assert int(reported["val_images"]) == len(split.val)
     assert float(reported["val_acc"]) == pytest.approx(accuracy, abs=1e-6)
     assert float(reported["val_log_loss"]) == pytest.approx(log_loss, rel=1e-4)
+    # The temperature: fitted from both ranks' all-reduced sums, as if from every val image at once.
+    sums = log_loss_sums(logits[:, 1] - logits[:, 0], labels, torch.tensor(TEMPERATURES))
+    temperature, calibrated = pick_temperature(TEMPERATURES, sums.tolist(), len(labels))
+    assert float(reported["temperature"]) == pytest.approx(temperature, abs=1e-6)
+    assert float(reported["val_log_loss_calibrated"]) == pytest.approx(calibrated, rel=1e-4)
+    assert meta["temperature"] == pytest.approx(temperature, abs=1e-9)
 
 
 # -- reruns ----------------------------------------------------------------------------------------

@@ -1,0 +1,124 @@
+"""Wall-clock budgets: size each architecture's epochs, and its progressive-resizing split, to the
+time it is given, from this machine's measured speed.
+
+Plain arithmetic on plain numbers, used at three moments:
+
+1. before training, the driver turns step speeds measured on a Train-worker-shaped task
+   (``training.measure_speed``) into predicted epoch seconds, and plans every architecture;
+2. when an architecture starts, the driver re-plans it from the time actually left (an earlier
+   architecture that ran long or short moves the later ones);
+3. inside the train loop, after the first epoch (and after the first epoch at the final size,
+   only ever downwards), the real pace replaces the prediction.  The learning-rate schedule is a
+   pure function of (step, total steps), so a re-plan only reshapes the rest of the one-cycle.
+"""
+
+from __future__ import annotations
+
+# Plan to this share of the time left: the last epoch must not push the run past its budget.
+SAFETY = 0.95
+# Steps measured on a bare model run faster than inside the Ray pipeline, where decoding shares the
+# cores (Ray Train reached 0.74-0.80 of a plain loop on 2 cores, bench/results/latest.md); the
+# first real epoch corrects the rest.
+PIPELINE_EFFICIENCY = 0.8
+# Per epoch beyond the steps: the data pipeline's restart, the checkpoint write and upload.
+EPOCH_FIXED_S = 3.0
+# Per architecture beyond its epochs: Train controller and worker start, the data pipeline's first
+# start, shutdown (35-60 s on a 2-core box, the first architecture of a fresh Ray the slowest; the
+# first trained architecture's real figure replaces it for the later ones).
+ARCH_FIXED_S = 45.0
+# Per validation-study pass beyond the images: a predictor actor's start and the Parquet write
+# (six passes over 100 images took 49 s on a 2-core box).
+STUDY_PASS_S = 8.0
+# After an architecture's last epoch: the last report, the controller's shutdown, result.json.
+ARCH_TAIL_S = 5.0
+
+
+def split_epochs(epochs: int, early_fraction: float) -> int:
+    """Early (small-image) epochs of a plan of ``epochs``: at least one epoch stays at the final size."""
+    if epochs <= 1 or early_fraction <= 0:
+        return 0
+    return min(epochs - 1, round(epochs * early_fraction))
+
+
+def epoch_seconds(speed: dict, size: int, n_train: int, n_val: int) -> float:
+    """Predicted seconds of one epoch training at ``size`` (validation always runs at the final size).
+    ``speed``: seconds per image, ``train`` by size and ``val``, as measured, per worker."""
+    steps = n_train * speed["train"][size] + n_val * speed["val"]
+    return steps / PIPELINE_EFFICIENCY + EPOCH_FIXED_S
+
+
+def fit_epochs(
+    seconds: float, epoch_s: dict[int, float], sizes: tuple[int, int], early_fraction: float, done: tuple[int, int]
+) -> tuple[int, int]:
+    """The most epochs (total, early) whose remaining epochs fit in ``seconds``.
+
+    ``epoch_s``: seconds of one epoch by training size; ``sizes``: (early, final); ``done``:
+    (epochs, early epochs) already trained.  Once an epoch ran at the final size the early count is
+    fixed.  At least one epoch at the final size is always planned, even over the budget (a model
+    must end at the size it is validated and used at); nothing more than what fits otherwise."""
+    early_size, final_size = sizes
+    done_epochs, done_early = done
+    at_final = done_epochs > done_early
+    best = None
+    for epochs in range(done_epochs + 1, done_epochs + 100_000):
+        early = done_early if at_final else max(done_early, split_epochs(epochs, early_fraction))
+        cost = (early - done_early) * epoch_s[early_size] + (epochs - early - (done_epochs - done_early)) * epoch_s[
+            final_size
+        ]
+        if cost > seconds:
+            break
+        best = (epochs, early)
+    if best is not None:
+        return best
+    return (done_epochs, done_early) if at_final else (done_early + 1, done_early)
+
+
+def shares(weights: list[float | None]) -> list[float]:
+    """Each architecture's share of the training time: its ``budget_share`` (unset = 1), normalised."""
+    values = [1.0 if w is None else float(w) for w in weights]
+    total = sum(values)
+    return [v / total for v in values]
+
+
+def study_seconds(val_speeds: list[float], n_val: int) -> float:
+    """Predicted seconds of the validation study (report.validation_study): the best model plain and
+    with flip TTA (two forward passes); with several models, every member once (to fit the
+    weights), then the ensemble plain and with TTA.  The best model is not known yet, so the
+    slowest is assumed, and every member is assumed to keep a weight."""
+    best, members = max(val_speeds), sum(val_speeds)
+    several = len(val_speeds) > 1
+    image_seconds = n_val * (best * (1 + 2) + (members * (1 + 1 + 2) if several else 0))
+    passes = 5 if several else 2
+    return image_seconds / PIPELINE_EFFICIENCY + passes * STUDY_PASS_S
+
+
+def arch_seconds(left: float, later_shares: list[float], share: float, arch_fixed: float) -> float:
+    """Seconds for the next architecture from ``left`` (what the run has left for training): its
+    share of what remains after the later architectures' fixed costs."""
+    spendable = max(0.0, left - arch_fixed * len(later_shares))
+    return spendable * share / (share + sum(later_shares))
+
+
+def minutes(seconds: float) -> float:
+    return round(seconds / 60, 2)
+
+
+def arch_plan(arch: dict, seconds: float, arch_fixed: float) -> dict:
+    """Epochs (total, early) for one architecture given ``seconds`` for all of it, and what that
+    plan is predicted to take.  ``arch``: sizes (early, final), early_fraction, epoch_s by size."""
+    sizes, epoch_s = arch["sizes"], arch["epoch_s"]
+    epochs, early = fit_epochs(seconds - arch_fixed, epoch_s, sizes, arch["early_fraction"], (0, 0))
+    predicted = arch_fixed + early * epoch_s[sizes[0]] + (epochs - early) * epoch_s[sizes[1]]
+    return {"epochs": epochs, "early_epochs": early, "allotted_s": seconds, "predicted_s": predicted}
+
+
+def plan_run(archs: list[dict], seconds: float, arch_fixed: float) -> list[dict]:
+    """Every architecture in training order, from ``seconds`` of training time: each gets its share
+    of what the earlier ones are predicted to leave."""
+    plans, left = [], seconds
+    for index, arch in enumerate(archs):
+        later = [a["share"] for a in archs[index + 1 :]]
+        plan = arch_plan(arch, arch_seconds(left, later, arch["share"], arch_fixed), arch_fixed)
+        plans.append(plan)
+        left -= plan["predicted_s"]
+    return plans

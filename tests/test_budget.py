@@ -1,0 +1,177 @@
+"""The wall-clock budget: the planning arithmetic, the re-plan from the real pace, the speed
+measurement, the config rules, and one real budgeted run that must end inside its budget."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+
+import pytest
+import torch
+from conftest import REPO, quick_overrides
+
+from catdog import budget
+from catdog.config import load_config
+from catdog.train_job import run_training
+from catdog.training import measure_speed, replan
+
+EPOCH_S = {48: 10.0, 64: 20.0}
+
+
+def plan_cost(epochs: int, early: int, epoch_s: dict, sizes: tuple[int, int], done: tuple[int, int] = (0, 0)) -> float:
+    return (early - done[1]) * epoch_s[sizes[0]] + (epochs - early - (done[0] - done[1])) * epoch_s[sizes[1]]
+
+
+@pytest.mark.parametrize("seconds", [25.0, 100.0, 333.0, 1000.0])
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 0.65])
+def test_fit_epochs_plans_the_most_epochs_that_fit(seconds, fraction):
+    sizes = (48, 64)
+    epochs, early = budget.fit_epochs(seconds, EPOCH_S, sizes, fraction, (0, 0))
+    assert early == budget.split_epochs(epochs, fraction) and epochs - early >= 1
+    assert plan_cost(epochs, early, EPOCH_S, sizes) <= seconds
+    one_more = budget.split_epochs(epochs + 1, fraction)
+    assert plan_cost(epochs + 1, one_more, EPOCH_S, sizes) > seconds  # the most that fits
+
+
+def test_fit_epochs_keeps_one_final_size_epoch_even_over_budget_and_stops_once_there():
+    assert budget.fit_epochs(5.0, EPOCH_S, (48, 64), 0.5, (0, 0)) == (1, 0)
+    assert budget.fit_epochs(5.0, EPOCH_S, (48, 64), 0.5, (3, 3)) == (4, 3)  # early ones done: one at 64 px
+    assert budget.fit_epochs(5.0, EPOCH_S, (48, 64), 0.5, (4, 3)) == (4, 3)  # at 64 px already: stop now
+    # Once at the final size, the early count is fixed and every later epoch costs the final size.
+    assert budget.fit_epochs(65.0, EPOCH_S, (48, 64), 0.5, (4, 2)) == (7, 2)
+
+
+def test_plan_run_shares_the_time_and_fits_it():
+    archs = [
+        {"share": share, "sizes": (48, 64), "early_fraction": 0.5, "epoch_s": EPOCH_S}
+        for share in budget.shares([3, None])
+    ]
+    plans = budget.plan_run(archs, 1200.0, arch_fixed=30.0)
+    assert sum(p["predicted_s"] for p in plans) <= 1200.0
+    assert plans[0]["allotted_s"] == pytest.approx((1200.0 - 30.0) * 0.75)
+    assert plans[0]["epochs"] > plans[1]["epochs"] >= 1
+    for plan in plans:
+        assert plan["predicted_s"] <= plan["allotted_s"]
+
+
+def test_study_reserve_grows_with_the_validation_set_and_the_members():
+    one = budget.study_seconds([0.01], 1000)
+    assert budget.study_seconds([0.01], 2000) > one
+    assert budget.study_seconds([0.01, 0.002], 1000) > one
+
+
+def budgeted_loop_cfg(deadline_in: float, epochs: int, early: int) -> dict:
+    return {
+        "arch": "sequential_cnn",
+        "epochs": epochs,
+        "early_epochs": early,
+        "image_size": 64,
+        "early_image_size": 48,
+        "budget": {"deadline": time.time() + deadline_in, "epoch_seconds": dict(EPOCH_S), "early_fraction": 0.5},
+    }
+
+
+def test_replan_after_the_first_epoch_follows_the_real_pace():
+    # Planned 10 epochs; the first (48 px, predicted 10 s) really took twice as long.
+    cfg = budgeted_loop_cfg(deadline_in=200.0, epochs=10, early=5)
+    metrics = {"epoch": 1, "train_image_size": 48, "first_batch_seconds": 0.0}
+    line = replan(cfg, metrics, 2 * 10.0 - budget.EPOCH_FIXED_S, torch.device("cpu"))
+    slow = {k: (v - budget.EPOCH_FIXED_S) * ((17.0 - budget.EPOCH_FIXED_S) / 7.0) + budget.EPOCH_FIXED_S
+            for k, v in EPOCH_S.items()}  # fmt: skip
+    assert cfg["budget"]["epoch_seconds"] == pytest.approx(slow)
+    left = 200.0 * budget.SAFETY
+    assert plan_cost(cfg["epochs"], cfg["early_epochs"], slow, (48, 64), (1, 1)) <= left + 0.5
+    assert cfg["epochs"] < 10 and line and "re-planned" in line
+    # Faster than predicted: more epochs.
+    fast = budgeted_loop_cfg(deadline_in=200.0, epochs=4, early=2)
+    replan(fast, metrics, 5.0, torch.device("cpu"))
+    assert fast["epochs"] > 4
+
+
+def test_replan_at_the_first_final_size_epoch_only_ever_shortens():
+    cfg = budgeted_loop_cfg(deadline_in=10_000.0, epochs=6, early=3)
+    assert replan(cfg, {"epoch": 4, "train_image_size": 64}, 5.0, torch.device("cpu")) is None
+    assert cfg["epochs"] == 6  # far more time left, but the schedule's tail never grows back
+    short = budgeted_loop_cfg(deadline_in=30.0, epochs=6, early=3)
+    replan(short, {"epoch": 4, "train_image_size": 64}, 20.0, torch.device("cpu"))
+    assert short["epochs"] == 5 and short["early_epochs"] == 3
+    assert replan(short, {"epoch": 5, "train_image_size": 64}, 20.0, torch.device("cpu")) is None  # once only
+
+
+def test_measure_speed_times_each_size_and_validation():
+    speed = measure_speed("sequential_cnn", [24, 32], 32, {"batch_size": 8, "amp": False, "use_gpu": False})
+    assert set(speed["train"]) == {24, 32}
+    assert all(0 < s < 1 for s in speed["train"].values()) and 0 < speed["val"] < 1
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (
+            ["train.time_budget_minutes=10", "models=[{arch: resnet18, epochs: 3}]"],
+            "models.0.epochs: train.time_budget_minutes sizes the epochs; "
+            "set early_fraction instead, or drop the budget",
+        ),
+        (
+            ["train.time_budget_minutes=10", "models=[{arch: resnet18, early_image_size: 64}]"],
+            "models.0: early_image_size and early_fraction go together under a time budget",
+        ),
+        (
+            ["models=[{arch: resnet18, early_fraction: 0.5, early_image_size: 64}]"],
+            "models.0.early_fraction: only applies with train.time_budget_minutes",
+        ),
+        (
+            ["models=[{arch: resnet18, budget_share: 2}]"],
+            "models.0.budget_share: only applies with train.time_budget_minutes",
+        ),
+    ],
+)
+def test_budget_config_rules(tmp_path, overrides, expected):
+    from catdog.config import ConfigError
+
+    path = tmp_path / "c.yaml"
+    path.write_text("run_name: t\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path, overrides)
+    assert str(error.value) == f"{path}: {expected}"
+
+
+def test_local_config_is_budgeted_to_45_minutes():
+    cfg = load_config(REPO / "configs" / "local.yaml")
+    assert cfg.train.time_budget_minutes == 45
+
+
+@pytest.mark.slow
+def test_three_minute_budget_ends_inside_it_and_says_what_the_model_got(small_real_data, tmp_path, ray_session):
+    """Measuring, progressive resizing, re-planning and the validation study, all inside 3 minutes.
+    (One architecture: on 2 cores each costs 35-60 s before its first epoch; sharing between
+    several is covered by test_plan_run_shares_the_time_and_fits_it.)"""
+    models = "[{arch: sequential_cnn, early_image_size: 24, early_fraction: 0.5}]"
+    overrides = {"models": models, "train.time_budget_minutes": 3, "train.report": True, "data.image_size": 32}
+    cfg = load_config(
+        REPO / "configs" / "quick.yaml", quick_overrides(small_real_data, tmp_path, "budget", **overrides)
+    )
+    started = time.time()
+    best_uri = run_training(cfg)
+    elapsed = time.time() - started
+    assert elapsed <= 180, f"a 3-minute budget took {elapsed:.0f} s"
+    run = tmp_path / "budget"
+    plan = json.loads((run / "plan.json").read_text())
+    assert plan["budget_minutes"] == 3 and plan["actual_minutes"] <= 3
+    assert elapsed >= 0.6 * 180, f"a 3-minute budget left {180 - elapsed:.0f} s unused"
+    cnn = plan["archs"]["sequential_cnn"]
+    assert cnn["image_sizes"] == "24>32" and cnn["epochs"] >= 3
+    assert 0 < cnn["actual_minutes"] <= cnn["allotted_minutes"] + 0.1
+    assert plan["study"]["actual_minutes"] > 0 and plan["study"]["predicted_minutes"] > 0
+    rows = list(csv.DictReader((run / "sequential_cnn" / "metrics.csv").open()))
+    sizes = [int(r["train_image_size"]) for r in rows]
+    assert len(rows) == cnn["epochs"] and sizes == sorted(sizes) and sizes[0] == 24 and sizes[-1] == 32
+    assert all(float(r["epoch_seconds"]) >= float(r["train_seconds"]) for r in rows)
+    board = next(csv.DictReader((run / "leaderboard.csv").open()))
+    assert board["image_sizes"] == "24>32" and float(board["budget_minutes"]) > 0
+    with open(best_uri) as handle:
+        assert json.load(handle)["plan"]["budget_minutes"] == 3
+    assert "# Time budget plan" in (run / "config.yaml").read_text()
+    assert load_config(run / "config.yaml").train.time_budget_minutes == 3  # still a loadable config
+    assert "Time budget: 3" in (run / "report.html").read_text()
