@@ -38,7 +38,7 @@ from catdog.storage import Storage, join
 logger = logging.getLogger(__name__)
 
 # With an EMA, each epoch's metrics also carry these for both weight variants (val_acc_raw, val_acc_ema, ...).
-COMPARED = ("val_acc", "val_log_loss", "val_log_loss_calibrated")
+COMPARED = ("val_acc", "val_log_loss")
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
