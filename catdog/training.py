@@ -317,9 +317,14 @@ def timed_batches(batches, waits: list[float]):
         yield batch
 
 
+def multi_rank() -> bool:
+    """Whether this process is one of several DDP ranks (the collectives below are no-ops otherwise)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def gather_lists(items: list) -> list:
     """Concatenate every rank's list (rank 0 writes it)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not multi_rank():
         return list(items)
     parts: list = [None] * dist.get_world_size()
     dist.all_gather_object(parts, items)
@@ -330,14 +335,14 @@ def sync_buffers_from_rank0(model: nn.Module) -> None:
     """Copy rank 0's buffers (BatchNorm running statistics) to every rank.  Each rank's last training
     step updated them with its own batch; without this, ranks would validate slightly different
     models and the all-reduced metrics would describe none of them, least of all the checkpoint."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not multi_rank():
         return
     for buffer in getattr(model, "module", model).buffers():
         dist.broadcast(buffer, src=0)
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not multi_rank():
         return list(values)
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
@@ -535,7 +540,7 @@ def replan(cfg: dict, metrics: dict, seconds: float, device: torch.device) -> st
 
 
 def broadcast_from_rank0(values: list[int], device: torch.device) -> list[int]:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not multi_rank():
         return list(values)
     tensor = torch.tensor(values, dtype=torch.int64, device=device)
     dist.broadcast(tensor, src=0)
