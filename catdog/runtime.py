@@ -42,8 +42,23 @@ def init_ray(cfg) -> bool:
         kwargs["num_cpus"] = cfg.ray.num_cpus
     if cfg.ray.object_store_memory_mb:
         kwargs["object_store_memory"] = cfg.ray.object_store_memory_mb * 1024 * 1024
-    ray.init(address="local", include_dashboard=cfg.ray.dashboard, **kwargs)
+    ray.init(address="local", include_dashboard=cfg.ray.dashboard and dashboard_installed(), **kwargs)
     return True
+
+
+def dashboard_installed() -> bool:
+    """Whether Ray's dashboard can start: plain ``ray`` (``ray[data,train]``, the GPU kit) lacks its
+    packages, and asking for it there fails ``ray.init``.  Says once why it starts without it."""
+    from ray._private.utils import get_dashboard_dependency_error
+
+    missing = get_dashboard_dependency_error()
+    if missing is not None:
+        logger.warning(
+            "ray.dashboard: starting Ray without its dashboard: its packages are missing (%s; "
+            "pip install 'ray[default]'). Ray Train then cannot release a dead run's resources itself.",
+            missing,
+        )
+    return missing is None
 
 
 def _fits_on_one_node(cpus: float, gpus: float) -> bool:

@@ -67,18 +67,49 @@ def arch_results(run_dir: Path, arches: list[str]) -> dict:
 
 
 def train(a: dict) -> dict:
-    """ResNet18 and MobileNetV2 from scratch, 2 epochs, one Train worker, AMP: the smoke test."""
+    """ResNet18 (progressive resizing) and MobileNetV2 from scratch under a time budget, one Train
+    worker, AMP, EMA of the weights: the speed measurement, planning, EMA, temperature fit and the
+    validation study's ensemble weights on this device, end to end."""
     from catdog.train_job import run_training
     from catdog.training import amp_dtype
 
     arches = ["resnet18", "mobilenet_v2"]
+    small = a["size"] // 2
+    models = (
+        f"[{{arch: resnet18, early_image_size: {small}, early_fraction: 0.5, budget_share: 3}},"
+        " {arch: mobilenet_v2, budget_share: 1}]"
+    )
     limit = "null" if a["train_limit"] is None else a["train_limit"]
-    sets = {"train.epochs": 2, "data.limit": limit}
-    cfg = catdog_config(a, "smoke", f"{a['data']}/train", models=f"[{','.join(arches)}]", **sets)
+    budget = a["train_budget_minutes"]
+    sets = {"train.time_budget_minutes": budget, "train.ema_decay": 0.99, "data.limit": limit}
+    cfg = catdog_config(a, "smoke", f"{a['data']}/train", models=models, **sets)
+    started = time.perf_counter()
     run_training(cfg)
-    results = arch_results(Path(a["work"], "runs", "smoke"), arches)
-    passed = all(r["epochs"] == 2 and 0 <= r["val_acc"] <= 1 for r in results.values())
-    return {"passed": passed, "amp_dtype": str(amp_dtype(torch.device(a["device"]), True)), "models": results}
+    run_seconds = time.perf_counter() - started
+    run = Path(a["work"], "runs", "smoke")
+    results = arch_results(run, arches)
+    plan = json.loads((run / "plan.json").read_text())
+    study = json.loads((run / "val_study.json").read_text())
+    for arch, result in results.items():
+        meta = json.loads((Path(result["checkpoint"]) / "meta.json").read_text())
+        result.update({k: meta.get(k) for k in ("temperature", "weights", "image_size")})
+        result["plan"] = plan["archs"][arch]
+    passed = (
+        all(r["epochs"] >= 1 and 0 <= r["val_acc"] <= 1 and r["temperature"] for r in results.values())
+        and "actual_minutes" in plan["study"]
+        and bool(study.get("ensemble", {}).get("weights"))
+    )
+    return {
+        "passed": passed,
+        "amp_dtype": str(amp_dtype(torch.device(a["device"]), True)),
+        "budget_minutes": budget,
+        "run_minutes": round(run_seconds / 60, 2),
+        "measure_seconds": plan["measure_seconds"],
+        "seconds_per_image": plan["seconds_per_image"],
+        "study": plan["study"],
+        "ensemble": study.get("ensemble"),
+        "models": results,
+    }
 
 
 def linked_folder(source: Path, folder: Path, n: int, labelled: bool) -> list[str]:

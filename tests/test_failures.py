@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -139,3 +140,25 @@ def test_predict_that_can_never_be_placed_stops_before_scoring(quick_run, small_
     with pytest.raises(ResourceError, match=message):
         run_predict(cfg, input_uri=str(small_real_data / "test1"), output_uri=str(tmp_path / "out"))
     assert not (tmp_path / "out" / "submission.csv").exists()
+
+
+def test_missing_dashboard_packages_start_ray_without_it_and_say_so(tmp_path):
+    """Plain ``ray`` (no ``ray[default]``, as on the GPU kit's machine) cannot start the dashboard:
+    ``ray.init(include_dashboard=True)`` raises there, so every job failed before it trained."""
+    script = """
+import logging, sys
+sys.modules["aiohttp_cors"] = None  # what a plain `pip install ray` lacks: importing it fails
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+import ray
+from catdog.config import CatdogConfig
+from catdog.runtime import init_ray
+cfg = CatdogConfig.model_validate({"ray": {"num_cpus": 1, "dashboard": True}})
+assert init_ray(cfg)
+print("tasks run:", ray.get(ray.remote(lambda: 42).remote()))
+ray.shutdown()
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "WARNING catdog.runtime: ray.dashboard: starting Ray without its dashboard" in proc.stderr
+    assert "aiohttp_cors" in proc.stderr and "tasks run: 42" in proc.stdout

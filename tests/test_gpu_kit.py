@@ -167,7 +167,13 @@ def test_run_sh_cpu_runs_every_step(kit, tmp_path):
     summary = report["summary"]
     assert summary["passed"] and summary["train_images_per_s"] > 0 and summary["predict_images_per_s"] > 0
     assert summary["train_ratio"] > 0 and summary["predict_ratio"] > 0
-    smoke = report["steps"][1]["result"]["models"]
-    assert set(smoke) == {"resnet18", "mobilenet_v2"} and all(m["epochs"] == 2 for m in smoke.values())
+    smoke = report["steps"][1]["result"]
+    assert set(smoke["models"]) == {"resnet18", "mobilenet_v2"}
+    assert smoke["budget_minutes"] == 2 and set(smoke["seconds_per_image"]) == {"resnet18", "mobilenet_v2"}
+    for model in smoke["models"].values():
+        assert model["epochs"] == model["plan"]["epochs"] >= 1 and model["temperature"] > 0
+        assert model["weights"] in ("raw", "ema")
+    assert smoke["study"]["actual_minutes"] > 0
+    assert abs(sum(smoke["ensemble"]["weights"].values()) - 1) < 1e-6
     log = (out / "gpu-check.log").read_text()
     assert all(f"===== {name}" in log for name in ("pytest_gpu", "train", "train_timing", "predict"))
