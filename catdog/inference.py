@@ -100,7 +100,8 @@ class Predictor:
         weights = np.array([ref.weight for ref in models], dtype=np.float32)
         self.weights = weights / weights.sum()
         self.threshold, self.tta, self.amp = threshold, tta, amp
-        self.name = "+".join(ref.name for ref in models) + ("+tta" if tta else "")
+        # The models prob_dog comes from: one of weight 0 is scored into member_prob_dog only.
+        self.name = "+".join(ref.name for ref in models if ref.weight > 0) + ("+tta" if tta else "")
 
     @torch.inference_mode()
     def member_probs(self, batch: dict[str, np.ndarray]) -> np.ndarray:

@@ -69,24 +69,41 @@ def validation_study(cfg: CatdogConfig, storage: Storage, val_rows: list[dict], 
     """Score the held-out split with the best model (calibrated, and its log loss uncalibrated),
     with TTA, and with the ensemble (± TTA) whose weights are fitted here.
 
-    The best model's calibrated predictions are kept as Parquet for the confusion matrix and the
-    most-confidently-wrong grid.  Never uses test1: these figures are on validation only.
+    Two passes, however many models: every leaderboard model plain, then with flip TTA.  The
+    ensemble's figures are the weighted means of its members' calibrated probabilities, as predict
+    computes them, so they need no passes of their own (each pass costs a predictor start: ~15 s on
+    a fresh GPU).  The best model's calibrated predictions are kept as Parquet for the confusion
+    matrix and the most-confidently-wrong grid.  Never uses test1: these figures are on validation only.
     """
     board = _read_csv(storage, join(cfg.run_uri, "leaderboard.csv"))
     refs = [model_ref(storage, row["checkpoint"]) for row in board]
     rows = evaluation_rows(val_rows)
     best = refs[0]
-    study = {"best": score_variant(cfg, storage, rows, shards, "best", [best], False)}
+    plain, labels = member_pass(cfg, storage, rows, shards, refs, False, join(cfg.run_uri, VAL_PREDICTIONS))
+    flipped, _ = member_pass(cfg, storage, rows, shards, refs, True, join(cfg.run_uri, f".{VAL_PREDICTIONS}-tta"))
+    threshold = cfg.predict.threshold
+    study = {
+        "best": probability_metrics(plain[0], labels, threshold, best.name),
+        "best+tta": probability_metrics(flipped[0], labels, threshold, best.name + "+tta"),
+    }
     study["best"]["temperature"] = best.temperature
-    study["best"]["log_loss_uncalibrated"] = uncalibrated_log_loss(storage, join(cfg.run_uri, VAL_PREDICTIONS), best)
-    study["best+tta"] = score_variant(cfg, storage, rows, shards, "best+tta", [best], True)
+    study["best"]["log_loss_uncalibrated"] = clipped_log_loss(without_temperature(plain[0], best.temperature), labels)
     if len(refs) > 1:
-        members = fit_ensemble(cfg, storage, rows, shards, refs)
-        weighted = [dataclasses.replace(ref, weight=m["weight"]) for ref, m in zip(refs, members) if m["weight"] > 0]
-        for name, tta in (("ensemble", False), ("ensemble+tta", True)):
-            study[name] = score_variant(cfg, storage, rows, shards, name, weighted, tta)
-        study["ensemble"]["weights"] = {m["checkpoint"]: m["weight"] for m in members}
-        study["ensemble"]["members"] = members
+        weights = greedy_ensemble_weights(plain, labels)
+        name = "+".join(ref.name for ref, w in zip(refs, weights) if w > 0)
+        study["ensemble"] = probability_metrics(weights @ plain, labels, threshold, name)
+        study["ensemble+tta"] = probability_metrics(weights @ flipped, labels, threshold, name + "+tta")
+        study["ensemble"]["weights"] = {ref.checkpoint: float(w) for ref, w in zip(refs, weights)}
+        study["ensemble"]["members"] = [
+            {
+                "checkpoint": ref.checkpoint,
+                "arch": ref.arch,
+                "temperature": ref.temperature,
+                "log_loss": clipped_log_loss(p, labels),
+                "weight": float(w),
+            }
+            for ref, p, w in zip(refs, plain, weights)
+        ]
     storage.write_text(join(cfg.run_uri, VAL_STUDY), json.dumps(study, indent=2) + "\n")
     logger.info(
         "validation study (accuracy / log loss): %s; best uncalibrated log loss %.4f (temperature %.3f)",
@@ -97,54 +114,40 @@ def validation_study(cfg: CatdogConfig, storage: Storage, val_rows: list[dict], 
     return study
 
 
-def score_variant(
-    cfg: CatdogConfig, storage: Storage, rows, shards, variant: str, models: list[ModelRef], tta: bool
-) -> dict:
-    """Score the validation rows with ``models``; their metrics.  The ``best`` variant's predictions
-    stay as ``val_predictions/`` (the report's figures); the others' are deleted."""
-    uri = join(cfg.run_uri, VAL_PREDICTIONS if variant == "best" else f".{VAL_PREDICTIONS}-{variant}")
-    write_parquet_atomically(predictions_dataset(cfg, storage, rows, models, tta, shards), storage, uri)
-    metrics = classification_metrics(storage, uri)
-    if variant != "best":
+def member_pass(
+    cfg: CatdogConfig, storage: Storage, rows, shards, refs: list[ModelRef], tta: bool, uri: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """One pass of every model in ``refs`` over the validation rows: their calibrated p(dog)
+    (models × readable images) and the true labels.  Its Parquet's ``prob_dog`` is the first
+    model's (the others weigh 0: scored into ``member_prob_dog`` only); it stays at ``uri`` for the
+    plain pass (``val_predictions/``, the report's figures) and is deleted for the TTA one."""
+    scored = [dataclasses.replace(ref, weight=1.0 if i == 0 else 0.0) for i, ref in enumerate(refs)]
+    write_parquet_atomically(predictions_dataset(cfg, storage, rows, scored, tta, shards), storage, uri)
+    column = "member_prob_dog" if len(refs) > 1 else "prob_dog"
+    probs, truth = [], []
+    for batch in read_columns(storage, uri, [column, "truth", "error"]):
+        batch = batch.filter(pc.is_null(batch.column("error")))
+        values = batch.column(column)
+        probs.append(np.asarray(values.flatten() if len(refs) > 1 else values).reshape(-1, len(refs)))
+        truth.append(np.asarray(batch.column("truth")))
+    if tta:
         storage.delete_dir(uri)
-    return {k: metrics[k] for k in ("accuracy", "log_loss", "n_images", "confusion", "model")}
+    return np.concatenate(probs).T.astype(np.float64), np.concatenate(truth)
 
 
-def uncalibrated_log_loss(storage: Storage, predictions_uri: str, model: ModelRef) -> float:
-    """The log loss ``model``'s calibrated predictions had before its temperature (no second pass)."""
-    probs, truth = [], []
-    for batch in read_columns(storage, predictions_uri, ["prob_dog", "truth", "error"]):
-        batch = batch.filter(pc.is_null(batch.column("error")))
-        probs.append(np.asarray(batch.column("prob_dog")))
-        truth.append(np.asarray(batch.column("truth")))
-    return clipped_log_loss(without_temperature(np.concatenate(probs), model.temperature), np.concatenate(truth))
-
-
-def fit_ensemble(cfg: CatdogConfig, storage: Storage, rows, shards, refs: list[ModelRef]) -> list[dict]:
-    """One pass of every member over the validation rows (their calibrated probabilities, side by
-    side in ``member_prob_dog``), then weights by greedy selection on log loss
-    (:func:`~catdog.calibration.greedy_ensemble_weights`).  Each member's checkpoint, arch,
-    temperature, calibrated log loss and weight."""
-    uri = join(cfg.run_uri, f".{VAL_PREDICTIONS}-members")
-    write_parquet_atomically(predictions_dataset(cfg, storage, rows, refs, False, shards), storage, uri)
-    probs, truth = [], []
-    for batch in read_columns(storage, uri, ["member_prob_dog", "truth", "error"]):
-        batch = batch.filter(pc.is_null(batch.column("error")))
-        probs.append(np.asarray(batch.column("member_prob_dog").flatten()).reshape(-1, len(refs)))
-        truth.append(np.asarray(batch.column("truth")))
-    storage.delete_dir(uri)
-    member_probs, labels = np.concatenate(probs).T, np.concatenate(truth)
-    weights = greedy_ensemble_weights(member_probs, labels)
-    return [
-        {
-            "checkpoint": ref.checkpoint,
-            "arch": ref.arch,
-            "temperature": ref.temperature,
-            "log_loss": clipped_log_loss(p, labels),
-            "weight": float(w),
-        }
-        for ref, p, w in zip(refs, member_probs, weights)
-    ]
+def probability_metrics(probs: np.ndarray, labels: np.ndarray, threshold: float, model: str) -> dict:
+    """Accuracy at ``threshold``, clipped log loss and the 2×2 confusion matrix (rows = truth, cols =
+    predicted) of p(dog) ``probs`` against 0/1 ``labels``."""
+    confusion = np.zeros((2, 2), dtype=np.int64)
+    np.add.at(confusion, (labels.astype(np.int64), (probs >= threshold).astype(np.int64)), 1)
+    n = int(confusion.sum())
+    return {
+        "accuracy": float(np.trace(confusion) / n) if n else None,
+        "log_loss": clipped_log_loss(probs, labels) if n else None,
+        "n_images": n,
+        "confusion": confusion.tolist(),
+        "model": model,
+    }
 
 
 def _figure_png(fig) -> bytes:

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from conftest import CHROMIUM
 
@@ -53,6 +54,12 @@ def test_train_writes_the_validation_study(quick_run):
     assert sum(ensemble["weights"].values()) == pytest.approx(1.0)
     assert ensemble["log_loss"] <= min(m["log_loss"] for m in ensemble["members"]) + 1e-6
     assert ensemble["log_loss"] <= study["best"]["log_loss"] + 1e-6
+    # One plain pass scores every member: the best's figures are its member's, and the kept
+    # predictions (the report's figures) are the best model's alone.
+    assert ensemble["members"][0]["log_loss"] == pytest.approx(study["best"]["log_loss"], abs=1e-9)
+    assert ensemble["members"][0]["checkpoint"] == board[-1]
+    kept = pq.read_table(Path(cfg.run_uri) / "val_predictions", columns=["model"]).column("model").unique()
+    assert kept.to_pylist() == [study["best"]["model"]] and study["best"]["model"].startswith(board[0] + ":")
 
 
 def test_report_has_every_section_inline(report):
