@@ -303,9 +303,7 @@ def record_result(storage: Storage, loop_cfg: dict, result) -> dict:
         "best_epoch": best_metrics["epoch"],
         "image_sizes": ">".join(str(size) for size in dict.fromkeys(h["train_image_size"] for h in history)),
         "minutes": round((time.time() - loop_cfg["run_clock"]["arch_started"]) / 60, 2),
-        "budget_minutes": budget.minutes(loop_cfg["budget"]["deadline"] - loop_cfg["run_clock"]["arch_started"])
-        if loop_cfg.get("budget")
-        else None,
+        "budget_minutes": budget.minutes(loop_cfg["budget"]["allotted_seconds"]) if loop_cfg.get("budget") else None,
         "train_seconds": round(sum(h["train_seconds"] for h in history), 1),
         "epoch_seconds": round(sum(h.get("epoch_seconds", 0.0) for h in history), 1),
         "images_per_s": round(sum(h["images_per_s"] for h in history) / len(history), 1),
@@ -462,6 +460,7 @@ class RunBudget:
             "early_epochs": plan["early_epochs"],
             "budget": {
                 "deadline": deadline,
+                "allotted_seconds": seconds,  # plan.json's allotted_minutes, and the leaderboard's budget_minutes
                 "epoch_seconds": arch["epoch_s"],
                 "early_fraction": arch["early_fraction"],
             },

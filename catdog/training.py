@@ -426,43 +426,46 @@ def pick_weights(raw: dict, ema: dict) -> dict:
     }
 
 
-def train_loop_per_worker(cfg: dict) -> None:
-    """Entry point of every Train worker: resume if there is a checkpoint, then train epoch by epoch."""
-    worker_logging()
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    clock = {"started": time.time(), "epochs_before": 0}
-    if cfg.get("torch_threads"):
-        torch.set_num_threads(cfg["torch_threads"])
-    device = ray.train.torch.get_device()
-    storage: Storage = cfg["storage"]
+def restore_or_start(cfg: dict, device: torch.device) -> tuple:
+    """The model (on ``device``, DDP-wrapped), optimizer, grad scaler, EMA, epoch history and step:
+    from the checkpoint Ray Train hands a restarted worker, else fresh.  A resumed budgeted run keeps
+    the plan it was trained on (``cfg`` takes it from the checkpoint's meta)."""
     checkpoint = ray.train.get_checkpoint()
     state = None
     if checkpoint:
         with checkpoint.as_directory() as folder:
             state = load_checkpoint(folder)
-    model = build_model(cfg["arch"], "scratch" if state else cfg["init"], storage=storage)
+    model = build_model(cfg["arch"], "scratch" if state else cfg["init"], storage=cfg["storage"])
     if state:
         model.load_state_dict(state["model"])
-    model = model.to(device, memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
+    model = ray.train.torch.prepare_model(model.to(device, memory_format=torch.channels_last))
     optimizer = build_optimizer(model, cfg["arch"], cfg)
     scaler = grad_scaler(device, cfg["amp"])  # one per run: its scale is learnt across epochs
-    history: list[dict] = state["meta"]["history"] if state else []
-    step = state["train_state"]["step"] if state else 0
     if state:
         optimizer.load_state_dict(state["train_state"]["optimizer"])
         restore_scaler(scaler, state["train_state"])
     ema = start_ema(model, cfg, state)
     if state and cfg.get("budget") and state["meta"].get("plan"):
-        cfg.update(state["meta"]["plan"])  # a resumed budgeted run keeps the plan it was trained on
+        cfg.update(state["meta"]["plan"])
+    history: list[dict] = state["meta"]["history"] if state else []
+    return model, optimizer, scaler, ema, history, state["train_state"]["step"] if state else 0
+
+
+def train_loop_per_worker(cfg: dict) -> None:
+    """Entry point of every Train worker: resume if there is a checkpoint, then train epoch by epoch."""
+    worker_logging()
+    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+    if cfg.get("torch_threads"):
+        torch.set_num_threads(cfg["torch_threads"])
+    device = ray.train.torch.get_device()
+    started = time.time()
+    model, optimizer, scaler, ema, history, step = restore_or_start(cfg, device)
+    clock = {"started": started, "epochs_before": len(history)}
     steps_per_epoch = math.ceil(cfg["n_train"] // world / cfg["batch_size"])
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
-    clock["epochs_before"] = len(history)
     epoch = len(history)
     while epoch < cfg["epochs"]:
         epoch += 1
-        total_steps = steps_per_epoch * cfg["epochs"]
         epoch_started = time.time()
         frozen = cfg["fine_tune"] and epoch <= cfg["freeze_backbone_epochs"]  # a random backbone is never frozen
         progress = epoch_progress_bar(cfg, epoch, steps_per_epoch) if rank == 0 else None
@@ -472,7 +475,7 @@ def train_loop_per_worker(cfg: dict) -> None:
             train_shard,
             cfg,
             step=step,
-            total_steps=total_steps,
+            total_steps=steps_per_epoch * cfg["epochs"],
             frozen=frozen,
             device=device,
             input_size=input_size_for_epoch(epoch, cfg),
@@ -487,14 +490,8 @@ def train_loop_per_worker(cfg: dict) -> None:
         unreadable = sorted(gather_lists(stats.pop("unreadable") + val.pop("unreadable")))
         metrics = {"epoch": epoch, **stats, **val, "unreadable_images": len(unreadable)}
         history.append(metrics)
-        if rank == 0:  # rewritten every epoch (empty when none), so it never shows an earlier epoch's list
-            if unreadable:
-                emit(
-                    f"warning: {cfg['arch']}: skipped {len(unreadable)} unreadable images; "
-                    f"list: {cfg['arch_uri']}/unreadable.txt",
-                    err=True,
-                )
-            cfg["storage"].write_text(join(cfg["arch_uri"], "unreadable.txt"), "".join(p + "\n" for p in unreadable))
+        if rank == 0:
+            write_unreadable(cfg, unreadable)
         metrics["epoch_seconds"] = time.time() - epoch_started
         changed = replan(cfg, metrics, metrics["epoch_seconds"], device) if cfg.get("budget") else None
         report_epoch(model, optimizer, cfg, metrics, history, step, rank, scaler=scaler, ema=ema)
@@ -502,6 +499,18 @@ def train_loop_per_worker(cfg: dict) -> None:
             emit(epoch_line(cfg, metrics, clock))
             if changed:
                 emit(changed)
+
+
+def write_unreadable(cfg: dict, unreadable: list[str]) -> None:
+    """The images this epoch could not decode: rewritten every epoch (empty when none), so it never
+    shows an earlier epoch's list; a warning on the console when there are any."""
+    if unreadable:
+        emit(
+            f"warning: {cfg['arch']}: skipped {len(unreadable)} unreadable images; "
+            f"list: {cfg['arch_uri']}/unreadable.txt",
+            err=True,
+        )
+    cfg["storage"].write_text(join(cfg["arch_uri"], "unreadable.txt"), "".join(p + "\n" for p in unreadable))
 
 
 def replan(cfg: dict, metrics: dict, seconds: float, device: torch.device) -> str | None:

@@ -169,7 +169,7 @@ def test_three_minute_budget_ends_inside_it_and_says_what_the_model_got(small_re
     assert len(rows) == cnn["epochs"] and sizes == sorted(sizes) and sizes[0] == 24 and sizes[-1] == 32
     assert all(float(r["epoch_seconds"]) >= float(r["train_seconds"]) for r in rows)
     board = next(csv.DictReader((run / "leaderboard.csv").open()))
-    assert board["image_sizes"] == "24>32" and float(board["budget_minutes"]) > 0
+    assert board["image_sizes"] == "24>32" and float(board["budget_minutes"]) == cnn["allotted_minutes"] > 0
     with open(best_uri) as handle:
         assert json.load(handle)["plan"]["budget_minutes"] == 3
     assert "# Time budget plan" in (run / "config.yaml").read_text()
