@@ -262,6 +262,7 @@ def image_dataset(
     num_cpus: float = 1,
     shards=None,
     threads: int = 1,
+    shuffle_blocks: bool = False,
 ):
     """A Ray Dataset of decoded images from rows (an Arrow table, or dicts) that each name an image URI in ``path``.
 
@@ -270,6 +271,11 @@ def image_dataset(
     small enough that several tasks run side by side.  With ``shards`` (the
     :class:`~catdog.shards.ShardSet` the rows were listed from) the images are read from its
     Parquet files instead, keeping only ``rows``.
+
+    ``shuffle_blocks``: a new block order at every execution (each training epoch): the blocks of
+    paths (or the shard files) are shuffled *before* the decode, which therefore streams.  Shuffled
+    after it, the shuffle (an all-to-all step) waited for the whole epoch's decode before the first
+    batch and held every decoded image of the epoch in the object store (spilled at scale).
     """
     import ray.data
 
@@ -281,7 +287,7 @@ def image_dataset(
         presets = {"image": presets}
     if shards is not None:
         return retry_read_failures(
-            shard_rows_dataset(storage, shards, rows).map_batches(
+            shard_rows_dataset(storage, shards, rows, shuffle_files=shuffle_blocks).map_batches(
                 decode_batch,
                 fn_args=(storage, presets, drop_errors, threads),
                 batch_size=batch_size,
@@ -294,6 +300,8 @@ def image_dataset(
     ds = ray.data.from_arrow(table_blocks(rows, DRIVER_BLOCK_ROWS))
     if rows.num_rows > batch_size:
         ds = ds.repartition(target_num_rows_per_block=batch_size)
+    if shuffle_blocks:
+        ds = ds.randomize_block_order()
     return retry_read_failures(
         ds.map_batches(
             decode_batch,

@@ -230,8 +230,9 @@ def select_rows(table: pa.Table, shards: ShardSet, wanted: pa.Table) -> pa.Table
     )
 
 
-def shard_rows_dataset(storage: Storage, shards: ShardSet, rows: pa.Table):
-    """A Ray Dataset of ``path``, ``bytes``, ``error`` and the other columns of ``rows``, from the shards.
+def shard_rows_dataset(storage: Storage, shards: ShardSet, rows: pa.Table, shuffle_files: bool = False):
+    """A Ray Dataset of ``path``, ``bytes``, ``error`` and the other columns of ``rows``, from the shards
+    (``shuffle_files``: read in a new file order at every execution).
 
     Only ``rows`` (a split, a limit, what is left to score) are kept; the filter runs in the read
     tasks, so the driver ships one Arrow table of names and small fields, never bytes.  Rows naming
@@ -242,7 +243,8 @@ def shard_rows_dataset(storage: Storage, shards: ShardSet, rows: pa.Table):
     fs, _ = storage.resolve(shards.uri)
     paths = [storage.resolve(uri)[1] for uri in shards.file_uris()]
     wanted = rows.combine_chunks()
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["name", "bytes"]).map_batches(
+    shuffle = "files" if shuffle_files else None
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["name", "bytes"], shuffle=shuffle).map_batches(
         select_rows, fn_args=(shards, wanted), batch_size=None, batch_format="pyarrow"
     )
     rejected = rejected_rows(storage, shards)

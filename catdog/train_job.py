@@ -576,7 +576,7 @@ def train_datasets(cfg: CatdogConfig, split: Split, storage: Storage, size: int)
     rows = sorted(split.train, key=lambda r: split_key(r["path"], cfg.data.seed + 1))  # mix the classes
     reader = {"batch_size": cfg.data.decode_batch_size, "shards": split.shards, "threads": cfg.data.decode_threads}
     return {
-        "train": image_dataset(storage, rows, augment, **reader).randomize_block_order(),
+        "train": image_dataset(storage, rows, augment, shuffle_blocks=True, **reader),
         "val": image_dataset(storage, split.val, EvalPreset(size), **reader),
     }
 

@@ -263,3 +263,30 @@ def test_decode_threads_split_the_rows_and_give_the_same_batch(kaggle_folder):
     np.testing.assert_array_equal(tiny["image"], one["image"][:2])
     dropped = decode_batch({"path": paths, "label": np.zeros(len(paths))}, STORAGE, presets, True, threads=2)
     assert len(dropped["path"]) == len(paths) - 1 and not any(dropped["error"])
+
+
+def operator_names(ds) -> list[str]:
+    """The dataset's logical operators, source first."""
+    names, op = [], ds._logical_plan.dag
+    while op is not None:
+        names.append(op.name)
+        op = op.input_dependencies[0] if op.input_dependencies else None
+    return names[::-1]
+
+
+@pytest.mark.slow
+def test_training_blocks_come_in_a_new_order_each_epoch_and_the_decode_streams(kaggle_folder, ray_session):
+    from catdog.config import CatdogConfig
+    from catdog.train_job import train_datasets
+
+    cfg = CatdogConfig.model_validate({"data": {"train": str(kaggle_folder), "decode_batch_size": 4}})
+    split = load_split(STORAGE, str(kaggle_folder), val_fraction=0.2, seed=0)
+    rows = split.train
+    ds = train_datasets(cfg, split, STORAGE, 24)["train"]  # what the Train workers get
+    # The block shuffle is an all-to-all step: after the decode it waited for the whole epoch's decode
+    # before the first batch (and held every decoded image); before it, the decode streams.
+    names = operator_names(ds)
+    assert names.index("RandomizeBlockOrder") < names.index("MapBatches(decode_batch)")
+    epochs = [[p for b in ds.iter_batches(batch_size=4, batch_format="numpy") for p in b["path"]] for _ in range(3)]
+    assert all(sorted(epoch) == sorted(r["path"] for r in rows) for epoch in epochs)
+    assert len({tuple(epoch) for epoch in epochs}) > 1  # 8 blocks: 3 equal orders by chance ~ 1e-9
