@@ -21,8 +21,10 @@ Each fault fires at most once: the firing worker renames the arm file to ``*.fir
 
 from __future__ import annotations
 
+import importlib.abc
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -84,7 +86,7 @@ def _patch_train_one_epoch(training) -> None:
 
 def _patch_checkpoint_upload() -> None:
     """upload_exit.json {"epoch": N}: die half way through uploading epoch N's checkpoint to storage."""
-    from ray.train.v2._internal.execution import storage as train_storage
+    train_storage = sys.modules["ray.train.v2._internal.execution.storage"]
 
     original = train_storage.StorageContext.persist_current_checkpoint
 
@@ -137,16 +139,50 @@ def stall_after_first_parquet_file(marker: Path) -> None:
     pq.write_table = write_table
 
 
-def install() -> None:
-    """The setup hook: patch catdog in this worker process (inert until a fault is armed)."""
-    if faults_dir() is None:
-        return
-    import catdog.inference as inference
-    import catdog.training as training
+PATCHES = {
+    "catdog.training": _patch_train_one_epoch,
+    "ray.train.v2._internal.execution.storage": lambda module: _patch_checkpoint_upload(),
+    "catdog.inference": _patch_predictor,
+}
 
-    if getattr(training, "_faults_installed", False):
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Patches each module of PATCHES right after it executes, in the processes that import it.
+
+    The hook runs in every Ray worker, most of which (Ray Data tasks, split coordinators) never
+    import torch: importing catdog.training there would cost each new worker process seconds of CPU."""
+
+    def find_spec(self, name, path, target=None):
+        if name not in PATCHES:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None and spec.loader is not None:
+                spec.loader = _PatchingLoader(spec.loader)
+                return spec
+        return None
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        self.loader.exec_module(module)
+        PATCHES[module.__name__](module)
+
+
+def install() -> None:
+    """The setup hook: patch catdog in this worker process (inert until a fault is armed), each
+    module when the process first imports it."""
+    if faults_dir() is None or any(isinstance(finder, _PatchOnImport) for finder in sys.meta_path):
         return
-    training._faults_installed = True
-    _patch_train_one_epoch(training)
-    _patch_checkpoint_upload()
-    _patch_predictor(inference)
+    for name, patch in PATCHES.items():
+        if name in sys.modules:
+            patch(sys.modules[name])
+    sys.meta_path.insert(0, _PatchOnImport())

@@ -78,7 +78,8 @@ def test_quick_train_prints_a_short_console_and_logs_ray_to_the_run(small_real_d
 
 @pytest.mark.slow
 def test_verbose_shows_rays_own_progress(small_real_data, tmp_path):
-    overrides = quick_overrides(small_real_data, tmp_path, "verbose", models="[sequential_cnn]")
+    small = {"models": "[sequential_cnn]", "data.limit": 120, "data.image_size": 32}  # any run shows the progress
+    overrides = quick_overrides(small_real_data, tmp_path, "verbose", **small)
     proc = run([str(REPO / "jobs" / "train.py"), "--config", "configs/quick.yaml", "--verbose", *sets(overrides)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     output = proc.stdout + proc.stderr

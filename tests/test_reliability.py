@@ -122,7 +122,8 @@ def test_death_while_uploading_a_checkpoint_never_resumes_from_the_partial_one(
     small_real_data, tmp_path, faults_dir, ray_session
 ):
     # Keep every checkpoint: with the default 2, whether epoch_002 survives epoch 3 depends on its val score.
-    sets = {"train.epochs": 3, "train.max_failures": 1, "train.keep_checkpoints": 3}
+    # 32 px: cheaper epochs; the fault fires inside the upload, whatever an epoch takes.
+    sets = {"train.epochs": 3, "train.max_failures": 1, "train.keep_checkpoints": 3, "data.image_size": 32}
     cfg = cfg_for(small_real_data, tmp_path, "ckpt-kill", **sets)
     per_epoch = steps_per_epoch(cfg)
     arm(faults_dir, "upload_exit", epoch=2)

@@ -117,9 +117,8 @@ def test_resumed_training_continues_the_same_runs_in_sqlite(small_real_data, tmp
     require_mlflow()
     monkeypatch.chdir(tmp_path)  # a sqlite store keeps artifacts in ./mlruns
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    base = quick_overrides(
-        small_real_data, tmp_path, "resumed", models="[sequential_cnn]", **{"tracking.mlflow_uri": uri}
-    )
+    small = {"tracking.mlflow_uri": uri, "data.limit": 120, "data.image_size": 32}  # cheap epochs: 4 of them
+    base = quick_overrides(small_real_data, tmp_path, "resumed", models="[sequential_cnn]", **small)
     train(load_config(REPO / "configs" / "quick.yaml", [*base, "tracking.experiment=catdog-tests"]))
     _, first = runs_of(uri, "catdog-tests")
     assert len(first) == 2

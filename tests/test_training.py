@@ -143,10 +143,13 @@ def quick_cfg(data: Path, root: Path, run_name: str, **extra):
 
 @pytest.mark.slow
 def test_rerun_with_more_epochs_runs_only_the_new_ones(small_real_data, tmp_path, ray_session):
-    # Progressive resizing rides along: epoch 1 trains at 48 px, the rest at the full 64 px.  So does
-    # the EMA of weights (fp32, so that its scores reproduce exactly below).
+    # Progressive resizing rides along: epoch 1 trains at 24 px, the rest at the full 32 px.  So does
+    # the EMA of weights (fp32, so that its scores reproduce exactly below).  160 images at 32 px keep
+    # the three epochs cheap.
     progressive = {
-        "models.0.early_image_size": 48,
+        "data.limit": 160,
+        "data.image_size": 32,
+        "models.0.early_image_size": 24,
         "models.0.early_epochs": 1,
         "train.ema_decay": 0.9,
         "train.amp": False,
@@ -156,12 +159,12 @@ def test_rerun_with_more_epochs_runs_only_the_new_ones(small_real_data, tmp_path
     arch = tmp_path / "resume" / "sequential_cnn"
     first = read_csv(arch / "metrics.csv")
     assert [int(r["epoch"]) for r in first] == [1, 2]
-    assert [int(r["train_image_size"]) for r in first] == [48, 64]
+    assert [int(r["train_image_size"]) for r in first] == [24, 32]
     stamps = {str(p): p.stat().st_mtime_ns for p in arch.glob("epoch_*/model.pt")}
     run_training(quick_cfg(small_real_data, tmp_path, "resume", **{"train.epochs": 3, **progressive}))
     second = read_csv(arch / "metrics.csv")
     assert [int(r["epoch"]) for r in second] == [1, 2, 3]
-    assert [int(r["train_image_size"]) for r in second] == [48, 64, 64]
+    assert [int(r["train_image_size"]) for r in second] == [24, 32, 32]
     assert second[:2] == first  # epochs 1-2 were not run again
     assert (arch / "epoch_003" / "model.pt").exists()
     for path in arch.glob("epoch_00[12]/model.pt"):
@@ -203,7 +206,8 @@ def check_ema_checkpoints(cfg, arch: Path, rows: list[dict]) -> None:
 
 @pytest.mark.slow
 def test_worker_exit_mid_epoch_restarts_from_the_last_checkpoint(small_real_data, tmp_path, faults_dir, ray_session):
-    cfg = quick_cfg(small_real_data, tmp_path, "killed", **{"train.epochs": 3, "train.max_failures": 1})
+    sets = {"train.epochs": 3, "train.max_failures": 1, "data.image_size": 32}  # 32 px: cheaper epochs, same steps
+    cfg = quick_cfg(small_real_data, tmp_path, "killed", **sets)
     n_train = len(load_split(STORAGE, cfg.data.train, cfg.data.val_fraction, cfg.data.seed, cfg.data.limit).train)
     steps_per_epoch = math.ceil(n_train / cfg.train.batch_size)
     arm(faults_dir, "exit", min_step=steps_per_epoch, after_batches=2, delay_s=5)  # dies in the middle of epoch 2

@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -173,11 +174,21 @@ def test_an_undecodable_file_leaves_batchnorm_statistics_as_the_batch_without_it
         assert torch.allclose(dirty[key], clean[key], rtol=1e-4, atol=1e-5), f"{key}: max difference {gap}"
 
 
+# One tiny training run read by the next tests.  A test that writes into it works on a copy.
+TINY_SETS = {"train.freeze_backbone_epochs": 1}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(small_real_data, tmp_path_factory, ray_session) -> Path:
+    """The run folder of tiny_cfg with a backbone warm-up asked for (which a scratch model ignores)."""
+    root = tmp_path_factory.mktemp("tiny")
+    run_training(tiny_cfg(small_real_data, root, "tiny", **TINY_SETS))
+    return root / "tiny"
+
+
 @pytest.mark.slow
-def test_a_scratch_model_never_freezes_its_backbone(small_real_data, tmp_path, ray_session):
-    cfg = tiny_cfg(small_real_data, tmp_path, "scratch-frozen", **{"train.freeze_backbone_epochs": 1})
-    run_training(cfg)
-    after = torch.load(tmp_path / "scratch-frozen" / "sequential_cnn" / "epoch_001" / "model.pt", weights_only=True)
+def test_a_scratch_model_never_freezes_its_backbone(tiny_run):
+    after = torch.load(tiny_run / "sequential_cnn" / "epoch_001" / "model.pt", weights_only=True)
     # BatchNorm starts at weight 1, bias 0, running mean 0: epoch 1 moved the backbone's (layer 1 is its first BN).
     assert not torch.equal(after["1.weight"], torch.ones_like(after["1.weight"]))
     assert not torch.equal(after["1.running_mean"], torch.zeros_like(after["1.running_mean"]))
@@ -278,24 +289,25 @@ def test_a_predict_section_that_can_never_be_placed_stops_training_before_it_sta
 
 @pytest.mark.slow
 def test_evaluate_scores_the_validation_split_and_counts_training_images_in_an_input(
-    small_real_data, tmp_path, ray_session, caplog
+    small_real_data, tiny_run, tmp_path, caplog
 ):
     from catdog.predict_job import run_evaluate
 
-    cfg = tiny_cfg(small_real_data, tmp_path, "evaluate")
-    run_training(cfg)
+    shutil.copytree(tiny_run, tmp_path / "tiny")  # evaluate writes into the run
+    cfg = tiny_cfg(small_real_data, tmp_path, "tiny", **TINY_SETS)
     split = load_split(STORAGE, cfg.data.train, cfg.data.val_fraction, cfg.data.seed, cfg.data.limit)
     metrics = json.loads(Path(run_evaluate(cfg)).read_text())
     assert metrics["split"] == "validation" and metrics["n_images"] == len(split.val)
     assert metrics["input"].startswith(f"validation split of {cfg.data.train}")
     val = {Path(r["path"]).name for r in split.val}
-    scored = pq.read_table(tmp_path / "evaluate" / "evaluate" / "predictions").column("path").to_pylist()
+    scored = pq.read_table(tmp_path / "tiny" / "evaluate" / "predictions").column("path").to_pylist()
     assert {Path(p).name for p in scored} == val
     with caplog.at_level(logging.WARNING):
         metrics = json.loads(Path(run_evaluate(cfg, cfg.data.train)).read_text())
     # data.limit keeps 96 of the 400 images: 72 of them trained the model.
     assert metrics["split"] == "input" and metrics["train_overlap"] == len(split.train) == 72
     assert f"{len(split.train)} of its 400 labelled images are in the model's training split" in caplog.text
+    assert not (tiny_run / "evaluate").exists()  # the shared run was only read
 
 
 # -- storage faults through a proxy in front of moto_server ------------------------------------------
