@@ -17,10 +17,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from catdog.calibration import CLIP
+from catdog.calibration import CLIP, clipped_log_loss
 from catdog.checkpoints import load_model, read_meta
 from catdog.config import CatdogConfig
 from catdog.data import image_dataset
@@ -257,29 +258,33 @@ def unique_ids_in_order(ids: list[int], paths: list[str]) -> tuple[list[int], li
     return kept, repeated
 
 
-def classification_metrics(storage: Storage, predictions_uri: str) -> dict:
-    """Accuracy, clipped log loss and the 2×2 confusion matrix (rows = truth, cols = predicted)."""
+def binary_metrics(probs: np.ndarray, predicted: np.ndarray, truth: np.ndarray) -> dict:
+    """Accuracy, clipped log loss of p(dog) ``probs`` and the 2×2 confusion matrix (rows = truth,
+    cols = ``predicted``) against 0/1 ``truth``."""
     confusion = np.zeros((2, 2), dtype=np.int64)
-    log_loss_sum, n_unreadable, models = 0.0, 0, set()
-    for batch in read_columns(storage, predictions_uri, ["truth", "prob_dog", "label", "error", "model"]):
-        data = batch.to_pydict()
-        models.update(data["model"])
-        for truth, prob, label, error in zip(data["truth"], data["prob_dog"], data["label"], data["error"]):
-            if error is not None:
-                n_unreadable += 1
-                continue
-            confusion[truth, label] += 1
-            p = min(max(prob, CLIP[0]), CLIP[1])
-            log_loss_sum -= float(np.log(p if truth == 1 else 1 - p))
+    np.add.at(confusion, (np.asarray(truth, np.int64), np.asarray(predicted, np.int64)), 1)
     n = int(confusion.sum())
     return {
         "accuracy": float(np.trace(confusion) / n) if n else None,
-        "log_loss": log_loss_sum / n if n else None,
+        "log_loss": clipped_log_loss(probs, truth) if n else None,
         "n_images": n,
-        "n_unreadable": n_unreadable,
         "confusion": confusion.tolist(),
-        "model": "+".join(sorted(models)),
     }
+
+
+def classification_metrics(storage: Storage, predictions_uri: str) -> dict:
+    """:func:`binary_metrics` of a predictions Parquet's readable rows (its stored labels), the
+    number of unreadable rows and the models that scored them."""
+    probs, labels, truth, n_unreadable, models = [], [], [], 0, set()
+    for batch in read_columns(storage, predictions_uri, ["truth", "prob_dog", "label", "error", "model"]):
+        models.update(batch.column("model").to_pylist())
+        readable = batch.filter(pc.is_null(batch.column("error")))
+        n_unreadable += batch.num_rows - readable.num_rows
+        probs.append(np.asarray(readable.column("prob_dog"), np.float64))
+        labels.append(np.asarray(readable.column("label")))
+        truth.append(np.asarray(readable.column("truth")))
+    metrics = binary_metrics(*(np.concatenate(c) if c else np.zeros(0) for c in (probs, labels, truth)))
+    return {**metrics, "n_unreadable": n_unreadable, "model": "+".join(sorted(models))}
 
 
 # Rows that evaluation scores: an image, its id (null outside Kaggle test names) and its true label.

@@ -22,6 +22,7 @@ from catdog.config import CatdogConfig
 from catdog.images import decode_image
 from catdog.inference import (
     ModelRef,
+    binary_metrics,
     classification_metrics,
     evaluation_rows,
     model_ref,
@@ -136,18 +137,8 @@ def member_pass(
 
 
 def probability_metrics(probs: np.ndarray, labels: np.ndarray, threshold: float, model: str) -> dict:
-    """Accuracy at ``threshold``, clipped log loss and the 2×2 confusion matrix (rows = truth, cols =
-    predicted) of p(dog) ``probs`` against 0/1 ``labels``."""
-    confusion = np.zeros((2, 2), dtype=np.int64)
-    np.add.at(confusion, (labels.astype(np.int64), (probs >= threshold).astype(np.int64)), 1)
-    n = int(confusion.sum())
-    return {
-        "accuracy": float(np.trace(confusion) / n) if n else None,
-        "log_loss": clipped_log_loss(probs, labels) if n else None,
-        "n_images": n,
-        "confusion": confusion.tolist(),
-        "model": model,
-    }
+    """:func:`~catdog.inference.binary_metrics` of p(dog) ``probs`` labelled at ``threshold``."""
+    return {**binary_metrics(probs, probs >= threshold, labels), "model": model}
 
 
 def _figure_png(fig) -> bytes:

@@ -454,7 +454,8 @@ def restore_or_start(cfg: dict, device: torch.device) -> tuple:
 def train_loop_per_worker(cfg: dict) -> None:
     """Entry point of every Train worker: resume if there is a checkpoint, then train epoch by epoch."""
     worker_logging()
-    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if cfg.get("torch_threads"):
         torch.set_num_threads(cfg["torch_threads"])
     device = ray.train.torch.get_device()
