@@ -152,6 +152,11 @@ def catdog_shards(a: dict) -> dict:
     return warm_then_time(build, list(by_path), a["batch"], "label", startup, collate_fn=Collate())
 
 
+def bf16(a: dict) -> bool:
+    """The row's precision: bf16 autocast on both sides (catdog's ``amp``), or fp32 on both."""
+    return a.get("precision", "fp32") == "bf16"
+
+
 def plain_train(a: dict) -> dict:
     from catdog.models import build_model
     from catdog.training import to_model_input
@@ -167,9 +172,9 @@ def plain_train(a: dict) -> dict:
     for i in range(0, a["n"], a["batch"]):
         if i == warm_up * a["batch"]:
             start, count = time.perf_counter(), 0
-        loss = loss_fn(
-            model(to_model_input(images[i : i + a["batch"]], torch.device("cpu"))), labels[i : i + a["batch"]]
-        )
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16(a)):
+            logits = model(to_model_input(images[i : i + a["batch"]], torch.device("cpu")))
+            loss = loss_fn(logits, labels[i : i + a["batch"]])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -185,7 +190,7 @@ def catdog_train(a: dict) -> dict:
     from catdog.config import load_config
     from catdog.train_job import run_training
 
-    root = tempfile.mkdtemp(prefix="catdog-bench-runs-")
+    root = a.get("root") or tempfile.mkdtemp(prefix="catdog-bench-runs-")
     n_total = int(a["n"] / 0.8)
     cfg = load_config(
         Path(__file__).resolve().parents[1] / "configs" / "quick.yaml",
@@ -199,7 +204,7 @@ def catdog_train(a: dict) -> dict:
             f"train.epochs={1 + a['repeats']}",
             f"train.batch_size={a['batch']}",
             f"train.torch_threads={a['threads']}",
-            "train.amp=false",  # the plain loops run fp32: compare like with like (bf16: NOTES.md)
+            f"train.amp={str(bf16(a)).lower()}",  # the plain loop runs the same precision
             "ray.num_cpus=4",
         ],
     )
@@ -238,9 +243,9 @@ def plain_predict(a: dict) -> dict:
         FileDataset(files, EvalPreset(a["size"])), batch_size=a["batch"], num_workers=2
     )
     start, count = time.perf_counter(), 0
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16(a)):
         for batch in loader:
-            torch.softmax(model(to_model_input(batch, torch.device("cpu"))), 1)
+            torch.softmax(model(to_model_input(batch, torch.device("cpu"))).float(), 1)
             count += len(batch)
     return {"images": count, "seconds": time.perf_counter() - start, "rss_mb": rss_mb()}
 
@@ -266,7 +271,7 @@ def catdog_predict(a: dict) -> dict:
             f"predict.batch_size={a['batch']}",
             f"predict.concurrency={actors}",
             f"predict.torch_threads={max(1, a['threads'] // actors)}",
-            "predict.amp=false",
+            f"predict.amp={str(bf16(a)).lower()}",
             f"ray.num_cpus={actors + 2}",
         ],
     )

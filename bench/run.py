@@ -35,6 +35,7 @@ SIZES = {
         "train_archs": ("sequential_cnn",),
         "predict_archs": ("mobilenet_v2",),
         "scaling_archs": ("mobilenet_v2",),
+        "precisions": ("fp32",),
         "repeats": {"ingest": 1, "train": 1, "predict": 1},
     },
     "default": {
@@ -44,6 +45,9 @@ SIZES = {
         "train_archs": ("resnet18", "mobilenet_v2"),
         "predict_archs": ("resnet18", "mobilenet_v2"),
         "scaling_archs": ("resnet18",),
+        # The issue's end-to-end target is over >= 20,000 images, where the job's fixed start-up is amortised.
+        "predict_large": (20000, ("resnet18",)),
+        "precisions": ("fp32", "bf16"),
         "repeats": {"ingest": 3, "train": 3, "predict": 1},
     },
     "full": {
@@ -53,6 +57,7 @@ SIZES = {
         "train_archs": ALL,
         "predict_archs": ALL,
         "scaling_archs": ALL,
+        "precisions": ("fp32", "bf16"),
         "repeats": {"ingest": 3, "train": 3, "predict": 3},
     },
 }
@@ -101,8 +106,11 @@ def summarise(runs: list[dict]) -> dict:
     }
 
 
-def plan(sizes: dict, data: Path, workers: list[int], groups: set[str]) -> list[tuple[str, str, dict]]:
-    """(group, path name, arguments) for every row of the table."""
+def plan(
+    sizes: dict, data: Path, workers: list[int], groups: set[str], precisions: tuple[str, ...]
+) -> list[tuple[str, str, dict]]:
+    """(group, path name, arguments) for every row of the table.  Train and predict rows come once per
+    precision, catdog's and the plain loop's side by side; the scaling rows only in the first."""
     common = {"data": str(data), "size": 128, "batch": 32, "threads": 2}
     rows = []
     ingest = {**common, "n": sizes["ingest"]}
@@ -110,33 +118,48 @@ def plan(sizes: dict, data: Path, workers: list[int], groups: set[str]) -> list[
         rows.append(("ingest", name, ingest))
     for w in workers[1:]:
         rows.append(("ingest", "catdog_folder", {**ingest, "ray_workers": w}))
-    for arch in sizes["train_archs"]:
-        rows.append(("train", "plain_train", {**common, "n": sizes["train"], "arch": arch}))
-        rows.append(("train", "catdog_train", {**common, "n": sizes["train"], "arch": arch}))
-    for arch in sizes["predict_archs"]:
-        rows.append(("predict", "plain_predict", {**common, "n": sizes["predict"], "arch": arch}))
-        rows.append(("predict", "catdog_predict", {**common, "n": sizes["predict"], "arch": arch}))
-        for w in workers[1:] if arch in sizes["scaling_archs"] else ():
-            scaled = {**common, "n": sizes["predict"], "arch": arch, "ray_workers": w}
-            rows.append(("predict", "catdog_predict", scaled))
+    for precision in precisions:
+        model = {**common, "precision": precision}
+        for arch in sizes["train_archs"]:
+            for name in ("plain_train", "catdog_train"):
+                rows.append(("train", name, {**model, "n": sizes["train"], "arch": arch}))
+        large_n, large_archs = sizes.get("predict_large", (0, ()))
+        for arch in sizes["predict_archs"]:
+            for n in (sizes["predict"], large_n) if arch in large_archs else (sizes["predict"],):
+                for name in ("plain_predict", "catdog_predict"):
+                    rows.append(("predict", name, {**model, "n": n, "arch": arch}))
+            scaling = workers[1:] if arch in sizes["scaling_archs"] and precision == precisions[0] else ()
+            for w in scaling:
+                rows.append(
+                    ("predict", "catdog_predict", {**model, "n": sizes["predict"], "arch": arch, "ray_workers": w})
+                )
     return [(group, name, dict(args)) for group, name, args in rows if group in groups]
+
+
+def bf16_rows_possible() -> bool:
+    """bf16 rows only where catdog would run bf16 at all (AMX or AVX512-BF16; elsewhere amp is fp32)."""
+    from catdog.training import cpu_has_fast_bf16
+
+    return cpu_has_fast_bf16()
 
 
 def markdown(results: list[dict], meta: dict) -> str:
     lines = [
         f"# Benchmark results ({meta['when']}, {meta['machine']})",
         "",
-        f"Mode: {meta['mode']}; every figure is the median of the row's runs (min-max). Train runs are "
+        f"Mode: {meta['mode']}; precisions {', '.join(meta['precisions'])} (the same on both sides of a ratio). "
+        "Every figure is the median of the row's runs (min-max). Train runs are "
         "epochs 2+ of one training run; predict's steady state is the median of three chunks of a second pass.",
         "",
-        "| group | path | arch | ray workers | images | runs | images/s | spread | steady images/s | startup s "
-        "| peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| group | path | arch | precision | ray workers | images | runs | images/s | spread | steady images/s "
+        "| startup s | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         s = r["summary"]
         lines.append(
-            f"| {r['group']} | {r['path']} | {r['args'].get('arch', '')} | {r['args'].get('ray_workers', '')} "
+            f"| {r['group']} | {r['path']} | {r['args'].get('arch', '')} | {r['args'].get('precision', '')} "
+            f"| {r['args'].get('ray_workers', '')} "
             f"| {s['images']} | {s['runs']} | {s['images_per_s']:.0f} | {s['min']:.0f}-{s['max']:.0f} "
             f"| {'' if s.get('steady_images_per_s') is None else round(s['steady_images_per_s'])} "
             f"| {s['startup_s']:.1f} | {s['peak_rss_mb']:.0f} |"
@@ -146,33 +169,64 @@ def markdown(results: list[dict], meta: dict) -> str:
 
 
 def ratios(results: list[dict]) -> dict:
-    """The issue's targets, as catdog / baseline (and 2 / 1 Ray workers for scaling)."""
-    summary = {(r["path"], r["args"].get("arch"), r["args"].get("ray_workers", 2)): r["summary"] for r in results}
+    """The issue's targets, as catdog / baseline (and 2 / 1 Ray workers for scaling), per precision
+    and, for predict, per input size."""
+    summary = {}
+    for r in results:
+        a = r["args"]
+        summary[(r["path"], a.get("arch"), a.get("precision"), a["n"], a.get("ray_workers", 2))] = r["summary"]
 
-    def rate(path, arch=None, workers=2, key="images_per_s"):
-        found = summary.get((path, arch, workers))
+    def rate(path, arch, precision, n, workers=2, key="images_per_s"):
+        found = summary.get((path, arch, precision, n, workers))
         return found and found.get(key)
 
+    n = next((r["args"]["n"] for r in results if r["group"] == "ingest"), None)
     pairs = {
-        "ingest: catdog folder / stock read_images": (rate("catdog_folder"), rate("ray_read_images")),
-        "ingest: catdog folder / plain DataLoader": (rate("catdog_folder"), rate("dataloader_2")),
-        "ingest: catdog shards / plain DataLoader": (rate("catdog_shards"), rate("dataloader_2")),
-        "ingest scaling: catdog folder, 2 / 1 Ray workers": (rate("catdog_folder"), rate("catdog_folder", None, 1)),
+        "ingest: catdog folder / stock read_images": (
+            rate("catdog_folder", None, None, n),
+            rate("ray_read_images", None, None, n),
+        ),
+        "ingest: catdog folder / plain DataLoader": (
+            rate("catdog_folder", None, None, n),
+            rate("dataloader_2", None, None, n),
+        ),
+        "ingest: catdog shards / plain DataLoader": (
+            rate("catdog_shards", None, None, n),
+            rate("dataloader_2", None, None, n),
+        ),
+        "ingest scaling: catdog folder, 2 / 1 Ray workers": (
+            rate("catdog_folder", None, None, n),
+            rate("catdog_folder", None, None, n, 1),
+        ),
     }
-    for arch in ("resnet18", "mobilenet_v2", "sequential_cnn"):
-        pairs[f"train {arch}: Ray Train 1 worker / plain loop"] = (
-            rate("catdog_train", arch),
-            rate("plain_train", arch),
-        )
-        plain = rate("plain_predict", arch)
-        pairs[f"predict {arch}: catdog steady state / plain loop"] = (
-            rate("catdog_predict", arch, key="steady_images_per_s"),
+    models = sorted(
+        {
+            (r["group"], r["args"]["arch"], r["args"]["precision"], r["args"]["n"])
+            for r in results
+            if r["group"] != "ingest"
+        },
+        key=lambda m: (m[0] != "train", m[2] != "fp32", m[1], m[3]),
+    )
+    for group, arch, precision, n in models:
+        name = f"{group} {arch} {precision}"
+        if group == "train":
+            pairs[f"{name}: Ray Train 1 worker / plain loop"] = (
+                rate("catdog_train", arch, precision, n),
+                rate("plain_train", arch, precision, n),
+            )
+            continue
+        plain = rate("plain_predict", arch, precision, n)
+        pairs[f"{name}: catdog steady state / plain loop, {n:,} images"] = (
+            rate("catdog_predict", arch, precision, n, key="steady_images_per_s"),
             plain,
         )
-        pairs[f"predict {arch}: catdog end to end / plain loop"] = (rate("catdog_predict", arch), plain)
-        pairs[f"predict scaling {arch}: 2 / 1 predictor actors, end to end"] = (
-            rate("catdog_predict", arch),
-            rate("catdog_predict", arch, 1),
+        pairs[f"{name}: catdog end to end / plain loop, {n:,} images"] = (
+            rate("catdog_predict", arch, precision, n),
+            plain,
+        )
+        pairs[f"{name}: predict scaling, 2 / 1 predictor actors, end to end, {n:,} images"] = (
+            rate("catdog_predict", arch, precision, n),
+            rate("catdog_predict", arch, precision, n, 1),
         )
     return {name: a / b for name, (a, b) in pairs.items() if a and b}
 
@@ -191,6 +245,8 @@ def main() -> int:
     parser.add_argument("--no-scaling", action="store_true", help="leave out the 1-worker scaling rows")
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args()
+    from catdog.runtime import cpu_model
+
     mode = "smoke" if args.smoke else "full" if args.full else "default"
     workers = [2] if args.no_scaling else [2, 1]
     results = []
@@ -200,7 +256,10 @@ def main() -> int:
         keep = args.archs.split(",")
         for key in ("train_archs", "predict_archs"):
             sizes[key] = tuple(a for a in sizes[key] if a in keep)
-    rows = plan(sizes, Path(args.data), workers, groups)
+    precisions = tuple(p for p in sizes["precisions"] if p == "fp32" or bf16_rows_possible())
+    if precisions != sizes["precisions"]:
+        print("bf16 rows left out: this CPU has neither AMX nor AVX512-BF16, so catdog trains fp32", flush=True)
+    rows = plan(sizes, Path(args.data), workers, groups, precisions)
     if args.paths:
         rows = [row for row in rows if row[1] in args.paths.split(",")]
     for group, name, path_args in rows:
@@ -210,7 +269,8 @@ def main() -> int:
         s = results[-1]["summary"]
         steady = s["steady_images_per_s"]
         print(
-            f"{group:8s} {name:16s} {path_args.get('arch', ''):15s} w={path_args['ray_workers']} "
+            f"{group:8s} {name:16s} {path_args.get('arch', ''):15s} {path_args.get('precision', ''):4s} "
+            f"n={path_args['n']} w={path_args['ray_workers']} "
             f"{'' if steady is None else f'steady {steady:.0f} img/s '}"
             f"{s['images_per_s']:8.0f} img/s ({s['min']:.0f}-{s['max']:.0f}) startup {s['startup_s']:.1f}s "
             f"rss {s['peak_rss_mb']:.0f} MB",
@@ -220,7 +280,8 @@ def main() -> int:
         "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "mode": mode,
         "repeats": {group: args.repeats or n for group, n in sizes["repeats"].items()},
-        "machine": f"{os.cpu_count()} CPUs, {os.uname().machine}",
+        "machine": f"{os.cpu_count()} CPUs, {os.uname().machine}, {cpu_model()}",
+        "precisions": list(precisions),
         "groups": sorted(groups),
     }
     out = Path(args.out)

@@ -31,7 +31,8 @@ def test_bench_smoke_one_catdog_row_per_group(data_dir, tmp_path):
     table = bench_smoke(data_dir, tmp_path, "--paths", ",".join(paths), "--no-scaling")
     rows = [line for line in table.splitlines() if line.startswith(("| ingest", "| train", "| predict"))]
     assert [row.split(" | ")[1] for row in rows] == list(paths)
-    assert all("| 2 |" in row for row in rows)
+    # ingest has no model; the model rows run fp32 on both sides in the smoke (bf16 beside it in `make bench`)
+    assert [row.split(" | ")[3:5] for row in rows] == [["", "2"], ["fp32", "2"], ["fp32", "2"]]
     results = json.loads(next(tmp_path.glob("*.json")).read_text())["results"]
     assert [r["group"] for r in results] == ["ingest", "train", "predict"]
     assert all(r["summary"]["images"] > 0 and r["summary"]["images_per_s"] > 0 for r in results)
@@ -63,10 +64,10 @@ def test_bench_smoke_prints_every_row(data_dir, tmp_path):
         "ingest: catdog folder / plain DataLoader",
         "ingest: catdog shards / plain DataLoader",
         "ingest scaling: catdog folder, 2 / 1 Ray workers",
-        "train sequential_cnn: Ray Train 1 worker / plain loop",
-        "predict mobilenet_v2: catdog steady state / plain loop",
-        "predict mobilenet_v2: catdog end to end / plain loop",
-        "predict scaling mobilenet_v2: 2 / 1 predictor actors, end to end",
+        "train sequential_cnn fp32: Ray Train 1 worker / plain loop",
+        "predict mobilenet_v2 fp32: catdog steady state / plain loop, 96 images",
+        "predict mobilenet_v2 fp32: catdog end to end / plain loop, 96 images",
+        "predict mobilenet_v2 fp32: predict scaling, 2 / 1 predictor actors, end to end, 96 images",
     ):
         assert ratio in table
     results = json.loads(next(tmp_path.glob("*.json")).read_text())
