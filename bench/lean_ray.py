@@ -67,20 +67,8 @@ def job_commands(data: Path, work: Path, name: str, sets: list[str]) -> tuple[li
     return train, predict
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default_data = Path(os.environ.get("CATDOG_DATA", REPO / "../shared/data/dogs-vs-cats"))
-    parser.add_argument("--data", type=Path, default=default_data)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--set", action="append", default=[], dest="variants", help="one variant per override")
-    parser.add_argument("--env", action="append", default=[], dest="envs", help="one variant per NAME=VALUE")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
-    parser.add_argument("--note", default="")
-    args = parser.parse_args()
-    variants = {"baseline": ([], {}), **{v: ([v], {}) for v in args.variants}}
-    variants |= {v: ([], dict([v.split("=", 1)])) for v in args.envs}
-    times = {v: {"train": [], "predict": [], "train_cpu": [], "predict_cpu": []} for v in variants}
-    group = cpu_group()
+def measure(args, variants: dict, times: dict, group: Path | None) -> None:
+    """Run every variant's train and predict jobs ``args.repeats`` times, variants alternating."""
     with tempfile.TemporaryDirectory(prefix="catdog-lean-") as tmp:
         work = Path(tmp)
         (work / "test500").mkdir()
@@ -94,8 +82,29 @@ def main() -> None:
                     times[variant][job].append(wall)
                     times[variant][f"{job}_cpu"].append(cpu)
                 print(variant, {k: v[-1] and round(v[-1], 1) for k, v in times[variant].items()}, flush=True)
-    if group:
-        group.rmdir()  # empty once every job's processes have exited
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    default_data = Path(os.environ.get("CATDOG_DATA", REPO / "../shared/data/dogs-vs-cats"))
+    parser.add_argument("--data", type=Path, default=default_data)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--set", action="append", default=[], dest="variants", help="one variant per override")
+    parser.add_argument(
+        "--env", action="append", default=[], dest="envs", help="one variant per 'NAME=VALUE [NAME=VALUE ...]'"
+    )
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--note", default="")
+    args = parser.parse_args()
+    variants = {"baseline": ([], {}), **{v: ([v], {}) for v in args.variants}}
+    variants |= {v: ([], dict(pair.split("=", 1) for pair in v.split())) for v in args.envs}
+    times = {v: {"train": [], "predict": [], "train_cpu": [], "predict_cpu": []} for v in variants}
+    group = cpu_group()
+    try:
+        measure(args, variants, times, group)
+    finally:
+        if group:
+            group.rmdir()  # empty once every job's processes have exited
     stamp = time.strftime("%Y%m%d-%H%M%S")
     from catdog.runtime import cpu_model
 

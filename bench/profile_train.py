@@ -38,6 +38,7 @@ PARTS = [
     ("input conversion (to_model_input)", ("to_model_input",)),
     ("collate", ("Collate",)),
     ("Ray Data batching / prefetch thread", ("ray/data",)),
+    ("the actor's main thread (Ray's task loop)", ("main_loop (ray/_private/worker.py",)),
 ]
 
 
@@ -56,7 +57,10 @@ def ray_processes() -> dict[int, str]:
     for proc in psutil.process_iter(["pid", "name", "cmdline"]):
         cmd = " ".join(proc.info["cmdline"] or [])
         if cmd.startswith("ray::") or any(k in cmd for k in ("raylet", "gcs_server", "dashboard", "log_monitor")):
-            found[proc.info["pid"]] = cmd.split(" ")[0][:60] if cmd.startswith("ray::") else Path(cmd.split()[0]).name
+            script = next((Path(arg).name for arg in proc.info["cmdline"] if arg.endswith(".py")), None)
+            found[proc.info["pid"]] = (
+                cmd.split(" ")[0][:60] if cmd.startswith("ray::") else script or Path(cmd.split()[0]).name
+            )
     return found
 
 
@@ -100,9 +104,21 @@ def main() -> None:
         stderr=subprocess.DEVNULL,
         text=True,
     )
+    try:
+        processes, before, after, wall, stacks = sample(args, root, driver)
+        driver.wait()
+    finally:
+        driver.kill()
+    write_report(args, processes, before, after, wall, stacks)
+
+
+def sample(args, root: Path, driver: subprocess.Popen) -> tuple[dict, dict, dict, float, Path]:
+    """After epoch 1: every Ray process's CPU seconds over ``args.seconds``, and py-spy's stacks of the
+    Train worker over the same span."""
     wait_for_epoch(root, args.arch, 1, driver)
     processes = {**ray_processes(), driver.pid: "driver (bench/paths.py)"}
     worker = next(pid for pid, name in processes.items() if name.startswith("ray::RayTrainWorker"))
+    args.out.mkdir(parents=True, exist_ok=True)
     stacks = args.out / f"profile-{args.arch}-{args.precision}-worker.txt"
     before, start = cpu_seconds(processes), time.perf_counter()
     spy = [str(Path(sys.executable).parent / "py-spy"), "record", "--nonblocking", "--format", "raw", "--rate", "50"]
@@ -110,8 +126,7 @@ def main() -> None:
         [*spy, "--duration", str(int(args.seconds)), "--pid", str(worker), "--output", str(stacks)], check=True
     )
     wall, after = time.perf_counter() - start, cpu_seconds(processes)
-    driver.wait()
-    write_report(args, processes, before, after, wall, stacks)
+    return processes, before, after, wall, stacks
 
 
 def write_report(args, processes: dict, before: dict, after: dict, wall: float, stacks: Path) -> None:
