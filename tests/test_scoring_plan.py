@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -305,7 +306,7 @@ def s3_committed_rows(fs, prefix: str) -> int:
 
 
 @pytest.mark.slow
-def test_on_s3_reruns_use_etags_and_a_killed_run_resumes(data_dir, checkpoints, moto, tmp_path):
+def test_on_s3_reruns_use_etags_and_a_killed_run_resumes(data_dir, checkpoints, moto, tmp_path, ray_session, capsys):
     import pyarrow.fs as pafs
     from test_s3 import job_env
 
@@ -358,14 +359,26 @@ def test_on_s3_reruns_use_etags_and_a_killed_run_resumes(data_dir, checkpoints, 
     assert 210 <= at_kill < 630, (at_kill, (tmp_path / "killed.log").read_text()[-3000:])
     counts = predict(checkpoints[1], out)
     assert counts["total"] == 630 and counts["reused"] >= at_kill and counts["scored"] == 630 - counts["reused"]
-    assert predict(checkpoints[1], f"{bucket}/whole")["scored"] == 630
-    left, right = read(out), read(f"{bucket}/whole")
-    assert left["path"].to_pylist() == right["path"].to_pylist() and set(left["model"].to_pylist()) == {
-        "sequential_cnn:b"
-    }
+    # The uninterrupted run to compare with: the same model and settings over the same 630 objects'
+    # bytes (100.jpg holds 640.jpg's), scored in this process from a local copy: one job start fewer
+    # (the runs above are the S3 ones), and the prefix is all that differs between the two paths.
+    whole = tmp_path / "whole-in"
+    whole.mkdir()
+    for i in range(21, 651):
+        shutil.copyfile(local / ("640.jpg" if i == 100 else f"{i}.jpg"), whole / f"{i}.jpg")
+    capsys.readouterr()
+    run_predict(config(tmp_path, "predict.batch_size=16"), str(checkpoints[1]), str(whole), str(tmp_path / "whole"))
+    assert summary(capsys.readouterr().out) == {"scored": 630, "reused": 0, "removed": 0, "total": 630}
+    left, right = read(out), pq.read_table(tmp_path / "whole" / "predictions").sort_by("path")
+    assert [p[len(f"{bucket}/in/") :] for p in left["path"].to_pylist()] == [
+        Path(p).name for p in right["path"].to_pylist()
+    ]
+    assert set(left["model"].to_pylist()) == set(right["model"].to_pylist()) == {"sequential_cnn:b"}
+    assert left["error"].to_pylist() == right["error"].to_pylist()
     assert np.allclose(
         np.array(left["prob_dog"].to_pylist(), dtype=float),
         np.array(right["prob_dog"].to_pylist(), dtype=float),
         atol=1e-5,
     )
+    assert left["label"].to_pylist() == right["label"].to_pylist()
     assert not [i for i in fs.get_file_info(pafs.FileSelector(f"{name}/out", recursive=True)) if PARTIAL in i.path]
