@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 from conftest import REPO, write_image
 
 from catdog.config import load_config
+from catdog.models import META_FILE, MODEL_FILE, build_model
+from catdog.predict_job import run_predict
 from catdog.report import write_report
 from catdog.storage import Storage
 
@@ -93,3 +97,24 @@ def test_a_figure_is_drawn_again_when_its_data_changes_or_its_png_is_gone(tmp_pa
     assert (run / "report" / "wrong.png").read_bytes() != before["wrong.png"]  # other images, other titles
     assert (run / "report" / "curves.png").read_bytes() == before["curves.png"]  # drawn again, same data
     assert (run / "report" / "confusion.png").read_bytes() == before["confusion.png"]  # labels kept: same matrix
+
+
+def test_predict_into_the_run_refreshes_its_report_with_the_validation_images_gone(tmp_path, ray_session):
+    cfg, run, val_paths = fake_run(tmp_path)
+    cfg = cfg.model_copy(update={"predict": cfg.predict.model_copy(update={"batch_size": 4})})
+    write_report(cfg, Storage())  # as train leaves it
+    wrong = (run / "report" / "wrong.png").read_bytes()
+    for path in val_paths:
+        Path(path).unlink()
+    checkpoint = tmp_path / "checkpoint"  # an untrained Sequential CNN at 32 px
+    checkpoint.mkdir()
+    torch.save(build_model("sequential_cnn").state_dict(), checkpoint / MODEL_FILE)
+    (checkpoint / META_FILE).write_text(json.dumps({"arch": "sequential_cnn", "image_size": 32}))
+    images = [write_image(tmp_path / "test" / f"{i}.jpg", color=(30 * i, 60, 90)) for i in range(1, 7)]
+
+    submission = run_predict(cfg, str(checkpoint), str(images[0].parent))
+
+    assert Path(submission) == run / "submission.csv" and len(Path(submission).read_text().splitlines()) == 7
+    page = (run / "report.html").read_text()
+    assert 'alt="test_histogram.png"' in page and "run predict first" not in page
+    assert (run / "report" / "wrong.png").read_bytes() == wrong
