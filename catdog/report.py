@@ -9,10 +9,12 @@ from __future__ import annotations
 import base64
 import csv
 import dataclasses
+import hashlib
 import html
 import io
 import json
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow.compute as pc
@@ -39,6 +41,7 @@ logger = logging.getLogger(__name__)
 REPORT_DIR = "report"
 VAL_PREDICTIONS = "val_predictions"
 VAL_STUDY = "val_study.json"
+FIGURES_FILE = "figures.json"  # in report/: a digest of the data each PNG was drawn from
 RUN_SUMMARY_FILE = "run_summary.json"  # wall time, machine, date: written by train
 PLAN_FILE = "plan.json"  # a time-budgeted run's plan and what each part took: written by train
 # Rounding in tables: seconds and rates to 0.1, every other fractional number to 4 decimals.
@@ -340,10 +343,55 @@ def budget_section(plan: dict) -> str:
     )
 
 
-def _img(storage: Storage, report_dir: str, name: str, png: bytes) -> str:
-    storage.write_bytes(join(report_dir, name), png)
-    encoded = base64.b64encode(png).decode()
-    return f'<img class="figure" alt="{name}" src="data:image/png;base64,{encoded}">'
+class Figures:
+    """The report's PNGs under ``report/``, each drawn again only when the data it shows changed.
+
+    ``report/figures.json`` keeps a digest of each figure's data.  A refresh by predict or evaluate
+    thus draws only the test histogram: the validation figures come from their PNGs, with no
+    validation image read or decoded and no figure drawn again."""
+
+    def __init__(self, storage: Storage, report_dir: str):
+        self.storage, self.report_dir = storage, report_dir
+        index_uri = join(report_dir, FIGURES_FILE)
+        self.previous = json.loads(storage.read_text(index_uri)) if storage.exists(index_uri) else {}
+        self.current: dict[str, str] = {}
+
+    def img(self, name: str, data, draw: Callable[[], bytes]) -> str:
+        """An inline ``<img>`` of ``name``: ``draw()`` unless ``data`` (what it shows: JSON values
+        or numpy arrays) is what the existing PNG was drawn from."""
+        digest = data_digest(data)
+        uri = join(self.report_dir, name)
+        if self.previous.get(name) == digest and self.storage.exists(uri):
+            png = self.storage.read_bytes(uri)
+        else:
+            png = draw()
+            self.storage.write_bytes(uri, png)
+        self.current[name] = digest
+        encoded = base64.b64encode(png).decode()
+        return f'<img class="figure" alt="{name}" src="data:image/png;base64,{encoded}">'
+
+    def save(self) -> None:
+        self.storage.write_text(join(self.report_dir, FIGURES_FILE), json.dumps(self.current, indent=2) + "\n")
+
+
+def data_digest(data) -> str:
+    """A digest of JSON values and numpy arrays (by dtype, shape and bytes)."""
+    digest = hashlib.sha256()
+
+    def add(value):
+        if isinstance(value, np.ndarray):
+            digest.update(f"{value.dtype}{value.shape}".encode())
+            digest.update(np.ascontiguousarray(value).tobytes())
+        elif isinstance(value, (list, tuple)):
+            digest.update(b"[")
+            for item in value:
+                add(item)
+            digest.update(b"]")
+        else:
+            digest.update(json.dumps(value, sort_keys=True, default=str).encode() + b";")
+
+    add(data)
+    return digest.hexdigest()[:24]
 
 
 def study_section(study: dict, run: str) -> str:
@@ -364,9 +412,34 @@ def study_section(study: dict, run: str) -> str:
     return text
 
 
+def validation_sections(cfg: CatdogConfig, storage: Storage, figures: Figures) -> list[str]:
+    """The confusion matrix and the most confidently wrong images of ``val_predictions/``; the
+    images are read only when that grid has to be drawn again."""
+    val_uri = join(cfg.run_uri, VAL_PREDICTIONS)
+    if not storage.exists(val_uri):
+        return ["<h2 id='confusion'>Confusion matrix</h2><p>no validation predictions yet</p>"]
+    metrics = classification_metrics(storage, val_uri)
+    confusion = figures.img(
+        "confusion.png",
+        [metrics["confusion"], metrics["model"]],
+        lambda: confusion_figure(metrics["confusion"], metrics["model"]),
+    )
+    wrong = most_confidently_wrong(storage, val_uri)
+
+    def wrong_grid() -> bytes:
+        images = report_image_bytes(storage, cfg.data.train, [row["path"] for row in wrong])
+        return wrong_grid_figure(storage, wrong, images)
+
+    grid = figures.img("wrong.png", wrong, wrong_grid) if wrong else "<p>none wrong</p>"
+    return [
+        "<h2 id='confusion'>Confusion matrix (best model, validation)</h2>" + confusion,
+        "<h2 id='wrong'>Most confidently wrong (validation)</h2>" + grid,
+    ]
+
+
 def write_report(cfg: CatdogConfig, storage: Storage) -> str:
     """Build ``<run>/report.html`` (+ ``<run>/report/*.png``) from what the run folder holds."""
-    run, report_dir = cfg.run_uri, join(cfg.run_uri, REPORT_DIR)
+    run, figures = cfg.run_uri, Figures(storage, join(cfg.run_uri, REPORT_DIR))
     board = _read_csv(storage, join(run, "leaderboard.csv"))
     summary_uri = join(run, RUN_SUMMARY_FILE)
     summary = json.loads(storage.read_text(summary_uri)) if storage.exists(summary_uri) else None
@@ -385,27 +458,9 @@ def write_report(cfg: CatdogConfig, storage: Storage) -> str:
     ]
     histories = {row["arch"]: _read_csv(storage, join(run, row["arch"], "metrics.csv")) for row in board}
     histories = {arch: history for arch, history in histories.items() if history}
-    curves = _img(storage, report_dir, "curves.png", curves_figure(histories)) if histories else ""
+    curves = figures.img("curves.png", histories, lambda: curves_figure(histories)) if histories else ""
     sections.append("<h2 id='curves'>Training curves</h2>" + (curves or "<p>no metrics yet</p>"))
-    val_uri = join(run, VAL_PREDICTIONS)
-    if storage.exists(val_uri):
-        metrics = classification_metrics(storage, val_uri)
-        sections.append(
-            "<h2 id='confusion'>Confusion matrix (best model, validation)</h2>"
-            + _img(storage, report_dir, "confusion.png", confusion_figure(metrics["confusion"], metrics["model"]))
-        )
-        wrong = most_confidently_wrong(storage, val_uri)
-        wrong_images = report_image_bytes(storage, cfg.data.train, [row["path"] for row in wrong])
-        sections.append(
-            "<h2 id='wrong'>Most confidently wrong (validation)</h2>"
-            + (
-                _img(storage, report_dir, "wrong.png", wrong_grid_figure(storage, wrong, wrong_images))
-                if wrong
-                else "<p>none wrong</p>"
-            )
-        )
-    else:
-        sections.append("<h2 id='confusion'>Confusion matrix</h2><p>no validation predictions yet</p>")
+    sections += validation_sections(cfg, storage, figures)
     study_uri = join(run, VAL_STUDY)
     if storage.exists(study_uri):
         sections.append(study_section(json.loads(storage.read_text(study_uri)), run))
@@ -418,20 +473,17 @@ def write_report(cfg: CatdogConfig, storage: Storage) -> str:
         )
     predictions_uri = join(run, "predictions")
     if storage.exists(predictions_uri):
-        probs = np.array(
-            [
-                p
-                for b in read_columns(storage, predictions_uri, ["prob_dog"])
-                for p in b.column(0).to_pylist()
-                if p is not None
-            ]
+        probs = np.concatenate(
+            [np.zeros(0, np.float32)]
+            + [b.column(0).drop_null().to_numpy() for b in read_columns(storage, predictions_uri, ["prob_dog"])]
         )
         sections.append(
             "<h2 id='histogram'>Predicted probabilities on the test set</h2>"
-            + _img(storage, report_dir, "test_histogram.png", histogram_figure(probs))
+            + figures.img("test_histogram.png", probs, lambda: histogram_figure(probs))
         )
     else:
         sections.append("<h2 id='histogram'>Predicted probabilities on the test set</h2><p>run predict first</p>")
+    figures.save()
     sections.append(
         "<h2 id='throughput'>Throughput and wall time</h2>"
         + _table(board, ["arch", "images_per_s", "train_seconds", "epochs", "image_sizes", "minutes"])
