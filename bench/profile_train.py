@@ -131,9 +131,11 @@ def sample(args, root: Path, driver: subprocess.Popen) -> tuple[dict, dict, dict
 
 def write_report(args, processes: dict, before: dict, after: dict, wall: float, stacks: Path) -> None:
     used = {pid: after[pid] - before[pid] for pid in after if pid in before}
-    by_name = collections.Counter()
+    by_name, startup = collections.Counter(), collections.Counter()
     for pid, seconds in used.items():
         by_name[processes[pid]] += seconds
+    for pid, seconds in before.items():
+        startup[processes[pid]] += seconds
     parts, total = collections.Counter(), 0
     for line in stacks.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
@@ -145,13 +147,17 @@ def write_report(args, processes: dict, before: dict, after: dict, wall: float, 
         f"`python bench/profile_train.py --arch {args.arch} --precision {args.precision} --seconds {args.seconds:g}`; "
         f"{psutil.cpu_count()} CPUs; sampled {wall:.1f} s of epochs 2+.",
         "",
-        "| process | CPU s | share of the machine |",
-        "|---|---|---|",
+        "| process | CPU s while sampled | share of the machine | CPU s before (start-up and epoch 1) |",
+        "|---|---|---|---|",
     ]
     capacity = wall * psutil.cpu_count()
-    for name, seconds in by_name.most_common():
+    for name, seconds in (by_name + startup).most_common():
         if seconds >= 0.05:
-            lines.append(f"| {name} | {seconds:.1f} | {seconds / capacity:.1%} |")
+            share = by_name[name] / capacity
+            lines.append(f"| {name} | {by_name[name]:.1f} | {share:.1%} | {startup[name]:.1f} |")
+    lines.append(
+        f"| all | {sum(by_name.values()):.1f} | {sum(by_name.values()) / capacity:.1%} | {sum(startup.values()):.1f} |"
+    )
     lines += ["", "| Train worker, py-spy samples (all threads, active only) | share |", "|---|---|"]
     for part, count in parts.most_common(12):
         lines.append(f"| {part} | {count / max(total, 1):.1%} |")
