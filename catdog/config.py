@@ -131,9 +131,9 @@ class RayConfig(_Section):
     num_cpus: PositiveInt | None = None
     object_store_memory_mb: PositiveInt | None = None
     # Start Ray's dashboard with an embedded Ray (a cluster, RAY_ADDRESS, keeps its own).  Off saves
-    # 3-6% of a small job's wall time on 2 cores, but Ray Train's placement-group cleaner needs the
-    # State API the dashboard serves: without it, a dead controller's resources are never released
-    # and it warns every second (bench/NOTES.md, "Embedded Ray").
+    # 3-7% of a small predict job's wall time on 2 cores (nothing measurable for training), but Ray
+    # Train's placement-group cleaner needs the State API the dashboard serves: without it, a dead
+    # controller's resources are never released and it warns every second (bench/NOTES.md, "Embedded Ray").
     dashboard: bool = True
 
 
