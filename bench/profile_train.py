@@ -28,27 +28,28 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 
-# (part, substrings of a py-spy frame, searched from the innermost frame outwards); first match wins.
+# (part, substrings of a py-spy frame): a stack belongs to the first part with a frame containing one
+# of its substrings, so the step's own parts come before the frameworks they call into.
 PARTS = [
     ("waiting for the next batch", ("timed_batches",)),
-    ("backward", ("backward (torch/",)),
-    ("optimizer step", ("step (torch/optim", "step (torch/amp")),
-    ("forward", ("_call_impl (torch/nn",)),
-    ("EMA update", ("update (catdog/ema.py",)),
-    ("input conversion (to_model_input)", ("to_model_input",)),
     ("collate", ("Collate",)),
+    ("input conversion (to_model_input)", ("to_model_input",)),
+    ("EMA update", ("update (catdog/ema.py",)),
+    ("optimizer step", ("step (torch/optim", "step (torch/amp")),
+    ("backward", ("backward (torch/",)),
+    ("forward", ("_call_impl (torch/nn",)),
     ("Ray Data batching / prefetch thread", ("ray/data",)),
     ("the actor's main thread (Ray's task loop)", ("main_loop (ray/_private/worker.py",)),
 ]
 
 
 def part_of(stack: str) -> str:
-    frames = stack.split(";")[::-1]
-    for frame in frames:
-        for part, needles in PARTS:
-            if any(needle in frame for needle in needles):
-                return part
-    return "other: " + (frames[0].split(" (")[0] if frames else "?")
+    """The training step's part that a py-spy stack (frames joined by ';', outermost first) was in."""
+    frames = stack.split(";")
+    for part, needles in PARTS:
+        if any(needle in frame for frame in frames for needle in needles):
+            return part
+    return "other: " + (frames[-1].split(" (")[0] if frames else "?")
 
 
 def ray_processes() -> dict[int, str]:

@@ -72,3 +72,27 @@ def test_each_ratio_divides_the_catdog_row_by_the_baseline_of_the_same_precision
         results, {"when": "now", "machine": "m", "mode": "default", "precisions": ["fp32", "bf16"]}
     )
     assert "| train | catdog_train | resnet18 | bf16 | 2 | 640 |" in table
+
+
+def test_the_profile_counts_a_stack_in_the_steps_own_part_before_the_framework_it_calls(bench_run):
+    spec = importlib.util.spec_from_file_location("profile_train", REPO / "bench" / "profile_train.py")
+    profile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile)
+    loop = "train_loop_per_worker (catdog/training.py:473);train_one_epoch (catdog/training.py:262)"
+    stacks = {
+        f"{loop};Tensor.backward (torch/_tensor.py:623);_engine_run_backward (torch/autograd/graph.py:10)": "backward",
+        f"{loop};Adam.step (torch/optim/adam.py:248);_single_tensor_adam (torch/optim/adam.py:456)": "optimizer step",
+        f"{loop};Module._call_impl (torch/nn/modules/module.py:1786);ResNet.forward (torchvision/models/r.py:2)": (
+            "forward"
+        ),
+        f"{loop};timed_batches (catdog/training.py:312);_iter_batches (ray/data/iterator.py:150)": (
+            "waiting for the next batch"
+        ),
+        "Thread.run (threading.py:982);_worker (ray/data/_internal/block_batching/util.py:121);"
+        "Collate.__call__ (catdog/training.py:90);stack (torch/functional.py:10)": "collate",
+        "Thread.run (threading.py:982);next_batch (ray/data/_internal/batcher.py:514)": (
+            "Ray Data batching / prefetch thread"
+        ),
+        f"{loop};_save (torch/serialization.py:900)": "other: _save",
+    }
+    assert {stack: profile.part_of(stack) for stack in stacks} == stacks
