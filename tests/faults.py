@@ -8,6 +8,8 @@ worker process.  A test arms a fault by writing a small JSON file into ``CATDOG_
 
     upload_exit.json {"epoch": 2}: the worker dies inside ``ray.train.report`` while uploading epoch 2's
         checkpoint to storage: the other files arrive whole, ``model.pt`` half, and the report never returns.
+        It fires only once the controller has recorded epoch 1's checkpoint (Ray Train V2 collects reports
+        every 2 s, and an epoch can be shorter: a worker dying before that restarts from scratch).
     predict_exit.json {}: an inference actor dies on its next batch.
 
 ``stall_after_first_parquet_file`` is armed differently: a test runs a job's driver through it
@@ -95,6 +97,7 @@ def _patch_checkpoint_upload() -> None:
         if (
             pending.exists()
             and checkpoint_dir_name == f"epoch_{json.loads(pending.read_text())['epoch']:03d}"
+            and _previous_checkpoint_recorded(self, json.loads(pending.read_text())["epoch"])
             and _take("upload_exit")
         ):
             destination = self.build_checkpoint_path_from_name(checkpoint_dir_name)
@@ -107,6 +110,23 @@ def _patch_checkpoint_upload() -> None:
         return original(self, checkpoint, checkpoint_dir_name)
 
     train_storage.StorageContext.persist_current_checkpoint = persist_current_checkpoint
+
+
+def _previous_checkpoint_recorded(storage, epoch: int, timeout_s: float = 120) -> bool:
+    """Wait until the controller's checkpoint manager lists epoch ``epoch - 1`` (if any)."""
+    if epoch <= 1:
+        return True
+    wanted, deadline = f"epoch_{epoch - 1:03d}", time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with storage.storage_filesystem.open_input_stream(storage.checkpoint_manager_snapshot_path) as handle:
+                snapshot = json.loads(handle.read())
+            if wanted in {result["checkpoint_dir_name"] for result in snapshot["checkpoint_results"]}:
+                return True
+        except (OSError, ValueError, KeyError):
+            pass  # not written yet, or caught mid-write
+        time.sleep(0.2)
+    raise RuntimeError(f"upload_exit: {wanted} was never recorded by the controller")
 
 
 def _patch_predictor(inference) -> None:
