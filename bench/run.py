@@ -118,12 +118,12 @@ def plan(
         rows.append(("ingest", name, ingest))
     for w in workers[1:]:
         rows.append(("ingest", "catdog_folder", {**ingest, "ray_workers": w}))
+    large_n, large_archs = sizes.get("predict_large", (0, ()))
     for precision in precisions:
         model = {**common, "precision": precision}
         for arch in sizes["train_archs"]:
             for name in ("plain_train", "catdog_train"):
                 rows.append(("train", name, {**model, "n": sizes["train"], "arch": arch}))
-        large_n, large_archs = sizes.get("predict_large", (0, ()))
         for arch in sizes["predict_archs"]:
             for n in (sizes["predict"], large_n) if arch in large_archs else (sizes["predict"],):
                 for name in ("plain_predict", "catdog_predict"):
@@ -134,13 +134,6 @@ def plan(
                     ("predict", "catdog_predict", {**model, "n": sizes["predict"], "arch": arch, "ray_workers": w})
                 )
     return [(group, name, dict(args)) for group, name, args in rows if group in groups]
-
-
-def bf16_rows_possible() -> bool:
-    """bf16 rows only where catdog would run bf16 at all (AMX or AVX512-BF16; elsewhere amp is fp32)."""
-    from catdog.training import cpu_has_fast_bf16
-
-    return cpu_has_fast_bf16()
 
 
 def markdown(results: list[dict], meta: dict) -> str:
@@ -181,23 +174,15 @@ def ratios(results: list[dict]) -> dict:
         return found and found.get(key)
 
     n = next((r["args"]["n"] for r in results if r["group"] == "ingest"), None)
+
+    def ingest(path, workers=2):
+        return rate(path, None, None, n, workers)
+
     pairs = {
-        "ingest: catdog folder / stock read_images": (
-            rate("catdog_folder", None, None, n),
-            rate("ray_read_images", None, None, n),
-        ),
-        "ingest: catdog folder / plain DataLoader": (
-            rate("catdog_folder", None, None, n),
-            rate("dataloader_2", None, None, n),
-        ),
-        "ingest: catdog shards / plain DataLoader": (
-            rate("catdog_shards", None, None, n),
-            rate("dataloader_2", None, None, n),
-        ),
-        "ingest scaling: catdog folder, 2 / 1 Ray workers": (
-            rate("catdog_folder", None, None, n),
-            rate("catdog_folder", None, None, n, 1),
-        ),
+        "ingest: catdog folder / stock read_images": (ingest("catdog_folder"), ingest("ray_read_images")),
+        "ingest: catdog folder / plain DataLoader": (ingest("catdog_folder"), ingest("dataloader_2")),
+        "ingest: catdog shards / plain DataLoader": (ingest("catdog_shards"), ingest("dataloader_2")),
+        "ingest scaling: catdog folder, 2 / 1 Ray workers": (ingest("catdog_folder"), ingest("catdog_folder", 1)),
     }
     models = sorted(
         {
@@ -246,6 +231,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args()
     from catdog.runtime import cpu_model
+    from catdog.training import cpu_has_fast_bf16
 
     mode = "smoke" if args.smoke else "full" if args.full else "default"
     workers = [2] if args.no_scaling else [2, 1]
@@ -256,7 +242,8 @@ def main() -> int:
         keep = args.archs.split(",")
         for key in ("train_archs", "predict_archs"):
             sizes[key] = tuple(a for a in sizes[key] if a in keep)
-    precisions = tuple(p for p in sizes["precisions"] if p == "fp32" or bf16_rows_possible())
+    # bf16 rows only where catdog runs bf16 at all (AMX or AVX512-BF16; elsewhere its amp is fp32)
+    precisions = tuple(p for p in sizes["precisions"] if p == "fp32" or cpu_has_fast_bf16())
     if precisions != sizes["precisions"]:
         print("bf16 rows left out: this CPU has neither AMX nor AVX512-BF16, so catdog trains fp32", flush=True)
     rows = plan(sizes, Path(args.data), workers, groups, precisions)
