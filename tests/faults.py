@@ -94,10 +94,11 @@ def _patch_checkpoint_upload() -> None:
 
     def persist_current_checkpoint(self, checkpoint, checkpoint_dir_name):
         pending = faults_dir() / "upload_exit.json"
+        epoch = json.loads(pending.read_text())["epoch"] if pending.exists() else None
         if (
-            pending.exists()
-            and checkpoint_dir_name == f"epoch_{json.loads(pending.read_text())['epoch']:03d}"
-            and _previous_checkpoint_recorded(self, json.loads(pending.read_text())["epoch"])
+            epoch is not None
+            and checkpoint_dir_name == f"epoch_{epoch:03d}"
+            and _previous_checkpoint_recorded(self, epoch)
             and _take("upload_exit")
         ):
             destination = self.build_checkpoint_path_from_name(checkpoint_dir_name)
@@ -120,13 +121,21 @@ def _previous_checkpoint_recorded(storage, epoch: int, timeout_s: float = 120) -
     while time.monotonic() < deadline:
         try:
             with storage.storage_filesystem.open_input_stream(storage.checkpoint_manager_snapshot_path) as handle:
-                snapshot = json.loads(handle.read())
-            if wanted in {result["checkpoint_dir_name"] for result in snapshot["checkpoint_results"]}:
-                return True
-        except (OSError, ValueError, KeyError):
-            pass  # not written yet, or caught mid-write
+                if wanted in checkpoint_names(handle.read()):
+                    return True
+        except OSError:
+            pass  # not written yet
         time.sleep(0.2)
     raise RuntimeError(f"upload_exit: {wanted} was never recorded by the controller")
+
+
+def checkpoint_names(snapshot: str | bytes) -> set[str]:
+    """The checkpoints Ray Train's checkpoint manager has registered (what a restart resumes from),
+    from the text of its ``checkpoint_manager_snapshot.json``; none from a snapshot caught half written."""
+    try:
+        return {result["checkpoint_dir_name"] for result in json.loads(snapshot)["checkpoint_results"]}
+    except ValueError:
+        return set()
 
 
 def _patch_predictor(inference) -> None:

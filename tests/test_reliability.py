@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import REPO, copy_images, jpeg_bytes, printed_result, quick_overrides
-from faults import arm
+from faults import arm, checkpoint_names
 from PIL import Image
 
 from catdog.config import load_config
@@ -64,10 +64,9 @@ def alive(pid: int) -> bool:
 def recorded_checkpoints(arch: Path) -> set[str]:
     """The checkpoints Ray Train's checkpoint manager has registered (what a restart resumes from)."""
     try:
-        snapshot = json.loads((arch / "checkpoint_manager_snapshot.json").read_text())
-    except (FileNotFoundError, ValueError):  # not written yet, or caught half written
+        return checkpoint_names((arch / "checkpoint_manager_snapshot.json").read_text())
+    except FileNotFoundError:  # not written yet
         return set()
-    return {result["checkpoint_dir_name"] for result in snapshot["checkpoint_results"]}
 
 
 def step_starts(faults_dir: Path) -> list[int]:
