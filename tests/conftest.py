@@ -7,6 +7,7 @@ test that still skips for another reason than the ``gpu`` marker is reported as 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import io
 import os
@@ -88,6 +89,30 @@ def pytest_runtest_makereport(item, call):
         report.outcome = "failed"
         report.longrepr = f"skipped under CATDOG_REQUIRE={os.environ['CATDOG_REQUIRE']}: {reason}"
     return report
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Under pytest-xdist (``make test`` runs ``-n 2``) a module runs whole on one worker, so its module
+    fixtures are built once; the modules that read the trained ``quick_run`` share a worker (it trains
+    once per worker), and so do the ``cluster`` modules (one multi-node cluster at a time).  xdist's
+    own ``xdist_group`` marks do not work with pytest 9 (they rename ``_nodeid``, which pytest 9 no
+    longer reads), hence a scheduler that groups by module instead."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return module_group(config.rootpath / nodeid.split("::")[0])
+
+    return ModuleGroups(config, log)
+
+
+@functools.cache
+def module_group(path: Path) -> str:
+    source = path.read_text()
+    if "pytest.mark.cluster" in source:
+        return "cluster"
+    return "quick_run" if "quick_run" in source else str(path)
 
 
 def require_or_skip(component: str) -> None:

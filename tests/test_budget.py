@@ -143,6 +143,7 @@ def test_local_config_is_budgeted_to_45_minutes():
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_three_minute_budget_ends_inside_it_and_says_what_the_model_got(small_real_data, tmp_path, ray_session):
     """Measuring, progressive resizing, re-planning and the validation study, all inside 3 minutes.
     (One architecture: on 2 cores each costs 35-60 s before its first epoch; sharing between

@@ -75,3 +75,31 @@ def test_ci_script_exits_quickly_naming_a_missing_data_folder(tmp_path):
     )
     assert proc.returncode == 3 and "required component missing: CATDOG_DATA" in proc.stderr, proc.stderr
     assert time.monotonic() - start < 10
+
+
+def test_under_xdist_a_module_and_the_quick_run_and_cluster_modules_each_stay_on_one_worker(tmp_path):
+    """`make test` runs ``-n 2``: without tests/conftest.py's scheduler, xdist would
+    spread a module's tests over both workers (its module fixtures built twice) and train
+    ``quick_run`` once per worker."""
+    body = "import time\n\n" + "".join(f"def test_{i}({{arg}}):\n    time.sleep(0.2)\n\n" for i in range(6))
+    quick = "import pytest\n\n@pytest.fixture(scope='session')\ndef quick_run():\n    return 1\n\n"
+    cluster = "import pytest\n\npytestmark = pytest.mark.cluster\n\n"
+    for name, head, arg in [
+        ("test_quick_a", quick, "quick_run"),
+        ("test_quick_b", quick, "quick_run"),
+        ("test_cluster_a", cluster, ""),
+        ("test_cluster_b", cluster, ""),
+        ("test_plain", "", ""),
+    ]:
+        (tmp_path / f"{name}.py").write_text(head + body.format(arg=arg))
+    env = {"PYTHONPATH": f"{REPO}:{TESTS}"}
+    proc, _ = pytest_in(tmp_path, "-p", "conftest", "-n", "2", "-v", **env)
+    assert proc.returncode == 0 and "30 passed" in proc.stdout, proc.stdout[-3000:]
+    workers: dict[str, set[str]] = {}
+    for line in proc.stdout.splitlines():
+        if "PASSED" in line and line.startswith("[gw"):
+            worker, module = line.split()[0], line.split("::")[0].split()[-1]
+            workers.setdefault(module.removesuffix(".py"), set()).add(worker)
+    assert len(workers) == 5 and all(len(used) == 1 for used in workers.values()), workers
+    assert workers["test_quick_a"] == workers["test_quick_b"]
+    assert workers["test_cluster_a"] == workers["test_cluster_b"]

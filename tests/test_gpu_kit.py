@@ -145,6 +145,7 @@ def test_the_wheel_set_resolves_for_python_312_and_a_missing_wheel_breaks_it(kit
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # the kit's 2-minute budget and its steps' timeouts
 def test_run_sh_cpu_runs_every_step(kit, tmp_path):
     out = tmp_path / "check"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
