@@ -154,6 +154,12 @@ def _clear(folder: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+# The dummy credentials of the tests' local moto servers (tests/test_s3.py), the only AWS credentials
+# a test ever uses.  The session Ray's workers get them so that jobs run in-process can read s3://
+# (Ray workers take their environment from the runtime_env, not from the driver's os.environ).
+S3_TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "catdog-test-key", "AWS_SECRET_ACCESS_KEY": "catdog-test-secret"}
+
+
 @pytest.fixture(scope="session")
 def ray_session(faults_dir):
     """One local Ray for the whole test session.  4 logical CPUs on 2 cores on purpose: a Train
@@ -169,6 +175,7 @@ def ray_session(faults_dir):
                 "env_vars": {
                     "PYTHONPATH": f"{REPO}:{REPO / 'tests'}:${{PYTHONPATH}}",
                     "CATDOG_FAULTS_DIR": str(faults_dir),
+                    **S3_TEST_CREDENTIALS,
                 },
                 "worker_process_setup_hook": "faults.install",
             },

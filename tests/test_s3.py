@@ -1,8 +1,13 @@
 """Object storage end to end against a real S3 API: ``moto_server`` in its own process on a loopback port.
 
-Nothing is mocked inside the test process.  The Ray jobs run as subprocesses (``jobs/*.py``) that
-start their own embedded Ray, so their Ray workers inherit the (dummy) AWS credentials from the job's
-environment; the credentials are only ever environment variables, never config files or arguments.
+Nothing is mocked inside the test process.  Every job (prepare, train, predict, evaluate) runs on S3
+at least once as a real job subprocess (``jobs/*.py``) that starts its own embedded Ray, so its Ray
+workers inherit the (dummy) AWS credentials from the job's environment; so do the jobs whose exit
+code, error line or environment a test checks.  The other steps of the pipeline call the same catdog
+function in the session Ray (``ray_session``; a job subprocess costs some 25-35 CPU seconds of
+start-up), whose workers get the same dummy credentials from its runtime_env
+(``conftest.S3_TEST_CREDENTIALS``) and this process from :func:`s3_credentials`.  The credentials
+are only ever environment variables, never config files or arguments.
 """
 
 from __future__ import annotations
@@ -26,17 +31,19 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import REPO, printed_result, write_image
+from conftest import REPO, S3_TEST_CREDENTIALS, printed_result, write_image
 
 from catdog.config import load_config
 from catdog.models import build_model, check_init, load_weights_file
+from catdog.predict_job import run_predict
+from catdog.shards import run_prepare
 from catdog.storage import S3_REQUEST_TIMEOUT_S, Storage, StorageError, StorageNotFound
-from catdog.train_job import prepare_run
+from catdog.train_job import prepare_run, run_training
 
 MOTO_SERVER = Path(sys.executable).parent / "moto_server"
 REGION = "us-east-1"
 # Dummy credentials for the local moto server; they exist only in the environment of these tests.
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "catdog-test-key", "AWS_SECRET_ACCESS_KEY": "catdog-test-secret"}
+CREDENTIALS = S3_TEST_CREDENTIALS
 _AWS_UNSET = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION")
 
 
@@ -118,12 +125,24 @@ def job_env() -> dict[str, str]:
     return {**env, **CREDENTIALS, "AWS_DEFAULT_REGION": REGION}
 
 
+@contextlib.contextmanager
+def s3_credentials(cwd: Path | None = None):
+    """This process's environment as a job's (:func:`job_env`) while a job runs in-process, in
+    ``cwd`` if given.  The session Ray's workers have the credentials from its runtime_env."""
+    with pytest.MonkeyPatch.context() as patch:
+        for key in (*_AWS_UNSET, "AWS_DEFAULT_REGION"):
+            patch.delenv(key, raising=False)
+        for key, value in {**CREDENTIALS, "AWS_DEFAULT_REGION": REGION}.items():
+            patch.setenv(key, value)
+        if cwd is not None:
+            patch.chdir(cwd)
+        yield
+
+
 @pytest.fixture
-def s3_env(monkeypatch):
-    for key in (*_AWS_UNSET, "AWS_DEFAULT_REGION"):
-        monkeypatch.delenv(key, raising=False)
-    for key, value in {**CREDENTIALS, "AWS_DEFAULT_REGION": REGION}.items():
-        monkeypatch.setenv(key, value)
+def s3_env():
+    with s3_credentials():
+        yield
 
 
 @pytest.fixture
@@ -354,13 +373,26 @@ def test_jobs_stop_with_one_error_line_naming_the_uri(job, case, s3_server, s3_a
     assert list(tmp_path.iterdir()) == []  # nothing written to the working folder
 
 
-# -- prepare -> train -> predict -> evaluate, all on s3:// (real Ray jobs) ----------------------------
+# -- prepare -> train -> predict -> evaluate, all on s3:// ---------------------------------------------
+
+
+def set_args(overrides: list[str]) -> list[str]:
+    """A job's command-line arguments for the quick config with ``overrides``."""
+    return ["--config", str(REPO / "configs" / "quick.yaml"), *[a for item in overrides for a in ("--set", item)]]
+
+
+def s3_config(run: dict, *extra: str):
+    """The config that ``python jobs/<job>.py *run["sets"]`` (plus ``--set`` of ``extra``) loads."""
+    return load_config(REPO / "configs" / "quick.yaml", [*run["overrides"], *extra])
 
 
 @pytest.fixture(scope="module")
-def s3_run(s3_server, small_real_data, tmp_path_factory):
+def s3_run(s3_server, small_real_data, tmp_path_factory, ray_session):
     """Upload the real images, pack them into shards on S3, and train from the shards with every
-    output on S3.  Jobs run with an empty working folder, which must stay empty."""
+    output on S3.  Jobs run with an empty working folder, which must stay empty.
+
+    The training images' prepare and the training are job subprocesses (the tests read what they
+    print); the test images' prepare runs in-process in the session Ray."""
     name = s3_server.bucket("catdog-e2e")
     fs = s3_server.fs()
     for part in ("train", "test1"):
@@ -374,43 +406,41 @@ def s3_run(s3_server, small_real_data, tmp_path_factory):
         stream.write(b"\xff\xd8\xff\xe0 truncated")  # one corrupt image: rejected by prepare
     cwd = tmp_path_factory.mktemp("cwd")
     bucket = f"s3://{name}"
-    config = ["--config", str(REPO / "configs" / "quick.yaml"), "--set", f"storage.endpoint_url={s3_server.endpoint}"]
-    config += ["--set", "train.report=false"]  # no test here reads the report
+    config = [f"storage.endpoint_url={s3_server.endpoint}", "train.report=false"]  # no test here reads the report
     timings = {}
-    prepared = {}
-    for part in ("train", "test1"):
-        start = time.monotonic()
-        proc = run_job(
-            "prepare.py",
-            *config,
-            "--input",
-            f"{bucket}/data/{part}",
-            "--output",
-            f"{bucket}/shards/{part}",
-            "--shard-size",
-            "64",
-            cwd=cwd,
+    start = time.monotonic()
+    proc = run_job(
+        "prepare.py",
+        *set_args(config),
+        "--input",
+        f"{bucket}/data/train",
+        "--output",
+        f"{bucket}/shards/train",
+        "--shard-size",
+        "64",
+        cwd=cwd,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    timings["prepare train"] = time.monotonic() - start
+    prepared = {"train": proc.stdout}
+    start = time.monotonic()
+    with s3_credentials(cwd):
+        test_shards = run_prepare(
+            load_config(REPO / "configs" / "quick.yaml", config), f"{bucket}/data/test1", f"{bucket}/shards/test1", 64
         )
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        timings[f"prepare {part}"] = time.monotonic() - start
-        prepared[part] = proc.stdout
-    sets = [
+    assert test_shards == f"{bucket}/shards/test1"
+    timings["prepare test1"] = time.monotonic() - start
+    overrides = [
         *config,
-        "--set",
         f"storage.root={bucket}/runs",
-        "--set",
         "run_name=s3run",
-        "--set",
         f"data.train={bucket}/shards/train",
-        "--set",
         f"data.test={bucket}/data/test1",
-        "--set",
         "data.limit=null",
-        "--set",
         "models=[sequential_cnn]",
-        "--set",
         "data.image_size=32",  # cheaper epochs and scoring; nothing here depends on the size
     ]
+    sets = set_args(overrides)
     start = time.monotonic()
     proc = run_job("train.py", *sets, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -427,6 +457,7 @@ def s3_run(s3_server, small_real_data, tmp_path_factory):
     return {
         "bucket": name,
         "cwd": cwd,
+        "overrides": overrides,
         "sets": sets,
         "train": proc,
         "trained": trained,
@@ -480,16 +511,17 @@ def test_train_from_shards_on_s3_writes_every_output_to_the_bucket(s3_server, s3
 
 @pytest.mark.slow
 def test_predict_and_evaluate_on_s3_folder_and_shards_agree(s3_server, s3_run):
+    """Both predicts run in-process (the session Ray); evaluate is this file's evaluate job subprocess."""
     name, cwd, sets = s3_run["bucket"], s3_run["cwd"], s3_run["sets"]
     bucket = f"s3://{name}"
-    folder = run_job("predict.py", *sets, cwd=cwd)
-    assert folder.returncode == 0, folder.stderr[-4000:]
-    assert printed_result(folder.stdout) == f"{bucket}/runs/s3run/submission.csv"
+    submission = f"{bucket}/runs/s3run/submission.csv"
+    with s3_credentials(cwd):
+        assert run_predict(s3_config(s3_run)) == submission
     from_folder = read_object(s3_server, f"{name}/runs/s3run/submission.csv").decode()
     assert from_folder.splitlines()[0] == "id,label" and len(from_folder.splitlines()) == 121
     # The same model over the test shards, into the same run: predictions/ is replaced, not appended to.
-    shards = run_job("predict.py", *sets, "--input", f"{bucket}/shards/test1", cwd=cwd)
-    assert shards.returncode == 0, shards.stderr[-4000:]
+    with s3_credentials(cwd):
+        assert run_predict(s3_config(s3_run), input_uri=f"{bucket}/shards/test1") == submission
     assert read_object(s3_server, f"{name}/runs/s3run/submission.csv").decode() == from_folder
     parts = [k for k in keys(s3_server, f"{name}/runs/s3run/predictions") if k.endswith(".parquet")]
     rows = sum(
@@ -508,6 +540,7 @@ def test_predict_and_evaluate_on_s3_folder_and_shards_agree(s3_server, s3_run):
 
 @pytest.mark.slow
 def test_predict_with_model_and_output_on_s3_and_the_endpoint_from_the_environment(s3_server, s3_run):
+    """This file's predict job subprocess: the endpoint and region come from the job's environment."""
     name, cwd = s3_run["bucket"], s3_run["cwd"]
     bucket = f"s3://{name}"
     sets = [a for pair in zip(s3_run["sets"][::2], s3_run["sets"][1::2]) if "endpoint_url" not in pair[1] for a in pair]
@@ -549,8 +582,9 @@ def test_rerun_with_one_more_epoch_resumes_from_the_checkpoint_in_the_bucket(s3_
     first = list(csv.DictReader(io.StringIO(s3_run["trained"]["metrics"])))
     assert [int(r["epoch"]) for r in first] == [1]
     stamp = s3_run["trained"]["model_mtime"]
-    proc = run_job("train.py", *s3_run["sets"], "--set", "train.epochs=2", cwd=s3_run["cwd"])
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    with s3_credentials(s3_run["cwd"]):  # in-process, in the session Ray
+        best_uri = run_training(s3_config(s3_run, "train.epochs=2"))
+    assert best_uri == f"s3://{s3_run['bucket']}/runs/s3run/best.json"
     second = metrics()
     assert [int(r["epoch"]) for r in second] == [1, 2] and second[:1] == first
     assert s3_server.fs().get_file_info(f"{arch}/epoch_001/model.pt").mtime == stamp
@@ -561,12 +595,12 @@ def test_rerun_with_one_more_epoch_resumes_from_the_checkpoint_in_the_bucket(s3_
 
 @pytest.mark.slow
 def test_train_from_an_image_folder_on_s3(s3_server, s3_run):
-    """The same job straight from the uploaded image folder, no prepare step: same split as the shards."""
+    """The same training straight from the uploaded image folder, no prepare step: same split as the
+    shards.  In-process, in the session Ray (the shards' training is the job subprocess)."""
     name = s3_run["bucket"]
-    sets = [*s3_run["sets"], "--set", "run_name=s3folder", "--set", f"data.train=s3://{name}/data/train"]
-    proc = run_job("train.py", *sets, cwd=s3_run["cwd"])
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert printed_result(proc.stdout) == f"s3://{name}/runs/s3folder/best.json"
+    with s3_credentials(s3_run["cwd"]):
+        best_uri = run_training(s3_config(s3_run, "run_name=s3folder", f"data.train=s3://{name}/data/train"))
+    assert best_uri == f"s3://{name}/runs/s3folder/best.json"
     best = json.loads(read_object(s3_server, f"{name}/runs/s3folder/best.json"))
     assert best["checkpoint"] == f"s3://{name}/runs/s3folder/sequential_cnn/epoch_001"
 
