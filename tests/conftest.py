@@ -251,6 +251,11 @@ def quick_overrides(data: Path, root: Path, run_name: str = "quick", **extra) ->
     return [f"{k}={'null' if v is None else v}" for k, v in sets.items()]
 
 
+def set_args(overrides: list[str]) -> list[str]:
+    """A job's ``--set`` arguments for ``overrides`` (one ``--set`` per override)."""
+    return [arg for item in overrides for arg in ("--set", item)]
+
+
 @pytest.fixture(scope="session")
 def quick_run(tmp_path_factory, small_real_data, ray_session):
     """One real quick-config training run (all three architectures), shared by many tests."""

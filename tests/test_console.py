@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, quick_overrides
+from conftest import REPO, quick_overrides, set_args
 
 from catdog.cli import JOBS
 from catdog.console import MARK, duration
@@ -20,10 +20,6 @@ MAX_LINES = 40
 def run(args: list[str], env: dict | None = None, timeout: int = 1500) -> subprocess.CompletedProcess:
     env = {**{k: v for k, v in os.environ.items() if k != "CATDOG_VERBOSE"}, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
-
-
-def sets(overrides: list[str]) -> list[str]:
-    return [arg for item in overrides for arg in ("--set", item)]
 
 
 def test_catdog_help_lists_every_job():
@@ -54,7 +50,7 @@ def test_duration():
 @pytest.mark.slow
 def test_quick_train_prints_a_short_console_and_logs_ray_to_the_run(small_real_data, tmp_path):
     overrides = quick_overrides(small_real_data, tmp_path, **{"data.limit": 120, "data.image_size": 32})
-    proc = run([str(REPO / "jobs" / "train.py"), "--config", "configs/quick.yaml", *sets(overrides)])
+    proc = run([str(REPO / "jobs" / "train.py"), "--config", "configs/quick.yaml", *set_args(overrides)])
     lines = proc.stdout.splitlines() + proc.stderr.splitlines()
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(lines) <= MAX_LINES, "\n".join(lines)
@@ -69,7 +65,7 @@ def test_quick_train_prints_a_short_console_and_logs_ray_to_the_run(small_real_d
     log = (run_dir / "logs" / "train.log").read_text()
     assert "(TrainController pid=" in log and "Dataset" in log  # Ray's own output is kept, in the log
 
-    predict = run([str(REPO / "jobs" / "predict.py"), "--config", "configs/quick.yaml", *sets(overrides)])
+    predict = run([str(REPO / "jobs" / "predict.py"), "--config", "configs/quick.yaml", *set_args(overrides)])
     assert predict.returncode == 0, predict.stderr[-3000:]
     assert len(predict.stdout.splitlines() + predict.stderr.splitlines()) <= 10, predict.stdout + predict.stderr
     assert predict.stdout.splitlines()[-1] == str(run_dir / "submission.csv")
@@ -80,7 +76,7 @@ def test_quick_train_prints_a_short_console_and_logs_ray_to_the_run(small_real_d
 def test_verbose_shows_rays_own_progress(small_real_data, tmp_path):
     small = {"models": "[sequential_cnn]", "data.limit": 120, "data.image_size": 32}  # any run shows the progress
     overrides = quick_overrides(small_real_data, tmp_path, "verbose", **small)
-    proc = run([str(REPO / "jobs" / "train.py"), "--config", "configs/quick.yaml", "--verbose", *sets(overrides)])
+    proc = run([str(REPO / "jobs" / "train.py"), "--config", "configs/quick.yaml", "--verbose", *set_args(overrides)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     output = proc.stdout + proc.stderr
     assert "(TrainController pid=" in output and "Running Dataset" in output

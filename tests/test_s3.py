@@ -31,7 +31,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import REPO, S3_TEST_CREDENTIALS, printed_result, write_image
+from conftest import REPO, S3_TEST_CREDENTIALS, printed_result, set_args, write_image
 
 from catdog.config import load_config
 from catdog.models import build_model, check_init, load_weights_file
@@ -376,9 +376,9 @@ def test_jobs_stop_with_one_error_line_naming_the_uri(job, case, s3_server, s3_a
 # -- prepare -> train -> predict -> evaluate, all on s3:// ---------------------------------------------
 
 
-def set_args(overrides: list[str]) -> list[str]:
+def quick_job_args(overrides: list[str]) -> list[str]:
     """A job's command-line arguments for the quick config with ``overrides``."""
-    return ["--config", str(REPO / "configs" / "quick.yaml"), *[a for item in overrides for a in ("--set", item)]]
+    return ["--config", str(REPO / "configs" / "quick.yaml"), *set_args(overrides)]
 
 
 def s3_config(run: dict, *extra: str):
@@ -411,7 +411,7 @@ def s3_run(s3_server, small_real_data, tmp_path_factory, ray_session):
     start = time.monotonic()
     proc = run_job(
         "prepare.py",
-        *set_args(config),
+        *quick_job_args(config),
         "--input",
         f"{bucket}/data/train",
         "--output",
@@ -440,7 +440,7 @@ def s3_run(s3_server, small_real_data, tmp_path_factory, ray_session):
         "models=[sequential_cnn]",
         "data.image_size=32",  # cheaper epochs and scoring; nothing here depends on the size
     ]
-    sets = set_args(overrides)
+    sets = quick_job_args(overrides)
     start = time.monotonic()
     proc = run_job("train.py", *sets, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -23,7 +23,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import REPO, copy_images, jpeg_bytes, quick_overrides, write_image
+from conftest import REPO, copy_images, jpeg_bytes, quick_overrides, set_args, write_image
 from s3proxy import FaultyS3Proxy
 
 from catdog import storage as storage_module
@@ -46,10 +46,6 @@ def tiny_cfg(data: Path, root: Path, run_name: str, **extra):
     """One small Sequential CNN: 96 real images at 32 px, one epoch, fp32 (exact comparisons)."""
     sets = {"models": "[sequential_cnn]", "data.limit": 96, "data.image_size": 32, "train.amp": False, **extra}
     return load_config(REPO / "configs" / "quick.yaml", quick_overrides(data, root, run_name, **sets))
-
-
-def set_args(cfg_sets: list[str]) -> list[str]:
-    return [arg for item in cfg_sets for arg in ("--set", item)]
 
 
 def train_job(*args: str, cwd: Path, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
