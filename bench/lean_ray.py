@@ -1,7 +1,7 @@
 """Embedded-Ray settings, side by side: wall time of small train and predict jobs with each setting.
 
     python bench/lean_ray.py [--data DIR] [--repeats 3] [--set KEY=VALUE ...] [--env NAME=VALUE ...]
-                             [--out bench/results]
+                             [--repo DIR ...] [--out bench/results]
 
 Each variant runs ``jobs/train.py`` (quick config, the small CNN, 1 epoch on 200 images) and
 ``jobs/predict.py`` (500 test1 images) in fresh processes, each starting its own embedded Ray; the
@@ -44,13 +44,14 @@ def cpu_group() -> Path | None:
     return group
 
 
-def timed(command: list[str], env: dict[str, str], group: Path | None) -> tuple[float, float | None]:
+def timed(command: list[str], env: dict[str, str], group: Path | None, repo: Path) -> tuple[float, float | None]:
     """Wall seconds and CPU seconds (None without a cgroup) of ``command`` and every process it starts."""
     enter = f"echo $$ > {group / 'tasks'}; " if group else ""
     used = int((group / "cpuacct.usage").read_text()) if group else 0
     start = time.perf_counter()
     shell = ["bash", "-c", enter + 'exec "$@"', "job", *command]
-    proc = subprocess.run(shell, cwd=REPO, capture_output=True, text=True, env={**os.environ, **env})
+    env = {**os.environ, "PYTHONPATH": str(repo), **env}  # Ray's workers import catdog from the same checkout
+    proc = subprocess.run(shell, cwd=repo, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         sys.exit(f"failed ({proc.returncode}): {' '.join(command)}\n{proc.stderr[-3000:]}")
@@ -75,10 +76,10 @@ def measure(args, variants: dict, times: dict, group: Path | None) -> None:
         for i in range(1, 501):
             (work / "test500" / f"{i}.jpg").symlink_to((args.data / "test1" / f"{i}.jpg").resolve())
         for repeat in range(args.repeats):
-            for variant, (sets, env) in variants.items():
+            for variant, (sets, env, repo) in variants.items():
                 name = f"v{list(variants).index(variant)}-{repeat}"
                 for job, command in zip(("train", "predict"), job_commands(args.data, work, name, sets)):
-                    wall, cpu = timed(command, env, group)
+                    wall, cpu = timed(command, env, group, repo)
                     times[variant][job].append(wall)
                     times[variant][f"{job}_cpu"].append(cpu)
                 print(variant, {k: v[-1] and round(v[-1], 1) for k, v in times[variant].items()}, flush=True)
@@ -93,11 +94,15 @@ def main() -> None:
     parser.add_argument(
         "--env", action="append", default=[], dest="envs", help="one variant per 'NAME=VALUE [NAME=VALUE ...]'"
     )
+    parser.add_argument(
+        "--repo", action="append", default=[], type=Path, dest="repos", help="one variant per other checkout"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--note", default="")
     args = parser.parse_args()
-    variants = {"baseline": ([], {}), **{v: ([v], {}) for v in args.variants}}
-    variants |= {v: ([], dict(pair.split("=", 1) for pair in v.split())) for v in args.envs}
+    variants = {"baseline": ([], {}, REPO), **{v: ([v], {}, REPO) for v in args.variants}}
+    variants |= {v: ([], dict(pair.split("=", 1) for pair in v.split()), REPO) for v in args.envs}
+    variants |= {f"repo {repo}": ([], {}, repo.resolve()) for repo in args.repos}
     times = {v: {"train": [], "predict": [], "train_cpu": [], "predict_cpu": []} for v in variants}
     group = cpu_group()
     try:
@@ -112,6 +117,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"lean_ray-{stamp}.json").write_text(json.dumps(record, indent=2) + "\n")
     options = [f"--set {v}" for v in args.variants] + [f"--env {v}" for v in args.envs]
+    options += [f"--repo {repo}" for repo in args.repos]
     lines = [
         f"# Embedded Ray settings: small jobs' wall time ({stamp})",
         "",

@@ -13,7 +13,6 @@ import os
 import posixpath
 
 import torch
-import torchvision
 from torch import nn
 
 from catdog.config import ARCHITECTURES
@@ -21,10 +20,10 @@ from catdog.storage import ReadError, Storage, StorageError, StorageNotFound, jo
 
 logger = logging.getLogger(__name__)
 
-_IMAGENET_WEIGHTS = {
-    "mobilenet_v2": torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1,
-    "resnet18": torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
-}
+# torchvision is imported where a model is built, not here: importing it pulls in torch._dynamo
+# (about 2 CPU-s), and every Ray process that unpickles a catdog function imports this module,
+# Train's controller and dataset manager included, which never build a model.
+_IMAGENET_WEIGHTS = {"mobilenet_v2": "MobileNet_V2_Weights", "resnet18": "ResNet18_Weights"}
 MODEL_FILE = "model.pt"
 META_FILE = "meta.json"
 
@@ -56,6 +55,8 @@ def sequential_cnn(num_classes: int = 2, width: int = 32) -> nn.Sequential:
 
 
 def _torchvision_model(arch: str, num_classes: int) -> nn.Module:
+    import torchvision
+
     model = getattr(torchvision.models, arch)(weights=None)
     if arch == "resnet18":
         model.fc = nn.Linear(model.fc.in_features, num_classes)
@@ -78,8 +79,14 @@ def split_parameters(model: nn.Module, arch: str) -> tuple[list[nn.Parameter], l
     return backbone, head
 
 
+def _imagenet_weights(arch: str):
+    import torchvision
+
+    return getattr(torchvision.models, _IMAGENET_WEIGHTS[arch]).IMAGENET1K_V1
+
+
 def imagenet_weights_path(arch: str) -> str:
-    weights = _IMAGENET_WEIGHTS[arch]
+    weights = _imagenet_weights(arch)
     return os.path.join(torch.hub.get_dir(), "checkpoints", posixpath.basename(weights.url))
 
 
@@ -87,7 +94,7 @@ def imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
     """torchvision's ImageNet weights, from the hub cache or downloaded; never a silent fallback."""
     if arch not in _IMAGENET_WEIGHTS:
         raise InitError(f"init: imagenet: {arch} has no ImageNet weights; use init: scratch or a checkpoint path")
-    weights = _IMAGENET_WEIGHTS[arch]
+    weights = _imagenet_weights(arch)
     path = imagenet_weights_path(arch)
     try:
         return weights.get_state_dict(progress=False)

@@ -24,7 +24,7 @@ import re
 import sys
 import time
 
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from catdog import budget, tracking
@@ -38,6 +38,7 @@ from catdog.report import PLAN_FILE, RUN_SUMMARY_FILE, validation_study, write_r
 from catdog.runtime import check_predict_resources, check_train_resources, cpu_model, init_ray, run_on_worker_nodes
 from catdog.storage import Storage, join
 from catdog.training import measure_speeds, train_loop_per_worker, write_json
+from catdog.worker_split import ShardConfig
 
 logger = logging.getLogger(__name__)
 
@@ -58,20 +59,6 @@ LEADERBOARD_COLUMNS = (
     "images_per_s",
     "checkpoint",
 )
-
-
-class ShardConfig(DataConfig):
-    """Train shards must be equal (DDP steps in lock-step); validation shards need not be, and
-    splitting them unequally means no validation image is dropped."""
-
-    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        output = [{} for _ in range(world_size)]
-        for name, ds in datasets.items():
-            ds = ds.copy(ds)
-            ds.context.execution_options = self._resolve_execution_options(name)
-            for i, shard in enumerate(ds.streaming_split(world_size, equal=(name == "train"))):
-                output[i][name] = shard
-        return output
 
 
 class RunMismatch(ConfigError):

@@ -8,6 +8,8 @@ once) but not from a reader: the two modules still depend on each other.  So eve
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 from conftest import REPO
@@ -108,3 +110,26 @@ def test_catdog_never_imports_the_layers_above():
         names = imported_names(ast.parse(path.read_text(), str(path)), f"{PACKAGE}.{path.stem}")
         above = sorted(name for name in names if name.split(".")[0] in ABOVE)
         assert not above, f"{path.name} imports {above}: jobs/, bench/, gpu_kit/ and tests/ sit on top of catdog"
+
+
+def modules_loaded_by(code: str) -> set[str]:
+    """The top-level modules a fresh interpreter has loaded after running ``code``."""
+    script = f"import sys; {code}; print(' '.join(sorted(sys.modules)))"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return set(proc.stdout.split())
+
+
+def test_what_trains_controller_and_dataset_manager_unpickle_imports_no_torchvision():
+    """Ray Train's controller and dataset manager unpickle the train function and the dataset config,
+    importing their modules, for every training.  torchvision (with the torch._dynamo it imports)
+    cost each training about 5 CPU-s there (bench/NOTES.md, "Embedded Ray"); only a Train worker
+    building a model needs it."""
+    from catdog.train_job import ShardConfig, train_loop_per_worker
+
+    modules = modules_loaded_by(f"import {ShardConfig.__module__}")
+    assert "torch" not in modules and not {m for m in modules if m.startswith("catdog.")} - {ShardConfig.__module__}
+    modules = modules_loaded_by(f"import {train_loop_per_worker.__module__}")
+    assert "torch" in modules and "torchvision" not in modules and "catdog.train_job" not in modules
+    modules = modules_loaded_by("from catdog.models import build_model; build_model('resnet18')")
+    assert "torchvision" in modules  # the probe can see it

@@ -258,7 +258,8 @@ def test_ddp_two_workers_share_weights_and_split_the_rows(small_real_data, tmp_p
 
     from catdog.data import image_dataset
     from catdog.presets import TrainPreset
-    from catdog.train_job import ShardConfig, loop_config
+    from catdog.train_job import loop_config
+    from catdog.worker_split import ShardConfig
 
     cfg = quick_cfg(small_real_data, tmp_path, "ddp")
     split = load_split(STORAGE, cfg.data.train, cfg.data.val_fraction, cfg.data.seed, cfg.data.limit)
