@@ -275,9 +275,10 @@ def test_killed_predict_resumes_and_ends_equal_to_an_uninterrupted_run(
         log.close()
     assert n // 3 <= at_kill < n, (at_kill, (tmp_path / "killed.log").read_text()[-3000:])
     assert not (resumed / "submission.csv").exists() and not (resumed / "predictions").exists()
-    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    counts = summary(rerun.stdout)
+    # The rerun in this process (what resumes is the folder, not the process): one job start fewer.
+    capsys.readouterr()
+    run_predict(cfg, str(checkpoints[0]), str(images), str(resumed))
+    counts = summary(capsys.readouterr().out)
     assert counts["total"] == n and counts["scored"] + counts["reused"] == n
     assert counts["reused"] >= at_kill and counts["scored"] <= n - at_kill
     assert_same_predictions(whole / "predictions", resumed / "predictions")
@@ -308,22 +309,25 @@ def s3_committed_rows(fs, prefix: str) -> int:
 @pytest.mark.slow
 def test_on_s3_reruns_use_etags_and_a_killed_run_resumes(data_dir, checkpoints, moto, tmp_path, ray_session, capsys):
     import pyarrow.fs as pafs
-    from test_s3 import job_env
+    from test_s3 import job_env, s3_credentials
 
     fs, name = moto.fs(), moto.bucket("catdog-incr")
     local = small_copies(data_dir / "test1", tmp_path / "in", range(1, 651))
     pafs.copy_files(str(local), f"{name}/in", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
     for i in range(601, 651):
         fs.delete_file(f"{name}/in/{i}.jpg")
+    cfg = config(tmp_path, f"storage.endpoint_url={moto.endpoint}", "predict.batch_size=16")
     cfg_file = tmp_path / "cfg.yaml"
-    cfg_file.write_text(config(tmp_path, f"storage.endpoint_url={moto.endpoint}", "predict.batch_size=16").to_yaml())
+    cfg_file.write_text(cfg.to_yaml())
     bucket = f"s3://{name}"
 
-    def predict(model: Path, out: str, *extra: str) -> dict[str, int]:
-        command = predict_command(cfg_file, str(model), f"{bucket}/in", out) + list(extra)
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=job_env(), cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return summary(proc.stdout)
+    def predict(model: Path, out: str) -> dict[str, int]:
+        """A predict in this process and the session Ray (only the killed one below is a job of its
+        own: test_s3 runs predict on S3 as a job)."""
+        capsys.readouterr()
+        with s3_credentials(tmp_path):
+            run_predict(cfg, str(model), f"{bucket}/in", out)
+        return summary(capsys.readouterr().out)
 
     def read(out: str) -> pa.Table:
         return pq.read_table(f"{out[len('s3://') :]}/predictions", filesystem=fs).sort_by("path")
