@@ -42,7 +42,46 @@ def init_ray(cfg) -> bool:
         kwargs["num_cpus"] = cfg.ray.num_cpus
     if cfg.ray.object_store_memory_mb:
         kwargs["object_store_memory"] = cfg.ray.object_store_memory_mb * 1024 * 1024
-    ray.init(address="local", include_dashboard=cfg.ray.dashboard and dashboard_installed(), **kwargs)
+    start_local_ray(include_dashboard=cfg.ray.dashboard and dashboard_installed(), **kwargs)
+    return True
+
+
+# Ray gives a new node's raylet a fixed 30 s to register with its GCS (ray/_private/node.py).  On a
+# machine busy enough (2 cores, two test workers each running Ray) a start misses that now and then,
+# and the job would fail before doing anything.
+LOCAL_RAY_STARTS = 3
+_START_TIMEOUT = "timed out during startup"
+
+
+def start_local_ray(**kwargs: Any) -> None:
+    """``ray.init(address="local")``, started again (up to ``LOCAL_RAY_STARTS`` times in all) when
+    Ray's own start times out, once the half-started node's processes are stopped."""
+    import ray
+
+    for start in range(1, LOCAL_RAY_STARTS + 1):
+        try:
+            ray.init(address="local", **kwargs)
+            return
+        except Exception as exc:
+            if _START_TIMEOUT not in str(exc) or start == LOCAL_RAY_STARTS or not _stop_half_started_node(exc):
+                raise
+            logger.warning(
+                "Ray's start timed out (a busy machine?): starting it again (%d of %d)", start + 1, LOCAL_RAY_STARTS
+            )
+
+
+def _stop_half_started_node(exc: BaseException) -> bool:
+    """Kill the processes of the Ray node whose start raised ``exc`` (the ``Node`` in the traceback);
+    False when there is none to be found, so that nothing is started beside a half-started node."""
+    import traceback
+
+    from ray._private.node import Node
+
+    nodes = [frame.f_locals.get("self") for frame, _ in traceback.walk_tb(exc.__traceback__)]
+    node = next((n for n in nodes if isinstance(n, Node)), None)
+    if node is None:
+        return False
+    node.kill_all_processes(check_alive=False, allow_graceful=False, wait=True)
     return True
 
 
