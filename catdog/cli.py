@@ -24,7 +24,7 @@ from catdog.tracking import TrackingError
 # Problems a user fixes by changing a config, an argument or their data: one line, exit 2.
 USER_ERRORS = (ConfigError, DataError, InitError, ResourceError, StorageError, CheckpointError, TrackingError)
 MODEL_HELP = "best.json or checkpoint folder (default: the run's best.json)"
-TTA_HELP = "average with the horizontally flipped image"
+TTA_HELP = "average with the horizontally flipped image (default: predict.tta; --no-tta turns it off)"
 ENSEMBLE_HELP = "weighted average of the leaderboard's models, weights fitted on validation (val_study.json)"
 NO_CALIBRATE_HELP = "use each model's own probabilities, without the temperature fitted on validation"
 
@@ -64,7 +64,7 @@ def predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help=MODEL_HELP)
     parser.add_argument("--input", help="image folder (default: data.test)")
     parser.add_argument("--output", help="output folder (default: <storage.root>/<run_name>)")
-    parser.add_argument("--tta", action="store_true", help=TTA_HELP)
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, help=TTA_HELP)
     parser.add_argument("--ensemble", action="store_true", help=ENSEMBLE_HELP)
     parser.add_argument("--no-calibrate", action="store_true", help=NO_CALIBRATE_HELP)
     parser.add_argument("--proba", action="store_true", help="write clipped probabilities (Kaggle Redux format)")
@@ -77,7 +77,7 @@ def evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--model", help=MODEL_HELP)
     parser.add_argument("--output", help="output folder (default: <storage.root>/<run_name>/evaluate)")
-    parser.add_argument("--tta", action="store_true", help=TTA_HELP)
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, help=TTA_HELP)
     parser.add_argument("--ensemble", action="store_true", help=ENSEMBLE_HELP)
     parser.add_argument("--no-calibrate", action="store_true", help=NO_CALIBRATE_HELP)
 

@@ -123,6 +123,9 @@ class PredictConfig(_Section):
     # Same rule as train.amp, for predict, evaluate and the end-of-train validation study
     # (the per-epoch validation during training follows train.amp).
     amp: bool = True
+    # Flip test-time augmentation: each image scored as is and mirrored, probabilities averaged.
+    # Twice the model compute; predict and evaluate's --tta / --no-tta override it.
+    tta: bool = False
 
 
 class RayConfig(_Section):

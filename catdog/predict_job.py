@@ -101,7 +101,7 @@ def run_predict(
     model_uri: str | None = None,
     input_uri: str | None = None,
     output_uri: str | None = None,
-    tta: bool = False,
+    tta: bool | None = None,
     ensemble: bool = False,
     proba: bool = False,
     full: bool = False,
@@ -109,8 +109,9 @@ def run_predict(
 ) -> str:
     """Score the images under ``input_uri`` (a folder or a shard set) that ``output_uri`` has no
     valid result for (all of them with ``full``), resuming an interrupted run; return the URI of
-    ``submission.csv``.  See :mod:`catdog.scoring_plan`."""
+    ``submission.csv``.  ``tta`` unset follows ``predict.tta``.  See :mod:`catdog.scoring_plan`."""
     started = time.time()
+    tta = cfg.predict.tta if tta is None else tta
     tracking.require_mlflow(cfg)
     storage = Storage.from_config(cfg.storage)
     input_uri, output_uri = input_uri or cfg.data.test, output_uri or cfg.run_uri
@@ -238,13 +239,14 @@ def run_evaluate(
     input_uri: str | None = None,
     model_uri: str | None = None,
     output_uri: str | None = None,
-    tta: bool = False,
+    tta: bool | None = None,
     ensemble: bool = False,
     calibrate: bool = True,
 ) -> str:
     """Score a labelled folder or shard set, by default the run's validation split (never its
-    training images); write ``metrics.json`` and return its URI."""
+    training images); write ``metrics.json`` and return its URI.  ``tta`` unset follows ``predict.tta``."""
     started = time.time()
+    tta = cfg.predict.tta if tta is None else tta
     tracking.require_mlflow(cfg)
     storage = Storage.from_config(cfg.storage)
     output_uri = output_uri or join(cfg.run_uri, "evaluate")

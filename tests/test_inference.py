@@ -217,6 +217,27 @@ def test_tta_changes_probabilities_but_not_the_schema(quick_run, small_real_data
     assert a.keys() == b.keys()
     assert any(abs(a[i] - b[i]) > 1e-6 for i in a)
     assert tta.column("model")[0].as_py().endswith("+tta")
+    # predict.tta (what configs/local.yaml sets) is the default when the call or command says nothing.
+    by_config = cfg.model_copy(update={"predict": cfg.predict.model_copy(update={"tta": True})})
+    run_predict(by_config, model, str(small_real_data / "test1"), str(tmp_path / "by-config"))
+    table = read_predictions(tmp_path / "by-config" / "predictions")
+    assert dict(zip(table.column("id").to_pylist(), table.column("prob_dog").to_pylist())) == b
+    assert table.column("model")[0].as_py().endswith("+tta")
+
+
+@pytest.mark.parametrize("job", ["predict", "evaluate"])
+def test_tta_flags_leave_the_choice_to_the_config_unless_given(job):
+    """No flag leaves ``tta`` unset (``predict.tta`` decides in the job); ``--tta`` / ``--no-tta`` override it."""
+    from catdog.cli import JOBS, job_parser
+
+    _, add_arguments, _, _ = JOBS[job]
+    parser = job_parser(job)
+    add_arguments(parser)
+
+    def tta(*flags: str) -> bool | None:
+        return parser.parse_args(["--config", "c.yaml", *flags]).tta
+
+    assert (tta(), tta("--tta"), tta("--no-tta")) == (None, True, False)
 
 
 def test_ensemble_applies_the_weights_fitted_on_validation(quick_run, small_real_data, tmp_path):
