@@ -166,9 +166,12 @@ def ray_session(faults_dir):
     worker holds one for the whole run and Ray Data must still have slots to decode."""
     import ray
 
+    from catdog.runtime import start_local_ray
+
     if not ray.is_initialized():
-        # The fault-injection hook (tests/faults.py) is inert until a test arms a fault.
-        ray.init(
+        # The fault-injection hook (tests/faults.py) is inert until a test arms a fault.  Started as
+        # the jobs start theirs: again if Ray's start times out while the other xdist worker is busy.
+        start_local_ray(
             num_cpus=4,
             log_to_driver=True,
             runtime_env={
