@@ -35,10 +35,19 @@ def enabled(cfg) -> bool:
     return cfg.tracking.mlflow_uri is not None
 
 
+def without_mlflow_telemetry() -> None:
+    """MLflow's usage telemetry off unless the user set ``MLFLOW_DISABLE_TELEMETRY`` themselves;
+    called before mlflow is first imported.  Its background thread sets and deletes an environment
+    variable while other threads iterate ``os.environ`` (requests does on every call): a tracked
+    training in the test suite died of that ``KeyError``.  catdog has no use for the telemetry."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
 def require_mlflow(cfg) -> None:
     """Fail before any work when ``tracking.mlflow_uri`` is set and mlflow is not installed."""
     if not enabled(cfg):
         return
+    without_mlflow_telemetry()
     try:
         import mlflow  # noqa: F401
     except ImportError:
@@ -61,6 +70,7 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
 
 
 def _client(uri: str):
+    without_mlflow_telemetry()
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=uri, registry_uri=uri)

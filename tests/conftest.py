@@ -280,6 +280,9 @@ def require_mlflow():
     """The one place tests ask for mlflow (the ``tracking`` extra): a clear skip without it, which
     ``CATDOG_REQUIRE=mlflow`` turns into a failure."""
     require_or_skip("mlflow")
+    from catdog.tracking import without_mlflow_telemetry
+
+    without_mlflow_telemetry()  # as the jobs do, before this process imports mlflow
     import mlflow
 
     return mlflow

@@ -4,6 +4,8 @@ model version, predict/evaluate runs, and no duplicates when a run resumes."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 
 import pytest
@@ -39,6 +41,26 @@ def test_tracking_without_mlflow_stops_with_one_line(monkeypatch, capsys, tmp_pa
         "or unset tracking.mlflow_uri"
     ]
     assert not (tmp_path / "runs").exists()
+
+
+def test_jobs_turn_mlflow_telemetry_off_unless_the_user_chose(tmp_path):
+    """Its thread edits os.environ while others read it (a tracked training died of the KeyError)."""
+    require_mlflow()
+    script = """
+import os, sys
+from catdog.config import CatdogConfig
+from catdog.tracking import require_mlflow
+require_mlflow(CatdogConfig.model_validate({"tracking": {"mlflow_uri": sys.argv[1]}}))
+from mlflow.telemetry.utils import is_telemetry_disabled
+print(os.environ["MLFLOW_DISABLE_TELEMETRY"], is_telemetry_disabled())
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK")}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    command = [sys.executable, "-c", script, uri]
+    chosen = {**env, "MLFLOW_DISABLE_TELEMETRY": "false"}
+    outputs = [subprocess.run(command, capture_output=True, text=True, env=e, timeout=120) for e in (env, chosen)]
+    assert [p.stdout.split()[0] for p in outputs] == ["true", "false"], [p.stderr[-2000:] for p in outputs]
+    assert outputs[0].stdout.split()[1] == "True"
 
 
 def runs_of(uri: str, experiment: str):
