@@ -123,7 +123,7 @@ def modules_loaded_by(code: str) -> set[str]:
 def test_what_trains_controller_and_dataset_manager_unpickle_imports_no_torchvision():
     """Ray Train's controller and dataset manager unpickle the train function and the dataset config,
     importing their modules, for every training.  torchvision (with the torch._dynamo it imports)
-    cost each training about 5 CPU-s there (bench/NOTES.md, "Embedded Ray"); only a Train worker
+    cost each training about 5 CPU-s there (bench/NOTES.md, "What Train's helper actors import"); only a Train worker
     building a model needs it."""
     from catdog.train_job import ShardConfig, train_loop_per_worker
 

@@ -45,6 +45,13 @@ def summary(stdout: str) -> dict[str, int]:
     raise AssertionError(f"no summary line in:\n{stdout[-3000:]}")
 
 
+def predicted(capsys, cfg, model: Path, images, out, **options) -> dict[str, int]:
+    """``run_predict`` in this process and the session Ray: the counts of its summary line."""
+    capsys.readouterr()
+    run_predict(cfg, str(model), str(images), str(out), **options)
+    return summary(capsys.readouterr().out)
+
+
 def fresh_checkpoint(folder: Path, seed: int) -> Path:
     """An untrained Sequential CNN at 64 px: different seeds give different probabilities."""
     folder.mkdir(parents=True)
@@ -193,8 +200,7 @@ def test_incremental_rerun_scores_only_new_images_and_drops_removed_ones(
     cfg, out = config(tmp_path), tmp_path / "out"
 
     def run(**options) -> dict[str, int]:
-        run_predict(cfg, str(checkpoints[0]), str(images), str(out), **options)
-        return summary(capsys.readouterr().out)
+        return predicted(capsys, cfg, checkpoints[0], images, out, **options)
 
     assert run() == {"scored": 300, "reused": 0, "removed": 0, "total": 300}
     first = pq.read_table(out / "predictions").sort_by("path")
@@ -227,14 +233,12 @@ def test_a_model_change_rescores_everything(data_dir, checkpoints, tmp_path, ray
     cfg, out = config(tmp_path), tmp_path / "out"
     run_predict(cfg, str(checkpoints[0]), str(images), str(out))
     before = pq.read_table(out / "predictions").sort_by("path")
-    capsys.readouterr()
-    run_predict(cfg, str(checkpoints[1]), str(images), str(out))
-    assert summary(capsys.readouterr().out) == {"scored": 100, "reused": 0, "removed": 0, "total": 100}
+    counts = predicted(capsys, cfg, checkpoints[1], images, out)
+    assert counts == {"scored": 100, "reused": 0, "removed": 0, "total": 100}
     after = pq.read_table(out / "predictions").sort_by("path")
     assert set(after["model"].to_pylist()) == {"sequential_cnn:b"}
     assert before["prob_dog"].to_pylist() != after["prob_dog"].to_pylist()
-    run_predict(cfg, str(checkpoints[1]), str(images), str(out), tta=True)
-    assert summary(capsys.readouterr().out)["scored"] == 100
+    assert predicted(capsys, cfg, checkpoints[1], images, out, tta=True)["scored"] == 100
 
 
 def predict_command(cfg_file: Path, model: str, images: str, out: str) -> list[str]:
@@ -276,9 +280,7 @@ def test_killed_predict_resumes_and_ends_equal_to_an_uninterrupted_run(
     assert n // 3 <= at_kill < n, (at_kill, (tmp_path / "killed.log").read_text()[-3000:])
     assert not (resumed / "submission.csv").exists() and not (resumed / "predictions").exists()
     # The rerun in this process (what resumes is the folder, not the process): one job start fewer.
-    capsys.readouterr()
-    run_predict(cfg, str(checkpoints[0]), str(images), str(resumed))
-    counts = summary(capsys.readouterr().out)
+    counts = predicted(capsys, cfg, checkpoints[0], images, resumed)
     assert counts["total"] == n and counts["scored"] + counts["reused"] == n
     assert counts["reused"] >= at_kill and counts["scored"] <= n - at_kill
     assert_same_predictions(whole / "predictions", resumed / "predictions")
@@ -324,10 +326,8 @@ def test_on_s3_reruns_use_etags_and_a_killed_run_resumes(data_dir, checkpoints, 
     def predict(model: Path, out: str) -> dict[str, int]:
         """A predict in this process and the session Ray (only the killed one below is a job of its
         own: test_s3 runs predict on S3 as a job)."""
-        capsys.readouterr()
         with s3_credentials(tmp_path):
-            run_predict(cfg, str(model), f"{bucket}/in", out)
-        return summary(capsys.readouterr().out)
+            return predicted(capsys, cfg, model, f"{bucket}/in", out)
 
     def read(out: str) -> pa.Table:
         return pq.read_table(f"{out[len('s3://') :]}/predictions", filesystem=fs).sort_by("path")
@@ -370,9 +370,8 @@ def test_on_s3_reruns_use_etags_and_a_killed_run_resumes(data_dir, checkpoints, 
     whole.mkdir()
     for i in range(21, 651):
         shutil.copyfile(local / ("640.jpg" if i == 100 else f"{i}.jpg"), whole / f"{i}.jpg")
-    capsys.readouterr()
-    run_predict(config(tmp_path, "predict.batch_size=16"), str(checkpoints[1]), str(whole), str(tmp_path / "whole"))
-    assert summary(capsys.readouterr().out) == {"scored": 630, "reused": 0, "removed": 0, "total": 630}
+    counts = predicted(capsys, config(tmp_path, "predict.batch_size=16"), checkpoints[1], whole, tmp_path / "whole")
+    assert counts == {"scored": 630, "reused": 0, "removed": 0, "total": 630}
     left, right = read(out), pq.read_table(tmp_path / "whole" / "predictions").sort_by("path")
     assert [p[len(f"{bucket}/in/") :] for p in left["path"].to_pylist()] == [
         Path(p).name for p in right["path"].to_pylist()
