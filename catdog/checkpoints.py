@@ -93,7 +93,7 @@ def save_checkpoint(
         "run_name": cfg["run_name"],
     }
     if cfg.get("budget"):  # a time-budgeted run's plan as it stands (re-planned from the real pace); a resume keeps it
-        meta["plan"] = {"epochs": cfg["epochs"], "early_epochs": cfg["early_epochs"]}
+        meta["plan"] = {"epochs": cfg["epochs"], "early_epochs": cfg["early_epochs"], "amp": cfg["amp"]}
     torch.save((ema.module if chosen_ema else net).state_dict(), os.path.join(folder, MODEL_FILE))
     train_state = {
         "optimizer": optimizer.state_dict(),

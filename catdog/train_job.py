@@ -400,6 +400,7 @@ class RunBudget:
                 "share": share,
                 "sizes": train_sizes(cfg, spec),
                 "early_fraction": spec.early_fraction or 0.0,
+                "amp": speeds[spec.arch]["amp"],
                 "epoch_s": {
                     size: budget.epoch_seconds(speeds[spec.arch], size, n_train, n_val)
                     for size in train_sizes(cfg, spec)
@@ -421,6 +422,7 @@ class RunBudget:
                 a["arch"]: {
                     "share": round(a["share"], 4),
                     "image_sizes": image_sizes_text(a["sizes"], plan["early_epochs"]),
+                    "precision": precision_text(speeds[a["arch"]]),
                     "planned_epochs": plan["epochs"],
                     "planned_early_epochs": plan["early_epochs"],
                     "predicted_minutes": budget.minutes(plan["predicted_s"]),
@@ -445,6 +447,7 @@ class RunBudget:
         return {
             "epochs": plan["epochs"],
             "early_epochs": plan["early_epochs"],
+            "amp": arch["amp"],  # the precision measured faster on this machine
             "budget": {
                 "deadline": deadline,
                 "allotted_seconds": seconds,  # plan.json's allotted_minutes, and the leaderboard's budget_minutes
@@ -465,6 +468,12 @@ class RunBudget:
         if study_seconds is not None:
             self.record["study"]["actual_minutes"] = budget.minutes(study_seconds)
         return {**self.record, "actual_minutes": budget.minutes(total_seconds)}
+
+
+def precision_text(speed: dict) -> str:
+    """``bf16``, ``fp16`` or ``fp32``, with the measured bf16 speed-up where both were timed."""
+    name = speed["precision"]
+    return f"{name} (bf16 {speed['bf16_speedup']:.2f}x fp32)" if "bf16_speedup" in speed else name
 
 
 def image_sizes_text(sizes: tuple[int, int], early_epochs: int) -> str:
@@ -537,7 +546,8 @@ def plan_budget(cfg: CatdogConfig, split: Split, storage: Storage, started: floa
     """Measure, plan, and say so: in the log, in ``plan.json`` and at the end of ``config.yaml``."""
     run_budget = RunBudget(cfg, split, started)
     lines = [
-        f"{arch}: {p['planned_epochs']} epochs at {p['image_sizes']} px, {p['predicted_minutes']:.1f} min"
+        f"{arch}: {p['planned_epochs']} epochs at {p['image_sizes']} px in {p['precision']}, "
+        f"{p['predicted_minutes']:.1f} min"
         for arch, p in run_budget.record["archs"].items()
     ]
     logger.info(

@@ -559,7 +559,10 @@ def broadcast_from_rank0(values: list[int], device: torch.device) -> list[int]:
 
 def measure_speed(arch: str, sizes: list[int], val_size: int, cfg: dict) -> dict:
     """This worker's seconds per image: a training step at each of ``sizes`` and a validation
-    forward pass at ``val_size``, on random data (compute only).
+    forward pass at ``val_size``, on random data (compute only), in the precision it will train in:
+    with ``amp`` on a CPU with bf16 instructions, whichever of bf16 and fp32 trains faster at the
+    largest size (``amp``: the choice; ``precision``: what it means here; ``bf16_speedup``: fp32
+    over bf16 seconds per step, where both were timed).
     ``cfg``: batch_size, amp, torch_threads, use_gpu."""
     if cfg.get("torch_threads"):
         torch.set_num_threads(cfg["torch_threads"])
@@ -571,17 +574,28 @@ def measure_speed(arch: str, sizes: list[int], val_size: int, cfg: dict) -> dict
     def images(n: int, size: int) -> torch.Tensor:
         return torch.randn(n, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
 
-    def train_step(x: torch.Tensor) -> None:
-        with autocast(device, cfg["amp"]):
+    def train_step(x: torch.Tensor, amp: bool) -> None:
+        with autocast(device, amp):
             logits = model(x)
         loss = nn.functional.cross_entropy(logits.float(), torch.zeros(len(x), dtype=torch.long, device=device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
-    speed = {"train": {size: timed_call(train_step, images(batch, size)) / batch for size in sizes}}
+    speed, amp = {}, cfg["amp"]
+    if amp and device.type == "cpu" and cpu_has_fast_bf16():
+        # The instructions alone do not make bf16 pay: on a Xeon that has AVX512-BF16 but no AMX,
+        # ResNet18 trained 0.78x as fast in bf16 as in fp32 (bench/NOTES.md, "bf16 without AMX").
+        x = images(batch, max(sizes))
+        fp32_s, bf16_s = (timed_call(functools.partial(train_step, amp=a), x) for a in (False, True))
+        amp = bf16_s < fp32_s
+        speed["bf16_speedup"] = round(fp32_s / bf16_s, 3)
+    speed["amp"] = amp
+    speed["precision"] = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype(device, amp)]
+    step = functools.partial(train_step, amp=amp)
+    speed["train"] = {size: timed_call(step, images(batch, size)) / batch for size in sizes}
     model.eval()
-    with torch.inference_mode(), autocast(device, cfg["amp"]):
+    with torch.inference_mode(), autocast(device, amp):
         speed["val"] = timed_call(model, images(batch * 2, val_size)) / (batch * 2)
     return speed
 

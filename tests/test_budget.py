@@ -6,12 +6,13 @@ from __future__ import annotations
 import csv
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import REPO, quick_overrides
 
-from catdog import budget
+from catdog import budget, training
 from catdog.config import load_config
 from catdog.train_job import run_training
 from catdog.training import measure_speed, replan
@@ -101,8 +102,30 @@ def test_replan_at_the_first_final_size_epoch_only_ever_shortens():
 
 def test_measure_speed_times_each_size_and_validation():
     speed = measure_speed("sequential_cnn", [24, 32], 32, {"batch_size": 8, "amp": False, "use_gpu": False})
-    assert set(speed["train"]) == {24, 32}
+    assert set(speed["train"]) == {24, 32} and speed["precision"] == "fp32" and "bf16_speedup" not in speed
     assert all(0 < s < 1 for s in speed["train"].values()) and 0 < speed["val"] < 1
+
+
+@pytest.mark.parametrize("bf16_seconds,trains_in_bf16", [(0.5, True), (2.0, False)])
+def test_measure_speed_trains_in_whichever_precision_steps_faster(monkeypatch, bf16_seconds, trains_in_bf16):
+    """With amp on a CPU with bf16 instructions, bf16 and fp32 are both timed at the largest size,
+    and every later figure is taken in the faster one (the seconds are scripted, the steps real)."""
+    monkeypatch.setattr(training, "cpu_has_fast_bf16", lambda: True)
+    timed = []
+
+    def scripted_timed_call(fn, x, **_):
+        fn(x)  # the real step, so the precision it ran in can be checked
+        amp = fn.keywords["amp"] if hasattr(fn, "keywords") else None  # the validation pass is the model itself
+        timed.append((amp, x.shape[-1], torch.is_autocast_enabled("cpu")))
+        return {True: bf16_seconds, False: 1.0, None: 0.1}[amp]
+
+    monkeypatch.setattr(training, "timed_call", scripted_timed_call)
+    speed = measure_speed("sequential_cnn", [24, 32], 32, {"batch_size": 8, "amp": True, "use_gpu": False})
+    assert speed["amp"] is trains_in_bf16 and speed["bf16_speedup"] == pytest.approx(1 / bf16_seconds)
+    assert speed["precision"] == ("bf16" if trains_in_bf16 else "fp32")
+    assert timed[:2] == [(False, 32, False), (True, 32, False)]  # the comparison, at the largest size
+    assert timed[2:4] == [(trains_in_bf16, 24, False), (trains_in_bf16, 32, False)]
+    assert timed[4] == (None, 32, trains_in_bf16)  # validation autocasts only when training does
 
 
 @pytest.mark.parametrize(
@@ -172,7 +195,14 @@ def test_three_minute_budget_ends_inside_it_and_says_what_the_model_got(small_re
     board = next(csv.DictReader((run / "leaderboard.csv").open()))
     assert board["image_sizes"] == "24>32" and float(board["budget_minutes"]) == cnn["allotted_minutes"] > 0
     with open(best_uri) as handle:
-        assert json.load(handle)["plan"]["budget_minutes"] == 3
+        best = json.load(handle)
+    assert best["plan"]["budget_minutes"] == 3
+    # The precision measured faster is the one the worker trained in (its checkpoint's plan says).
+    speed = plan["seconds_per_image"]["sequential_cnn"]
+    meta = json.loads((Path(best["checkpoint"]) / "meta.json").read_text())
+    assert meta["plan"]["amp"] is speed["amp"]
+    assert cnn["precision"].startswith("bf16" if speed["amp"] and training.cpu_has_fast_bf16() else "fp32")
+    assert ("bf16_speedup" in speed) is training.cpu_has_fast_bf16()  # quick.yaml asks for amp
     assert "# Time budget plan" in (run / "config.yaml").read_text()
     assert load_config(run / "config.yaml").train.time_budget_minutes == 3  # still a loadable config
     assert "Time budget: 3" in (run / "report.html").read_text()
