@@ -97,6 +97,8 @@ class TrainConfig(_Section):
     use_gpu: bool = False
     # Autocast where the hardware runs it natively: bf16 on GPUs of compute capability >= 8.0 and on
     # CPUs with AMX or AVX512-BF16; fp16 with a checkpointed loss scaler on older GPUs; else fp32.
+    # Under train.time_budget_minutes a CPU run times both bf16 and fp32 steps first and trains each
+    # architecture in the faster (AVX512-BF16 without AMX can be slower in bf16).
     amp: bool = True
     cpus_per_worker: PositiveFloat = 1
     max_failures: int = Field(2, ge=-1)
