@@ -40,8 +40,12 @@ def verbose() -> bool:
 
 
 def emit(text: str, err: bool = False) -> None:
-    """A line for the person at the console, from a Ray worker (or the driver)."""
-    print(MARK + text, file=sys.stderr if err else sys.stdout, flush=True)
+    """A line for the person at the console, from a Ray worker (or the driver).  Written to the
+    stream, not ``print``ed: in its workers Ray Train replaces ``print`` with one that also logs each
+    call to stderr, so every epoch line reached the console twice."""
+    stream = sys.stderr if err else sys.stdout
+    stream.write(MARK + text + "\n")
+    stream.flush()
 
 
 class _MarkedHandler(logging.Handler):

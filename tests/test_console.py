@@ -59,6 +59,7 @@ def test_quick_train_prints_a_short_console_and_logs_ray_to_the_run(small_real_d
     # One epoch line per architecture, with the ETAs; no Ray prefixes or progress bars.
     epoch_lines = [line for line in proc.stdout.splitlines() if " epoch 1/1: " in line]
     assert len(epoch_lines) == 3 and all("ETA" in line and "(run)" in line for line in epoch_lines), proc.stdout
+    assert sum(" epoch 1/1: " in line for line in proc.stderr.splitlines()) == 0, proc.stderr  # each line once
     assert "pid=" not in proc.stdout + proc.stderr and MARK not in proc.stdout + proc.stderr
     assert "Running Dataset" not in proc.stderr
     assert str(run_dir / "logs" / "train.log") in proc.stderr  # the start line says where the log goes
