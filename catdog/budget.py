@@ -55,10 +55,9 @@ def paced_epoch_seconds(compute_s: dict[int, float], size: int, steady: float) -
     """Every size's epoch seconds once an epoch at ``size`` really took ``steady`` seconds: its bare
     compute plus the seconds that epoch took beyond its own compute.  That extra is the data pipeline
     (decoding on the same cores: about the same per image at every training size) and the fixed
-    part, and grows far less than the model's compute.  After a first 96 px epoch, scaling every
-    size by one pace predicted ResNet18's 128 px epochs at 329 s where they took 300 (this: 303),
-    and, in an earlier bf16 run, at 275 s where they took 290 (this: 273; bench/NOTES.md, "Time
-    budget: predicted vs actual")."""
+    part, so it does not grow with the model's compute.  Scaling every size by one pace instead
+    predicted ResNet18's 128 px epochs at 329 s after a 96 px epoch; they took 300 (this adds to 302;
+    bench/NOTES.md, "Time budget: predicted vs actual")."""
     extra = steady - compute_s[size]
     return {k: max(c + extra, c / 2) for k, c in compute_s.items()}
 
