@@ -40,26 +40,11 @@ def split_epochs(epochs: int, early_fraction: float) -> int:
     return min(epochs - 1, round(epochs * early_fraction))
 
 
-def compute_seconds(speed: dict, size: int, n_train: int, n_val: int) -> float:
-    """Seconds of one epoch's model compute alone, training at ``size`` (validation always runs at the
-    final size).  ``speed``: seconds per image, ``train`` by size and ``val``, as measured, per worker."""
-    return n_train * speed["train"][size] + n_val * speed["val"]
-
-
 def epoch_seconds(speed: dict, size: int, n_train: int, n_val: int) -> float:
-    """Predicted seconds of one epoch training at ``size``, before any epoch ran."""
-    return compute_seconds(speed, size, n_train, n_val) / PIPELINE_EFFICIENCY + EPOCH_FIXED_S
-
-
-def paced_epoch_seconds(compute_s: dict[int, float], size: int, steady: float) -> dict[int, float]:
-    """Every size's epoch seconds once an epoch at ``size`` really took ``steady`` seconds: its bare
-    compute plus the seconds that epoch took beyond its own compute.  That extra is the data pipeline
-    (decoding on the same cores: about the same per image at every training size) and the fixed
-    part, so it does not grow with the model's compute.  Scaling every size by one pace instead
-    predicted ResNet18's 128 px epochs at 329 s after a 96 px epoch; they took 300 (this adds to 302;
-    bench/NOTES.md, "Time budget: predicted vs actual")."""
-    extra = steady - compute_s[size]
-    return {k: max(c + extra, c / 2) for k, c in compute_s.items()}
+    """Predicted seconds of one epoch training at ``size`` (validation always runs at the final size).
+    ``speed``: seconds per image, ``train`` by size and ``val``, as measured, per worker."""
+    steps = n_train * speed["train"][size] + n_val * speed["val"]
+    return steps / PIPELINE_EFFICIENCY + EPOCH_FIXED_S
 
 
 def fit_epochs(
@@ -68,30 +53,21 @@ def fit_epochs(
     """The most epochs (total, early) whose remaining epochs fit in ``seconds``.
 
     ``epoch_s``: seconds of one epoch by training size; ``sizes``: (early, final); ``done``:
-    (epochs, early epochs) already trained.  The early count follows ``early_fraction``, or is one
-    more where only that fits (an epoch more at the small size rather than one epoch fewer).  Once an
-    epoch ran at the final size the early count is fixed.  At least one epoch at the final size is
-    always planned, even over the budget (a model must end at the size it is validated and used at);
-    nothing more than what fits otherwise."""
+    (epochs, early epochs) already trained.  Once an epoch ran at the final size the early count is
+    fixed.  At least one epoch at the final size is always planned, even over the budget (a model
+    must end at the size it is validated and used at); nothing more than what fits otherwise."""
     early_size, final_size = sizes
     done_epochs, done_early = done
     at_final = done_epochs > done_early
-
-    def cost(epochs: int, early: int) -> float:
-        final_left = epochs - early - (done_epochs - done_early)
-        return (early - done_early) * epoch_s[early_size] + final_left * epoch_s[final_size]
-
     best = None
     for epochs in range(done_epochs + 1, done_epochs + 100_000):
-        if at_final:
-            candidates = [done_early]
-        else:
-            early = max(done_early, split_epochs(epochs, early_fraction))
-            candidates = [early, early + 1] if early_fraction > 0 and early + 1 < epochs else [early]
-        fitting = [early for early in candidates if cost(epochs, early) <= seconds]
-        if not fitting:
+        early = done_early if at_final else max(done_early, split_epochs(epochs, early_fraction))
+        cost = (early - done_early) * epoch_s[early_size] + (epochs - early - (done_epochs - done_early)) * epoch_s[
+            final_size
+        ]
+        if cost > seconds:
             break
-        best = (epochs, fitting[0])
+        best = (epochs, early)
     if best is not None:
         return best
     return (done_epochs, done_early) if at_final else (done_early + 1, done_early)

@@ -405,10 +405,6 @@ class RunBudget:
                     size: budget.epoch_seconds(speeds[spec.arch], size, n_train, n_val)
                     for size in train_sizes(cfg, spec)
                 },
-                "compute_s": {
-                    size: budget.compute_seconds(speeds[spec.arch], size, n_train, n_val)
-                    for size in train_sizes(cfg, spec)
-                },
             }
             for spec, share in zip(cfg.models, budget.shares([spec.budget_share for spec in cfg.models]))
         ]
@@ -456,7 +452,6 @@ class RunBudget:
                 "deadline": deadline,
                 "allotted_seconds": seconds,  # plan.json's allotted_minutes, and the leaderboard's budget_minutes
                 "epoch_seconds": arch["epoch_s"],
-                "compute_seconds": arch["compute_s"],  # the first epoch's pace is added to these
                 "early_fraction": arch["early_fraction"],
             },
         }
