@@ -3,7 +3,10 @@ the ``catdog`` command."""
 
 from __future__ import annotations
 
+import csv
+import json
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, quick_overrides, set_args
 
+from catdog import cli
 from catdog.cli import JOBS
 from catdog.console import MARK, duration
 
@@ -29,18 +33,29 @@ def test_catdog_help_lists_every_job():
         assert job in proc.stdout
 
 
+def printed_help(capsys, call) -> str:
+    """What ``call`` printed before argparse's ``--help`` exited with 0."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        call()
+    assert exit_.value.code == 0
+    return capsys.readouterr().out
+
+
 @pytest.mark.parametrize("job", sorted(JOBS))
-def test_catdog_subcommand_help_matches_the_job_script(job):
-    """Same options either way: the definitions are shared."""
-    command = run(["-m", "catdog", job, "--help"], timeout=120)
-    script = run([str(REPO / "jobs" / f"{job}.py"), "--help"], timeout=120)
-    assert command.returncode == 0 and script.returncode == 0, command.stderr + script.stderr
+def test_catdog_subcommand_help_matches_the_job_script(job, capsys, monkeypatch):
+    """Same options either way: the definitions are shared.  In this process (the script as
+    ``__main__``): the test above starts ``python -m catdog`` itself, the train job tests the scripts."""
+    command = printed_help(capsys, lambda: cli.main([job, "--help"]))
+    script_path = str(REPO / "jobs" / f"{job}.py")
+    monkeypatch.setattr(sys, "argv", [script_path, "--help"])
+    script = printed_help(capsys, lambda: runpy.run_path(script_path, run_name="__main__"))
 
     def options(text: str) -> set[str]:
         return {word.strip(",[]") for word in text.split() if word.startswith(("--", "[--"))}
 
-    assert options(command.stdout) == options(script.stdout)
-    assert "--config" in command.stdout and "--verbose" in command.stdout
+    assert options(command) == options(script) and "--set" in options(script)
+    assert "--config" in command and "--verbose" in command
 
 
 def test_duration():
@@ -76,15 +91,27 @@ def test_quick_train_prints_a_short_console_and_logs_ray_to_the_run(small_real_d
 
 
 @pytest.mark.slow
-def test_verbose_shows_rays_own_progress(small_real_data, tmp_path):
+def test_verbose_restart_shows_rays_progress_and_trains_afresh(small_real_data, tmp_path):
+    """One job checks both flags: ``--verbose`` prints Ray's own output instead of logging it, and
+    ``--restart`` moves the previous run aside (a plain rerun would skip its finished architecture)."""
+    previous = tmp_path / "verbose" / "sequential_cnn"
+    previous.mkdir(parents=True)
+    (previous / "result.json").write_text('{"epochs": 99}')
     small = {"models": "[sequential_cnn]", "data.limit": 120, "data.image_size": 32}  # any run shows the progress
     overrides = quick_overrides(small_real_data, tmp_path, "verbose", **small)
-    proc = run([str(REPO / "jobs" / "train.py"), "--config", "configs/quick.yaml", "--verbose", *set_args(overrides)])
+    args = [str(REPO / "jobs" / "train.py"), "--config", "configs/quick.yaml", "--verbose", "--restart"]
+    proc = run([*args, *set_args(overrides)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     output = proc.stdout + proc.stderr
     assert "(TrainController pid=" in output and "Running Dataset" in output
     assert proc.stdout.splitlines()[-1] == str(tmp_path / "verbose" / "best.json")
     assert not Path(tmp_path / "verbose" / "logs" / "train.log").exists()
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("verbose.old-")]
+    assert len(aside) == 1 and f"--restart: moved the previous run to {aside[0]}" in proc.stderr
+    assert (aside[0] / "sequential_cnn" / "result.json").read_text() == '{"epochs": 99}'
+    assert json.loads((previous / "result.json").read_text())["epochs"] == 1
+    with open(previous / "metrics.csv", newline="") as handle:
+        assert [int(row["epoch"]) for row in csv.DictReader(handle)] == [1]
 
 
 def test_worker_lines_split_between_console_and_log(tmp_path, capsys):

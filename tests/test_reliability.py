@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import REPO, copy_images, jpeg_bytes, printed_result, quick_overrides, set_args
+from conftest import REPO, copy_images, jpeg_bytes, quick_overrides, set_args
 from faults import arm, checkpoint_names
 from PIL import Image
 
@@ -275,20 +275,3 @@ def test_more_worker_deaths_than_max_failures_fail_the_run_without_a_result(
     run = tmp_path / "deaths"
     assert not (run / "sequential_cnn" / "result.json").exists() and not (run / "best.json").exists()
     assert not list((run / "sequential_cnn").glob("epoch_*"))
-
-
-def test_train_job_restart_moves_the_previous_run_aside_and_trains_afresh(small_real_data, tmp_path):
-    previous = tmp_path / "restart" / "sequential_cnn"
-    previous.mkdir(parents=True)
-    (previous / "result.json").write_text('{"epochs": 99}')  # a plain re-run would skip this architecture
-    args = [sys.executable, str(REPO / "jobs" / "train.py"), "--config", str(REPO / "configs" / "quick.yaml")]
-    small = {"models": "[sequential_cnn]", "data.limit": 120, "data.image_size": 32}
-    args += set_args(quick_overrides(small_real_data, tmp_path, "restart", **small))
-    done = subprocess.run([*args, "--restart"], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    aside = [p for p in tmp_path.iterdir() if p.name.startswith("restart.old-")]
-    assert len(aside) == 1 and f"--restart: moved the previous run to {aside[0]}" in done.stderr
-    assert (aside[0] / "sequential_cnn" / "result.json").read_text() == '{"epochs": 99}'
-    assert printed_result(done.stdout) == str(tmp_path / "restart" / "best.json")
-    assert json.loads((previous / "result.json").read_text())["epochs"] == 1
-    assert epochs_of(previous / "metrics.csv") == [1]

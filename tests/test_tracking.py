@@ -1,6 +1,7 @@
 """MLflow tracking against a real ``mlflow server`` on loopback and a ``sqlite:///`` store:
 one run per architecture with per-epoch metrics, a parent run with ``best_arch``, a registered
-model version, predict/evaluate runs, and no duplicates when a run resumes."""
+model version, predict/evaluate runs, and no duplicates when a run resumes (with a ``sqlite:///``
+store: tests/test_training.py's rerun test, which trains the resume once for both)."""
 
 from __future__ import annotations
 
@@ -132,24 +133,3 @@ def test_training_runs_in_mlflow_server_and_a_rerun_adds_none(mlflow_server, sma
     [predict] = roles_again["jobs"]
     assert predict.data.tags["job"] == "predict" and predict.data.metrics["n_images"] == 120
     assert predict.data.metrics["images_per_s"] > 0
-
-
-@pytest.mark.slow
-def test_resumed_training_continues_the_same_runs_in_sqlite(small_real_data, tmp_path, ray_session, monkeypatch):
-    require_mlflow()
-    monkeypatch.chdir(tmp_path)  # a sqlite store keeps artifacts in ./mlruns
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    small = {"tracking.mlflow_uri": uri, "data.limit": 120, "data.image_size": 32}  # cheap epochs: 4 of them
-    base = quick_overrides(small_real_data, tmp_path, "resumed", models="[sequential_cnn]", **small)
-    train(load_config(REPO / "configs" / "quick.yaml", [*base, "tracking.experiment=catdog-tests"]))
-    _, first = runs_of(uri, "catdog-tests")
-    assert len(first) == 2
-    # Two more epochs: Ray Train resumes from the epoch-1 checkpoint, MLflow from mlflow.json.
-    cfg = load_config(REPO / "configs" / "quick.yaml", [*base, "tracking.experiment=catdog-tests", "train.epochs=3"])
-    train(cfg)
-    client, second = runs_of(uri, "catdog-tests")
-    assert {r.info.run_id for r in second} == {r.info.run_id for r in first}
-    arch_run = by_role(second)["archs"]["sequential_cnn"]
-    assert [m.step for m in client.get_metric_history(arch_run.info.run_id, "val_acc")] == [1, 2, 3]
-    versions = client.search_model_versions("name='catdog-resumed'")
-    assert 1 <= len(versions) <= 2 and len({v.source for v in versions}) == len(versions)

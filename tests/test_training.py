@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import REPO, quick_overrides
+from conftest import REPO, quick_overrides, require_mlflow
 from faults import arm
 
 from catdog import training
@@ -142,11 +142,16 @@ def quick_cfg(data: Path, root: Path, run_name: str, **extra):
 
 
 @pytest.mark.slow
-def test_rerun_with_more_epochs_runs_only_the_new_ones(small_real_data, tmp_path, ray_session):
+def test_rerun_with_more_epochs_runs_only_the_new_ones(small_real_data, tmp_path, ray_session, monkeypatch):
     # Progressive resizing rides along: epoch 1 trains at 24 px, the rest at the full 32 px.  So does
-    # the EMA of weights (fp32, so that its scores reproduce exactly below).  160 images at 32 px keep
-    # the three epochs cheap.
+    # the EMA of weights (fp32, so that its scores reproduce exactly below), and MLflow tracking to a
+    # sqlite store, whose runs the resume must continue.  160 images at 32 px keep the three epochs cheap.
+    client_class = require_mlflow().MlflowClient
+    monkeypatch.chdir(tmp_path)  # a sqlite store keeps artifacts in ./mlruns
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     progressive = {
+        "tracking.mlflow_uri": uri,
+        "tracking.experiment": "catdog-tests",
         "data.limit": 160,
         "data.image_size": 32,
         "models.0.early_image_size": 24,
@@ -156,6 +161,10 @@ def test_rerun_with_more_epochs_runs_only_the_new_ones(small_real_data, tmp_path
         "train.keep_checkpoints": 3,  # every epoch's checkpoint is checked
     }
     run_training(quick_cfg(small_real_data, tmp_path, "resume", **{"train.epochs": 2, **progressive}))
+    client = client_class(uri, uri)
+    experiment = client.get_experiment_by_name("catdog-tests").experiment_id
+    first_runs = {r.info.run_id: r.data.tags.get("arch") for r in client.search_runs([experiment])}
+    assert sorted(first_runs.values(), key=str) == [None, "sequential_cnn"]  # the parent run and the arch's
     arch = tmp_path / "resume" / "sequential_cnn"
     first = read_csv(arch / "metrics.csv")
     assert [int(r["epoch"]) for r in first] == [1, 2]
@@ -174,9 +183,16 @@ def test_rerun_with_more_epochs_runs_only_the_new_ones(small_real_data, tmp_path
     check_ema_checkpoints(
         quick_cfg(small_real_data, tmp_path, "resume", **{"train.epochs": 3, **progressive}), arch, second
     )
-    # A third run with the same epochs skips the architecture entirely.
+    # Ray Train resumed from the epoch-2 checkpoint, MLflow the same runs from mlflow.json.
+    assert {r.info.run_id: r.data.tags.get("arch") for r in client.search_runs([experiment])} == first_runs
+    arch_run = next(run_id for run_id, name in first_runs.items() if name == "sequential_cnn")
+    assert [m.step for m in client.get_metric_history(arch_run, "val_acc")] == [1, 2, 3]
+    versions = client.search_model_versions("name='catdog-resume'")
+    assert 1 <= len(versions) <= 2 and len({v.source for v in versions}) == len(versions)
+    # A third run with the same epochs skips the architecture entirely, and adds no MLflow run.
     run_training(quick_cfg(small_real_data, tmp_path, "resume", **{"train.epochs": 3, **progressive}))
     assert read_csv(arch / "metrics.csv") == second
+    assert {r.info.run_id for r in client.search_runs([experiment])} == set(first_runs)
 
 
 def check_ema_checkpoints(cfg, arch: Path, rows: list[dict]) -> None:
