@@ -137,3 +137,15 @@ def test_plan_scale_smoke_measures_both_scenarios(tmp_path):
     rows = json.loads(next(tmp_path.glob("plan_scale-*.json")).read_text())["rows"]
     assert [r["scenario"] for r in rows] == ["first", "nightly"]
     assert all(0 < r["plan_total_s"] < r["job_to_first_batch_s"] and r["driver_peak_rss_gib"] > 0 for r in rows)
+
+
+def test_process_cpu_counts_a_child_and_its_cpu_seconds(tmp_path):
+    """A grandchild of the measured command that burns 1.5 CPU-s is listed once with its CPU time."""
+    (tmp_path / "burn_cpu.py").write_text(
+        "import time\nstart = time.process_time()\nwhile time.process_time() - start < 1.5:\n    pass\n"
+    )
+    spawn = "import subprocess, sys; subprocess.run([sys.executable, 'burn_cpu.py'], cwd=sys.argv[1], check=True)"
+    out = run_script(str(REPO / "bench" / "process_cpu.py"), "--", sys.executable, "-c", spawn, str(tmp_path))
+    rows = [line.split(None, 2) for line in out.splitlines() if line.endswith(" burn_cpu.py")]
+    assert len(rows) == 1 and rows[0][1] == "1" and float(rows[0][0]) >= 1.0, out
+    assert "all processes seen; machine busy" in out.splitlines()[-1]
