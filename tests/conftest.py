@@ -7,6 +7,7 @@ test that still skips for another reason than the ``gpu`` marker is reported as 
 
 from __future__ import annotations
 
+import csv
 import functools
 import importlib
 import io
@@ -222,6 +223,12 @@ def kaggle_folder(tmp_path) -> Path:
     (folder / "notes.txt").write_text("not an image")
     (folder / ".hidden.jpg").write_bytes(jpeg_bytes())
     return folder
+
+
+def epochs_of(metrics_csv: Path) -> list[int]:
+    """The epoch numbers a run's ``metrics.csv`` holds, in order."""
+    with open(metrics_csv, newline="") as handle:
+        return [int(row["epoch"]) for row in csv.DictReader(handle)]
 
 
 def copy_images(src: Path, dst: Path, names: list[str]) -> Path:

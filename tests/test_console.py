@@ -3,7 +3,6 @@ the ``catdog`` command."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import runpy
@@ -12,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, quick_overrides, set_args
+from conftest import REPO, epochs_of, quick_overrides, set_args
 
 from catdog import cli
 from catdog.cli import JOBS
@@ -110,8 +109,7 @@ def test_verbose_restart_shows_rays_progress_and_trains_afresh(small_real_data, 
     assert len(aside) == 1 and f"--restart: moved the previous run to {aside[0]}" in proc.stderr
     assert (aside[0] / "sequential_cnn" / "result.json").read_text() == '{"epochs": 99}'
     assert json.loads((previous / "result.json").read_text())["epochs"] == 1
-    with open(previous / "metrics.csv", newline="") as handle:
-        assert [int(row["epoch"]) for row in csv.DictReader(handle)] == [1]
+    assert epochs_of(previous / "metrics.csv") == [1]
 
 
 def test_worker_lines_split_between_console_and_log(tmp_path, capsys):

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import REPO, copy_images, jpeg_bytes, quick_overrides, set_args
+from conftest import REPO, copy_images, epochs_of, jpeg_bytes, quick_overrides, set_args
 from faults import arm, checkpoint_names
 from PIL import Image
 
@@ -31,11 +31,6 @@ from catdog.storage import Storage
 from catdog.train_job import run_training
 
 pytestmark = pytest.mark.slow
-
-
-def epochs_of(path: Path) -> list[int]:
-    with open(path, newline="") as handle:
-        return [int(row["epoch"]) for row in csv.DictReader(handle)]
 
 
 def cfg_for(data: Path, root: Path, run_name: str, **extra):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import REPO, quick_overrides, require_mlflow
+from conftest import REPO, epochs_of, quick_overrides, require_mlflow
 from faults import arm
 
 from catdog import training
@@ -32,10 +32,6 @@ STORAGE = Storage()
 def read_csv(path: Path) -> list[dict]:
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle))
-
-
-def epochs_of(metrics_csv: Path) -> list[int]:
-    return [int(row["epoch"]) for row in read_csv(metrics_csv)]
 
 
 @pytest.mark.parametrize("fast_bf16", [True, False])
