@@ -1,19 +1,21 @@
-"""Ray Train training: the quick run end to end, DDP, resume, worker failure, init and freezing."""
+"""Ray Train training: the quick run end to end, DDP, reruns and resume, init and freezing."""
 
 from __future__ import annotations
 
 import csv
 import hashlib
 import json
+import logging
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import REPO, epochs_of, quick_overrides, require_mlflow
-from faults import arm
+from conftest import REPO, quick_overrides, require_mlflow, set_args
 
 from catdog import training
 from catdog.checkpoints import load_checkpoint, load_model
@@ -23,7 +25,7 @@ from catdog.images import decode_image
 from catdog.models import build_model, split_parameters
 from catdog.presets import EvalPreset
 from catdog.storage import Storage
-from catdog.train_job import run_training
+from catdog.train_job import run_fingerprint, run_training
 from catdog.training import autocast, input_size_for_epoch, lr_factor, to_model_input
 
 STORAGE = Storage()
@@ -138,57 +140,106 @@ def quick_cfg(data: Path, root: Path, run_name: str, **extra):
 
 
 @pytest.mark.slow
-def test_rerun_with_more_epochs_runs_only_the_new_ones(small_real_data, tmp_path, ray_session, monkeypatch):
-    # Progressive resizing rides along: epoch 1 trains at 24 px, the rest at the full 32 px.  So does
-    # the EMA of weights (fp32, so that its scores reproduce exactly below), and MLflow tracking to a
-    # sqlite store, whose runs the resume must continue.  160 images at 32 px keep the three epochs cheap.
+def test_a_rerun_refuses_changed_settings_retrains_nothing_unchanged_and_trains_only_added_epochs(
+    small_real_data, tmp_path, ray_session, monkeypatch, caplog
+):
+    """Rerunning a finished 2-epoch run: jobs/train.py with settings that shape the model changed stops
+    before Ray starts, in one error line naming each change; a rerun with only other settings changed
+    retrains nothing and adds no MLflow run; raising the epochs to 4 runs only epochs 3-4, continuing
+    from the checkpoint on the 4-epoch schedule, with the EMA and the same MLflow runs (steps 1-4)."""
+    # Progressive resizing rides along: epoch 1 trains at 24 px, the rest at the full 32 px (so the first
+    # run needs 2 epochs).  So does the EMA of weights (fp32, so that its scores reproduce exactly below),
+    # and MLflow tracking to a sqlite store, whose runs the resume must continue.  160 images at 32 px
+    # keep the four epochs cheap; resuming mid-schedule (epoch 3 of 4) shows the new plan's rate.
     client_class = require_mlflow().MlflowClient
     monkeypatch.chdir(tmp_path)  # a sqlite store keeps artifacts in ./mlruns
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    progressive = {
-        "tracking.mlflow_uri": uri,
-        "tracking.experiment": "catdog-tests",
-        "data.limit": 160,
-        "data.image_size": 32,
-        "models.0.early_image_size": 24,
-        "models.0.early_epochs": 1,
-        "train.ema_decay": 0.9,
-        "train.amp": False,
-        "train.keep_checkpoints": 3,  # every epoch's checkpoint is checked
-    }
-    run_training(quick_cfg(small_real_data, tmp_path, "resume", **{"train.epochs": 2, **progressive}))
+    sets = quick_overrides(
+        small_real_data,
+        tmp_path,
+        "resume",
+        **{
+            "models": "[sequential_cnn]",
+            "tracking.mlflow_uri": uri,
+            "tracking.experiment": "catdog-tests",
+            "data.limit": 160,
+            "data.image_size": 32,
+            "models.0.early_image_size": 24,
+            "models.0.early_epochs": 1,
+            "train.ema_decay": 0.9,
+            "train.amp": False,
+            "train.keep_checkpoints": 4,  # every epoch's checkpoint is checked
+            "train.epochs": 2,
+        },
+    )
+    cfg = load_config(REPO / "configs" / "quick.yaml", sets)
+    run_training(cfg)
+    run, arch = tmp_path / "resume", tmp_path / "resume" / "sequential_cnn"
+    result = json.loads((arch / "result.json").read_text())
+    assert result["fingerprint"] == json.loads(json.dumps(run_fingerprint(cfg, cfg.models[0])))
+    assert json.loads((arch / "epoch_001" / "meta.json").read_text())["fingerprint"] == result["fingerprint"]
     client = client_class(uri, uri)
     experiment = client.get_experiment_by_name("catdog-tests").experiment_id
     first_runs = {r.info.run_id: r.data.tags.get("arch") for r in client.search_runs([experiment])}
     assert sorted(first_runs.values(), key=str) == [None, "sequential_cnn"]  # the parent run and the arch's
-    arch = tmp_path / "resume" / "sequential_cnn"
     first = read_csv(arch / "metrics.csv")
     assert [int(r["epoch"]) for r in first] == [1, 2]
     assert [int(r["train_image_size"]) for r in first] == [24, 32]
+    kept = {name: (run / name).read_bytes() for name in ("best.json", "leaderboard.csv", "config.yaml")}
     stamps = {str(p): p.stat().st_mtime_ns for p in arch.glob("epoch_*/model.pt")}
-    run_training(quick_cfg(small_real_data, tmp_path, "resume", **{"train.epochs": 3, **progressive}))
-    second = read_csv(arch / "metrics.csv")
-    assert [int(r["epoch"]) for r in second] == [1, 2, 3]
-    assert [int(r["train_image_size"]) for r in second] == [24, 32, 32]
-    assert second[:2] == first  # epochs 1-2 were not run again
-    assert (arch / "epoch_003" / "model.pt").exists()
-    for path in arch.glob("epoch_00[12]/model.pt"):
-        assert path.stat().st_mtime_ns == stamps[str(path)]
-    result = json.loads((arch / "result.json").read_text())
-    assert result["epochs"] == 3
-    check_ema_checkpoints(
-        quick_cfg(small_real_data, tmp_path, "resume", **{"train.epochs": 3, **progressive}), arch, second
+
+    changed = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "train.py"), "--config", str(REPO / "configs" / "quick.yaml")]
+        + [*set_args(sets), "--set", "train.lr=0.0005", "--set", "data.val_fraction=0.3"],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
+    lines = [line for line in changed.stderr.splitlines() if line.startswith("error: ")]
+    assert changed.returncode == 2 and len(lines) == 1, changed.stderr[-3000:]
+    assert "sequential_cnn: train.lr 0.002 -> 0.0005" in lines[0] and "data.val_fraction 0.25 -> 0.3" in lines[0]
+    assert "--restart" in lines[0] and "run_name" in lines[0]
+    assert {name: (run / name).read_bytes() for name in kept} == kept
+
+    # Settings that do not shape a model may change; a finished run is then reused as it is.
+    with caplog.at_level(logging.INFO, logger="catdog"):
+        same = run_training(load_config(REPO / "configs" / "quick.yaml", [*sets, "predict.batch_size=32"]))
+    assert same == str(run / "best.json")
+    assert "already trained for 2 epochs, skipping" in caplog.text
+    assert read_csv(arch / "metrics.csv") == first
+    assert sorted(p.name for p in arch.glob("epoch_*")) == ["epoch_001", "epoch_002"]
+    assert {str(p): p.stat().st_mtime_ns for p in arch.glob("epoch_*/model.pt")} == stamps
+    assert {r.info.run_id for r in client.search_runs([experiment])} == set(first_runs)
+
+    # Raising epochs continues from the checkpoint on the schedule of the new count (training.lr_factor).
+    longer = load_config(REPO / "configs" / "quick.yaml", [*sets, "train.epochs=4"])
+    run_training(longer)
+    second = read_csv(arch / "metrics.csv")
+    assert [int(r["epoch"]) for r in second] == [1, 2, 3, 4]
+    assert [int(r["train_image_size"]) for r in second] == [24, 32, 32, 32]
+    assert second[:2] == first  # epochs 1-2 were not run again
+    assert (arch / "epoch_004" / "model.pt").exists()
+    for path, stamp in stamps.items():
+        assert Path(path).stat().st_mtime_ns == stamp
+    result = json.loads((arch / "result.json").read_text())
+    assert result["epochs"] == 4
+    n_train = len(load_split(STORAGE, cfg.data.train, cfg.data.val_fraction, cfg.data.seed, cfg.data.limit).train)
+    per_epoch = math.ceil(n_train / cfg.train.batch_size)
+
+    def end_of_epoch_lr(epoch: int, planned_epochs: int) -> float:
+        total = planned_epochs * per_epoch
+        return cfg.train.lr * lr_factor(epoch * per_epoch - 1, total, int(cfg.train.warmup_fraction * total))
+
+    assert float(second[1]["lr"]) == pytest.approx(end_of_epoch_lr(2, 2), abs=1e-6)  # as the 2-epoch run left it
+    assert float(second[2]["lr"]) == pytest.approx(end_of_epoch_lr(3, 4), abs=1e-6)  # the 4-epoch plan
+    assert float(second[2]["lr"]) > float(second[1]["lr"])  # back up from the floor that ended the 2-epoch run
+    check_ema_checkpoints(longer, arch, second)
     # Ray Train resumed from the epoch-2 checkpoint, MLflow the same runs from mlflow.json.
     assert {r.info.run_id: r.data.tags.get("arch") for r in client.search_runs([experiment])} == first_runs
     arch_run = next(run_id for run_id, name in first_runs.items() if name == "sequential_cnn")
-    assert [m.step for m in client.get_metric_history(arch_run, "val_acc")] == [1, 2, 3]
+    assert [m.step for m in client.get_metric_history(arch_run, "val_acc")] == [1, 2, 3, 4]
     versions = client.search_model_versions("name='catdog-resume'")
     assert 1 <= len(versions) <= 2 and len({v.source for v in versions}) == len(versions)
-    # A third run with the same epochs skips the architecture entirely, and adds no MLflow run.
-    run_training(quick_cfg(small_real_data, tmp_path, "resume", **{"train.epochs": 3, **progressive}))
-    assert read_csv(arch / "metrics.csv") == second
-    assert {r.info.run_id for r in client.search_runs([experiment])} == set(first_runs)
 
 
 def check_ema_checkpoints(cfg, arch: Path, rows: list[dict]) -> None:
@@ -214,24 +265,6 @@ def check_ema_checkpoints(cfg, arch: Path, rows: list[dict]) -> None:
     for net, name in ((model, meta["weights"]), (other, other_name)):
         accuracy, n_val = val_accuracy(cfg, net, meta)
         assert accuracy == pytest.approx(float(rows[-1][f"val_acc_{name}"]), abs=1.5 / n_val), name
-
-
-@pytest.mark.slow
-def test_worker_exit_mid_epoch_restarts_from_the_last_checkpoint(small_real_data, tmp_path, faults_dir, ray_session):
-    sets = {"train.epochs": 3, "train.max_failures": 1, "data.image_size": 32}  # 32 px: cheaper epochs, same steps
-    cfg = quick_cfg(small_real_data, tmp_path, "killed", **sets)
-    n_train = len(load_split(STORAGE, cfg.data.train, cfg.data.val_fraction, cfg.data.seed, cfg.data.limit).train)
-    steps_per_epoch = math.ceil(n_train / cfg.train.batch_size)
-    arm(faults_dir, "exit", min_step=steps_per_epoch, after_batches=2, delay_s=5)  # dies in the middle of epoch 2
-    (faults_dir / "train-steps.log").unlink(missing_ok=True)
-    run_training(cfg)
-    assert (faults_dir / "exit.fired").exists(), "the fault never fired"
-    (faults_dir / "exit.fired").unlink()
-    assert epochs_of(tmp_path / "killed" / "sequential_cnn" / "metrics.csv") == [1, 2, 3]
-    # The restarted worker picks up at epoch 2's first step (the epoch-1 checkpoint), not at step 0.
-    starts = [int(line) for line in (faults_dir / "train-steps.log").read_text().split()]
-    assert starts == [0, steps_per_epoch, steps_per_epoch, 2 * steps_per_epoch]
-    assert json.loads((tmp_path / "killed" / "best.json").read_text())["arch"] == "sequential_cnn"
 
 
 def ddp_probe_loop(cfg: dict) -> None:
