@@ -1,5 +1,6 @@
-"""Scaled batch scoring: a killed predict resumes, reruns score only new or changed images, a model
-change re-scores everything, the same on S3 (ETags), and planning holds no Python object per file."""
+"""Scaled batch scoring: a killed predict leaves the previous result whole and resumes, reruns score
+only new or changed images, a model change re-scores everything, the same on S3 (ETags), and
+planning holds no Python object per file."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from catdog.images import LISTING_SCHEMA, id_from_path, label_from_path
 from catdog.models import build_model
 from catdog.predict_job import run_predict
 from catdog.presets import EvalPreset
-from catdog.scoring_plan import PARTIAL, PARTS, make_plan
+from catdog.scoring_plan import PARTIAL, PARTS, PREDICTION_SCHEMA, make_plan
 from catdog.storage import Storage
 
 STORAGE = Storage()
@@ -193,52 +194,47 @@ def checkpoints(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.mark.slow
-def test_incremental_rerun_scores_only_new_images_and_drops_removed_ones(
+def test_incremental_rerun_scores_only_new_images_drops_removed_ones_and_a_model_change_rescores_all(
     data_dir, checkpoints, tmp_path, ray_session, capsys
 ):
-    images = small_copies(data_dir / "test1", tmp_path / "in", range(1, 301))
+    # 100 images, then 50 added and 20 removed: several batches a run, and none of the 7 runs scores
+    # more than 130 images.
+    images = small_copies(data_dir / "test1", tmp_path / "in", range(1, 101))
     cfg, out = config(tmp_path), tmp_path / "out"
 
-    def run(**options) -> dict[str, int]:
-        return predicted(capsys, cfg, checkpoints[0], images, out, **options)
+    def run(checkpoint: Path = checkpoints[0], **options) -> dict[str, int]:
+        return predicted(capsys, cfg, checkpoint, images, out, **options)
 
-    assert run() == {"scored": 300, "reused": 0, "removed": 0, "total": 300}
+    assert run() == {"scored": 100, "reused": 0, "removed": 0, "total": 100}
     first = pq.read_table(out / "predictions").sort_by("path")
-    small_copies(data_dir / "test1", images, range(301, 351))
+    small_copies(data_dir / "test1", images, range(101, 151))
     removed = list(range(1, 21))
     for i in removed:
         (images / f"{i}.jpg").unlink()
-    assert run() == {"scored": 50, "reused": 280, "removed": 20, "total": 330}
+    assert run() == {"scored": 50, "reused": 80, "removed": 20, "total": 130}
     rows = submission(out / "submission.csv")
-    assert len(rows) == 330 and not set(removed) & set(rows) and set(range(301, 351)) <= set(rows)
+    assert len(rows) == 130 and not set(removed) & set(rows) and set(range(101, 151)) <= set(rows)
     kept = pq.read_table(out / "predictions").sort_by("path")
     old = {p: v for p, v in zip(first["path"].to_pylist(), first["prob_dog"].to_pylist())}
     assert all(old[p] == v for p, v in zip(kept["path"].to_pylist(), kept["prob_dog"].to_pylist()) if p in old)
     # A changed file (same name, new bytes) is scored again; nothing else is.
     Image.open(data_dir / "test1" / "999.jpg").convert("RGB").resize((64, 64)).save(images / "100.jpg")
-    assert run() == {"scored": 1, "reused": 329, "removed": 0, "total": 330}
+    assert run() == {"scored": 1, "reused": 129, "removed": 0, "total": 130}
     # A threshold change recomputes labels without scoring; --full scores everything.
     cfg = config(tmp_path, "predict.threshold=0.9")  # noqa: F841 - read by run()
-    assert run() == {"scored": 0, "reused": 330, "removed": 0, "total": 330}
+    assert run() == {"scored": 0, "reused": 130, "removed": 0, "total": 130}
     table = pq.read_table(out / "predictions")
     probs, labels = table["prob_dog"].to_pylist(), table["label"].to_pylist()
     assert all(label == int(p >= np.float32(0.9)) for p, label in zip(probs, labels) if p is not None)
-    assert run(full=True)["scored"] == 330
+    assert run(full=True)["scored"] == 130
     assert not (out / PARTIAL).exists()
-
-
-@pytest.mark.slow
-def test_a_model_change_rescores_everything(data_dir, checkpoints, tmp_path, ray_session, capsys):
-    images = small_copies(data_dir / "test1", tmp_path / "in", range(1, 101))
-    cfg, out = config(tmp_path), tmp_path / "out"
-    run_predict(cfg, str(checkpoints[0]), str(images), str(out))
+    # A model change re-scores everything, and so does turning TTA on with the new model.
     before = pq.read_table(out / "predictions").sort_by("path")
-    counts = predicted(capsys, cfg, checkpoints[1], images, out)
-    assert counts == {"scored": 100, "reused": 0, "removed": 0, "total": 100}
+    assert run(checkpoints[1]) == {"scored": 130, "reused": 0, "removed": 0, "total": 130}
     after = pq.read_table(out / "predictions").sort_by("path")
     assert set(after["model"].to_pylist()) == {"sequential_cnn:b"}
     assert before["prob_dog"].to_pylist() != after["prob_dog"].to_pylist()
-    assert predicted(capsys, cfg, checkpoints[1], images, out, tta=True)["scored"] == 100
+    assert run(checkpoints[1], tta=True)["scored"] == 130
 
 
 def predict_command(cfg_file: Path, model: str, images: str, out: str) -> list[str]:
@@ -252,17 +248,37 @@ def committed_rows(parts: Path) -> int:
     return sum(pq.read_metadata(p).num_rows for p in parts.glob("part-*.parquet"))
 
 
+def seed_previous_result(out: Path) -> dict[str, bytes]:
+    """A previous complete result in ``out``: submission.csv and predictions/ of one image,
+    ``old/1.jpg``, that no input lists.  Returns its :func:`previous_result`."""
+    (out / "predictions").mkdir(parents=True)
+    (out / "submission.csv").write_text("id,label\n1,1\n")
+    row = {"id": 1, "path": "old/1.jpg", "prob_dog": 0.9, "label": 1, "model": "old", "error": None}
+    row |= {column: None for column in ("size", "version", "scoring")}
+    pq.write_table(pa.Table.from_pylist([row], schema=PREDICTION_SCHEMA), out / "predictions" / "part-old.parquet")
+    return previous_result(out)
+
+
+def previous_result(out: Path) -> dict[str, bytes]:
+    """The bytes of submission.csv and of every file in predictions/, by path under ``out``."""
+    files = [out / "submission.csv", *(out / "predictions").iterdir()]
+    return {str(p.relative_to(out)): p.read_bytes() for p in files}
+
+
 @pytest.mark.slow
-def test_killed_predict_resumes_and_ends_equal_to_an_uninterrupted_run(
+def test_killed_predict_leaves_the_previous_result_resumes_and_ends_equal_to_an_uninterrupted_run(
     data_dir, checkpoints, tmp_path, ray_session, capsys
 ):
-    """SIGKILL the predict driver once a third of 2,000 images are committed; the rerun scores only the
-    rest (its own summary says so) and its outputs equal an uninterrupted run's."""
+    """SIGKILL the predict job once a third of 2,000 images are committed: the previous submission.csv
+    and predictions/ of its output folder are left exactly as they were, never a partial or a mixed
+    one; the rerun scores only the rest (its own summary says so) and its outputs equal an
+    uninterrupted run's."""
     n = 2000
     images = small_copies(data_dir / "test1", tmp_path / "in", range(1, n + 1))
     cfg = config(tmp_path)
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     run_predict(cfg, str(checkpoints[0]), str(images), str(whole))
+    seeded = seed_previous_result(resumed)
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(cfg.to_yaml())
     command = predict_command(cfg_file, str(checkpoints[0]), str(images), str(resumed))
@@ -277,11 +293,13 @@ def test_killed_predict_resumes_and_ends_equal_to_an_uninterrupted_run(
     finally:
         proc.wait(timeout=60)
         log.close()
-    assert n // 3 <= at_kill < n, (at_kill, (tmp_path / "killed.log").read_text()[-3000:])
-    assert not (resumed / "submission.csv").exists() and not (resumed / "predictions").exists()
+    tail = (tmp_path / "killed.log").read_text()[-3000:]
+    assert proc.returncode == -signal.SIGKILL and n // 3 <= at_kill < n, (proc.returncode, at_kill, tail)
+    assert previous_result(resumed) == seeded
     # The rerun in this process (what resumes is the folder, not the process): one job start fewer.
+    # It drops the previous result's one row, of an image no longer listed.
     counts = predicted(capsys, cfg, checkpoints[0], images, resumed)
-    assert counts["total"] == n and counts["scored"] + counts["reused"] == n
+    assert counts["total"] == n and counts["scored"] + counts["reused"] == n and counts["removed"] == 1
     assert counts["reused"] >= at_kill and counts["scored"] <= n - at_kill
     assert_same_predictions(whole / "predictions", resumed / "predictions")
     assert submission(whole / "submission.csv") == submission(resumed / "submission.csv")
