@@ -18,6 +18,11 @@ class ShardConfig(DataConfig):
         for name, ds in datasets.items():
             ds = ds.copy(ds)
             ds.context.execution_options = self._resolve_execution_options(name)
+            if world_size == 1:
+                # One worker reads the whole dataset itself: no split, so no SplitCoordinator actor (a
+                # process start per dataset and run, bench/NOTES.md "Train's split coordinators").
+                output[0][name] = ds.iterator()
+                continue
             for i, shard in enumerate(ds.streaming_split(world_size, equal=(name == "train"))):
                 output[i][name] = shard
         return output

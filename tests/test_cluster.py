@@ -203,6 +203,9 @@ def test_train_and_predict_jobs(cluster, small_real_data, tmp_path):
             "run_name": "cluster",
             "models": "[sequential_cnn]",  # one architecture keeps this test short
             "train.report": "false",
+            # What runs where does not depend on how much: 96 images at 32 px, a short epoch.
+            "data.limit": 96,
+            "data.image_size": 32,
         }
     )
 
@@ -229,15 +232,6 @@ def test_train_and_predict_jobs(cluster, small_real_data, tmp_path):
     test_ids = sorted(int(p.stem) for p in (small_real_data / "test1").glob("*.jpg"))
     assert sorted(int(r[0]) for r in rows[1:]) == test_ids
     assert {r[1] for r in rows[1:]} <= {"0", "1"}
-
-
-def test_failed_job_fails_the_submit(cluster, tmp_path):
-    """A job that exits non-zero (here: a user error, exit 2) makes the submit exit non-zero."""
-    result = submit(
-        cluster, "train", overrides({"data.train": tmp_path / "missing", "storage.root": tmp_path / "runs"})
-    )
-    assert result.returncode != 0
-    assert "FAILED" in result.stderr
 
 
 PLACEMENT_PROBE = """
@@ -281,7 +275,8 @@ print("PROBE " + json.dumps({
 
 
 def test_train_that_fits_the_cluster_total_but_no_single_node_fails_naming_it(cluster, small_real_data, tmp_path):
-    """5 CPUs in all (2 + 3), but no node has the 4 one worker asks for: exit 2 up front, not a wait forever."""
+    """5 CPUs in all (2 + 3), but no node has the 4 one worker asks for: exit 2 up front, not a wait
+    forever, and the job's failure fails ``ray job submit``."""
     sets = overrides(
         {
             "data.train": small_real_data / "train",

@@ -104,6 +104,7 @@ def test_sigkilled_worker_with_two_workers_resumes_and_logs_each_epoch_once(
     assert restarted, "no new Train worker was started after the kill"
     # Two workers per epoch: epochs 1 and 2, then both restarted workers at epoch 2's first step, then epoch 3.
     assert step_starts(faults_dir) == [0, 0, per_epoch, per_epoch, per_epoch, per_epoch, 2 * per_epoch, 2 * per_epoch]
+    assert json.loads((tmp_path / "sigkill" / "best.json").read_text())["arch"] == "sequential_cnn"
 
 
 def _capture(errors: list, fn, *args):
@@ -261,7 +262,9 @@ def test_more_worker_deaths_than_max_failures_fail_the_run_without_a_result(
 ):
     from ray.train import TrainingFailedError
 
-    cfg = cfg_for(small_real_data, tmp_path, "deaths", **{"train.epochs": 2, "train.max_failures": 0})
+    # It dies in its first batch: one epoch at 32 px is all the set-up that needs.
+    sets = {"train.epochs": 1, "train.max_failures": 0, "data.image_size": 32}
+    cfg = cfg_for(small_real_data, tmp_path, "deaths", **sets)
     arm(faults_dir, "exit", min_step=0, after_batches=1)  # one death, none allowed
     with pytest.raises(TrainingFailedError):
         run_training(cfg)
