@@ -326,6 +326,20 @@ def test_ddp_two_workers_share_weights_and_split_the_rows(small_real_data, tmp_p
     assert ranks[0]["train_images"] == 2 * len(seen0)  # loss and counts are summed over both ranks
 
 
+def test_one_worker_reads_whole_datasets_without_a_split_coordinator(ray_session):
+    """world_size 1: each dataset's own iterator, every row; no streaming_split (whose coordinator
+    actor is a process started per dataset and run).  Two workers' split: the DDP test above."""
+    import ray.data
+
+    from catdog.worker_split import ShardConfig
+
+    datasets = {"train": ray.data.range(10), "val": ray.data.range(5)}
+    [shards] = ShardConfig().configure(datasets, world_size=1, worker_handles=None, worker_node_ids=None)
+    assert {type(it).__name__ for it in shards.values()} == {"DataIteratorImpl"}
+    assert sorted(row["id"] for row in shards["train"].iter_rows()) == list(range(10))
+    assert sorted(row["id"] for row in shards["val"].iter_rows()) == list(range(5))
+
+
 @pytest.mark.slow
 def test_init_from_state_dict_with_frozen_backbone_warm_up(small_real_data, tmp_path, ray_session):
     reference = torchvision.models.mobilenet_v2(weights=None)
