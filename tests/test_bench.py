@@ -37,6 +37,9 @@ def test_bench_smoke_one_catdog_row_per_group(data_dir, tmp_path):
     assert [r["group"] for r in results] == ["ingest", "train", "predict"]
     assert all(r["summary"]["images"] > 0 and r["summary"]["images_per_s"] > 0 for r in results)
     assert results[2]["summary"]["steady_images_per_s"] > 0
+    # End to end like the plain loop: one pass per image, not configs/local.yaml's flip TTA.
+    [scored_as] = results[2]["runs"][0]["scored_as"]
+    assert scored_as.startswith("mobilenet_v2:") and not scored_as.endswith("+tta"), scored_as
 
 
 @pytest.mark.bench
