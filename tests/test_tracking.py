@@ -96,8 +96,13 @@ def test_training_runs_in_mlflow_server_and_a_rerun_adds_none(mlflow_server, sma
         "tracked",
         models="[sequential_cnn, mobilenet_v2]",
         # 32 px: what the tracking records does not depend on the image size.
-        **{"train.epochs": 2, "tracking.mlflow_uri": mlflow_server.uri, "train.report": True},
-        **{"data.limit": 120, "data.image_size": 32},
+        **{
+            "train.epochs": 2,
+            "tracking.mlflow_uri": mlflow_server.uri,
+            "train.report": True,
+            "data.limit": 120,
+            "data.image_size": 32,
+        },
     )
     cfg = load_config(REPO / "configs" / "quick.yaml", overrides)
     train(cfg)
@@ -126,7 +131,7 @@ def test_training_runs_in_mlflow_server_and_a_rerun_adds_none(mlflow_server, sma
     run_predict(cfg, input_uri=str(small_real_data / "test1"))
     # Every architecture already trained: resumes the same runs, adds none.  Without the report
     # (not part of any fingerprint), the rerun does not score the validation study again.
-    train(cfg.model_copy(update={"train": cfg.train.model_copy(update={"report": False})}))
+    train(load_config(REPO / "configs" / "quick.yaml", [*overrides, "train.report=false"]))
     client, again = runs_of(mlflow_server.uri, "tracked")
     roles_again = by_role(again)
     assert {r.info.run_id for r in roles_again["parent"]} == {parent.info.run_id}
