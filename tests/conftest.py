@@ -11,6 +11,7 @@ import csv
 import functools
 import importlib
 import io
+import json
 import os
 import re
 import shutil
@@ -22,6 +23,11 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "dogs-vs-cats"
+# Each test module's seconds in the last stored xdist pass (under the rootdir): the order
+# pytest_xdist_make_scheduler starts them in.
+DURATIONS = Path("tests", "durations.json")
+STORE_DURATIONS = os.environ.get("CATDOG_STORE_DURATIONS") == "1"
+_module_seconds: dict[str, float] = {}
 
 
 VENV_BIN = Path(sys.executable).parent
@@ -98,14 +104,46 @@ def pytest_xdist_make_scheduler(config, log):
     fixtures are built once; the modules that read the trained ``quick_run`` share a worker (it trains
     once per worker), and so do the ``cluster`` modules (one multi-node cluster at a time).  xdist's
     own ``xdist_group`` marks do not work with pytest 9 (they rename ``_nodeid``, which pytest 9 no
-    longer reads), hence a scheduler that groups by module instead."""
+    longer reads), hence a scheduler that groups by module instead.
+
+    The groups start longest first (their seconds in ``tests/durations.json``), so that the last one
+    to start is short and the two workers finish together.  xdist's own order, most tests first, had
+    put the 250-second GPU-kit module near the end."""
     from xdist.scheduler import LoadScopeScheduling
+
+    stored = config.rootpath / DURATIONS
+    seconds = json.loads(stored.read_text()) if stored.exists() else {}
 
     class ModuleGroups(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             return module_group(config.rootpath / nodeid.split("::")[0])
 
+        def _assign_work_unit(self, node) -> None:
+            longest = max(self.workqueue, key=lambda scope: group_seconds(scope, self.workqueue[scope], seconds))
+            self.workqueue.move_to_end(longest, last=False)
+            super()._assign_work_unit(node)
+
     return ModuleGroups(config, log)
+
+
+def group_seconds(scope: str, nodeids, seconds: dict[str, float]) -> float:
+    """A scheduling group's expected seconds: its modules' last recorded times (a new module: 0)."""
+    return sum(seconds.get(module, 0.0) for module in {nodeid.split("::")[0] for nodeid in nodeids})
+
+
+def pytest_runtest_logreport(report) -> None:
+    if STORE_DURATIONS:
+        module = report.nodeid.split("::")[0]
+        _module_seconds[module] = _module_seconds.get(module, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session) -> None:
+    """``CATDOG_STORE_DURATIONS=1 make test`` rewrites ``tests/durations.json`` from the xdist pass
+    (the controller sees every worker's reports; the ``serial`` pass is not scheduled)."""
+    controller = getattr(session.config.option, "numprocesses", None) and not hasattr(session.config, "workerinput")
+    if STORE_DURATIONS and controller and _module_seconds:
+        rounded = {module: round(s, 1) for module, s in sorted(_module_seconds.items())}
+        (session.config.rootpath / DURATIONS).write_text(json.dumps(rounded, indent=1) + "\n")
 
 
 @functools.cache

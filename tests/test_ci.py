@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -103,3 +104,21 @@ def test_under_xdist_a_module_and_the_quick_run_and_cluster_modules_each_stay_on
     assert len(workers) == 5 and all(len(used) == 1 for used in workers.values()), workers
     assert workers["test_quick_a"] == workers["test_quick_b"]
     assert workers["test_cluster_a"] == workers["test_cluster_b"]
+
+
+def test_under_xdist_the_longest_recorded_modules_start_first_and_a_run_can_record_them(tmp_path):
+    """xdist's own order (most tests first, then the collection's) would start test_a and test_b."""
+    body = "import time\n\n" + "".join(f"def test_{i}():\n    time.sleep(0.2)\n\n" for i in range(4))
+    for name in ("test_a", "test_b", "test_c"):
+        (tmp_path / f"{name}.py").write_text(body)
+    durations = tmp_path / "tests" / "durations.json"
+    durations.parent.mkdir()
+    durations.write_text(json.dumps({"test_c.py": 100, "test_b.py": 50}))
+    env = {"PYTHONPATH": f"{REPO}:{TESTS}", "CATDOG_STORE_DURATIONS": "1"}
+    proc, _ = pytest_in(tmp_path, "-p", "conftest", "-n", "2", "-v", **env)
+    assert proc.returncode == 0 and "12 passed" in proc.stdout, proc.stdout[-3000:]
+    order = [line.split("::")[0].split()[-1] for line in proc.stdout.splitlines() if "PASSED" in line]
+    assert set(order[:2]) == {"test_c.py", "test_b.py"} and order[-1] == "test_a.py", order
+    recorded = json.loads(durations.read_text())
+    assert set(recorded) == {"test_a.py", "test_b.py", "test_c.py"}
+    assert all(0.8 <= seconds < 5 for seconds in recorded.values()), recorded

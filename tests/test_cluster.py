@@ -12,6 +12,7 @@ import contextlib
 import csv
 import json
 import os
+import posixpath
 import shutil
 import socket
 import subprocess
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
+import torchvision
 from conftest import printed_result
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -157,9 +160,37 @@ def started_cluster(cluster_dir: Path, **extra_env: str):
         assert not survivors, f"cluster-down left processes behind: {survivors}"
 
 
+WEIGHTS = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1
+# urllib (torch.hub's downloader) goes through the proxy and finds nothing listening; Ray's own
+# connections are local and not proxied.
+OFFLINE = "https_proxy=http://127.0.0.1:9 HTTPS_PROXY=http://127.0.0.1:9 no_proxy=127.0.0.1,localhost"
+
+
+@dataclass
+class NodeHomes:
+    head: Path  # TORCH_HOME of the head node (and the driver): MobileNetV2's ImageNet weights
+    worker: Path  # TORCH_HOME of the worker node: empty
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    with started_cluster(tmp_path_factory.mktemp("cluster")) as running:
+def torch_homes(tmp_path_factory) -> NodeHomes:
+    homes = NodeHomes(tmp_path_factory.mktemp("torch-head"), tmp_path_factory.mktemp("torch-worker"))
+    weights = homes.head / "hub" / "checkpoints" / posixpath.basename(WEIGHTS.url)
+    weights.parent.mkdir(parents=True)
+    torch.save(torchvision.models.mobilenet_v2(weights=None).state_dict(), weights)  # right shapes, random values
+    return homes
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, torch_homes):
+    """One cluster for the module (each start is two Ray nodes).  Only the head node has the ImageNet
+    weights: the worker node gets its own empty ``TORCH_HOME`` and no way out to download them, as an
+    air-gapped GPU node would (the per-node ``init`` check's case); every other test trains from scratch."""
+    with started_cluster(
+        tmp_path_factory.mktemp("cluster"),
+        TORCH_HOME=str(torch_homes.head),
+        CLUSTER_WORKER_ENV=f"TORCH_HOME={torch_homes.worker} {OFFLINE}",
+    ) as running:
         yield running
 
 
@@ -316,3 +347,33 @@ def test_placement_checks_on_two_nodes_autoscaling_bypass_and_no_cpu_left_warnin
         assert found[case]["outcome"] == "ok"
         assert [w.split(";")[0] for w in found[case]["warnings"]] == [f"{who} take all 5 CPUs"], found[case]
         assert "Ray Data will have none left to decode images" in found[case]["warnings"][0]
+
+
+def test_init_weights_missing_on_a_worker_node_stop_the_job_before_training(
+    cluster, torch_homes, small_real_data, tmp_path
+):
+    """The driver runs on the head, where the weights are, so only a check on every node can see the
+    problem before ``fit()``."""
+    storage = tmp_path / "runs"
+    sets = overrides(
+        {
+            "data.train": small_real_data / "train",
+            "data.test": small_real_data / "test1",
+            "storage.root": storage,
+            "run_name": "init-check",
+            "models": "[mobilenet_v2]",
+            "train.init": "imagenet",
+            "train.max_failures": 2,
+        }
+    )
+    result = submit(cluster, "train", sets)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    # One line, exit code 2 (`ray job submit` repeats the job's last log lines when it fails).
+    errors = sorted({line for line in output.splitlines() if "error:" in line})
+    assert len(errors) == 1, output[-4000:]
+    assert str(torch_homes.worker) in errors[0] and "[on node " in errors[0] and "1 of 2 nodes" in errors[0]
+    assert "failed with exit code 2" in output
+    # Stopped before the run folder was made: no Train worker started, no retry was spent.
+    assert not (storage / "init-check").exists()
+    assert "training 1 epochs" not in output and "Worker group" not in output
