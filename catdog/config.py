@@ -135,11 +135,12 @@ class RayConfig(_Section):
     # Train workers hold their CPUs for the whole run and Ray Data needs slots left over.
     num_cpus: PositiveInt | None = None
     object_store_memory_mb: PositiveInt | None = None
-    # Start Ray's dashboard with an embedded Ray (a cluster, RAY_ADDRESS, keeps its own).  Off saves
-    # 3-7% of a small predict job's wall time on 2 cores (nothing measurable for training), but Ray
-    # Train's placement-group cleaner needs the State API the dashboard serves: without it, a dead
-    # controller's resources are never released and it warns every second (bench/NOTES.md, "Embedded Ray").
-    dashboard: bool = True
+    # Start Ray's dashboard with an embedded Ray (a cluster, RAY_ADDRESS, keeps its own).  Unset: the
+    # train job only.  Ray Train's placement-group cleaner needs the State API the dashboard serves
+    # (without it a dead controller's resources are never released, and it warns every second);
+    # predict, evaluate and prepare run Ray Data alone, where the dashboard is a tenth of a small job's
+    # CPU on 2 cores (bench/NOTES.md, "Embedded Ray").  true / false: every job.
+    dashboard: bool | None = None
 
 
 class TrackingConfig(_Section):

@@ -25,8 +25,9 @@ class ResourceError(Exception):
     """A job that the cluster can never schedule, phrased as one line."""
 
 
-def init_ray(cfg) -> bool:
-    """Join ``RAY_ADDRESS`` when set (``ray job submit`` sets it), else start an embedded Ray.
+def init_ray(cfg, *, trains: bool = False) -> bool:
+    """Join ``RAY_ADDRESS`` when set (``ray job submit`` sets it), else start an embedded Ray, with
+    the dashboard when ``ray.dashboard`` says so (unset: when the job ``trains``).
 
     Returns True when this process started its own Ray (so its size is fixed and known).
     """
@@ -42,7 +43,8 @@ def init_ray(cfg) -> bool:
         kwargs["num_cpus"] = cfg.ray.num_cpus
     if cfg.ray.object_store_memory_mb:
         kwargs["object_store_memory"] = cfg.ray.object_store_memory_mb * 1024 * 1024
-    start_local_ray(include_dashboard=cfg.ray.dashboard and dashboard_installed(), **kwargs)
+    dashboard = trains if cfg.ray.dashboard is None else cfg.ray.dashboard
+    start_local_ray(include_dashboard=dashboard and dashboard_installed(), **kwargs)
     return True
 
 

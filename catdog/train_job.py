@@ -503,7 +503,7 @@ def run_training(cfg: CatdogConfig, restart: bool = False) -> str:
             cfg.run_uri,
             ray_log.where,
         )
-        init_ray(cfg)
+        init_ray(cfg, trains=True)
         check_train_resources(cfg)
         check_predict_resources(cfg)  # the validation study after training starts the predict actors
         check_init_on_worker_nodes(cfg, storage)

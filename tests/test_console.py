@@ -81,12 +81,14 @@ def test_quick_train_prints_a_short_console_and_logs_ray_to_the_run(small_real_d
     assert str(run_dir / "logs" / "train.log") in proc.stderr  # the start line says where the log goes
     log = (run_dir / "logs" / "train.log").read_text()
     assert "(TrainController pid=" in log and "Dataset" in log  # Ray's own output is kept, in the log
+    assert "View the dashboard at" in log  # ray.dashboard unset: a train job's Ray has it (Train's cleaner)
 
     predict = run([str(REPO / "jobs" / "predict.py"), "--config", "configs/quick.yaml", *set_args(overrides)])
     assert predict.returncode == 0, predict.stderr[-3000:]
     assert len(predict.stdout.splitlines() + predict.stderr.splitlines()) <= 10, predict.stdout + predict.stderr
     assert predict.stdout.splitlines()[-1] == str(run_dir / "submission.csv")
-    assert "Dataset" in (run_dir / "logs" / "predict.log").read_text()
+    log = (run_dir / "logs" / "predict.log").read_text()
+    assert "Dataset" in log and "Started a local Ray instance" in log and "View the dashboard" not in log
 
 
 @pytest.mark.slow

@@ -165,6 +165,25 @@ ray.shutdown()
     assert "aiohttp_cors" in proc.stderr and "tasks run: 42" in proc.stdout
 
 
+@pytest.mark.parametrize(
+    ("dashboard", "trains", "started"),
+    [(None, True, True), (None, False, False), (True, False, True), (False, True, False)],
+)
+def test_the_dashboard_starts_with_a_training_jobs_ray_unless_set(dashboard, trains, started, monkeypatch):
+    import ray
+
+    from catdog import runtime
+    from catdog.config import CatdogConfig
+
+    calls = []
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(runtime, "dashboard_installed", lambda: True)
+    monkeypatch.setattr(runtime, "start_local_ray", lambda **kwargs: calls.append(kwargs))
+    assert runtime.init_ray(CatdogConfig.model_validate({"ray": {"dashboard": dashboard}}), trains=trains)
+    assert [call["include_dashboard"] for call in calls] == [started]
+
+
 def test_a_ray_start_that_times_out_is_stopped_and_started_again(tmp_path):
     """Ray gives a new raylet a fixed 30 s to register; a busy machine misses it now and then (seen
     in the suite on two xdist workers) and the job failed before it did anything.  Here the first
