@@ -22,8 +22,8 @@ def pytest_in(folder: Path, *args: str, **env: str) -> tuple[subprocess.Complete
         text=True,
         timeout=120,
         cwd=folder,
-        # The session's own CATDOG_REQUIRE (CI sets it) must not leak into a run that sets none.
-        env={**{k: v for k, v in os.environ.items() if k != "CATDOG_REQUIRE"}, **env},
+        # The session's own settings (CI sets CATDOG_REQUIRE) must not leak into a run that sets none.
+        env={**{k: v for k, v in os.environ.items() if k not in ("CATDOG_REQUIRE", "CATDOG_STORE_DURATIONS")}, **env},
     )
     return proc, time.monotonic() - start
 
