@@ -119,14 +119,14 @@ def pytest_xdist_make_scheduler(config, log):
             return module_group(config.rootpath / nodeid.split("::")[0])
 
         def _assign_work_unit(self, node) -> None:
-            longest = max(self.workqueue, key=lambda scope: group_seconds(scope, self.workqueue[scope], seconds))
+            longest = max(self.workqueue, key=lambda scope: group_seconds(self.workqueue[scope], seconds))
             self.workqueue.move_to_end(longest, last=False)
             super()._assign_work_unit(node)
 
     return ModuleGroups(config, log)
 
 
-def group_seconds(scope: str, nodeids, seconds: dict[str, float]) -> float:
+def group_seconds(nodeids, seconds: dict[str, float]) -> float:
     """A scheduling group's expected seconds: its modules' last recorded times (a new module: 0)."""
     return sum(seconds.get(module, 0.0) for module in {nodeid.split("::")[0] for nodeid in nodeids})
 
