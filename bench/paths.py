@@ -273,6 +273,7 @@ def catdog_predict(a: dict) -> dict:
             f"predict.concurrency={actors}",
             f"predict.torch_threads={max(1, a['threads'] // actors)}",
             f"predict.amp={str(bf16(a)).lower()}",
+            "predict.measure_amp=false",  # the precision the row names, as the plain loop runs it
             # One pass per image, as the plain loop scores: local.yaml's flip TTA would double the compute.
             "predict.tta=false",
             f"ray.num_cpus={actors + 2}",
@@ -286,7 +287,7 @@ def catdog_predict(a: dict) -> dict:
     scored_as = sorted(set(pq.read_table(f"{out}/predictions", columns=["model"]).column("model").to_pylist()))
     assert id_from_path(f"{folder}/1.jpg") == 1
     rows = [{"path": e["path"], "id": e["id"]} for e in list_entries(storage, folder)[0]][:STEADY_IMAGES]
-    ds = predictions_dataset(cfg, storage, rows, [model_ref(storage, checkpoint)], tta=False)
+    ds = predictions_dataset(cfg, storage, rows, [model_ref(storage, checkpoint)], tta=False, amp=cfg.predict.amp)
     stamps = []  # (images scored so far, time), from the first batch on
     for batch in ds.iter_batches(batch_size=a["batch"], batch_format="pyarrow"):
         stamps.append(((stamps[-1][0] + batch.num_rows) if stamps else 0, time.perf_counter()))

@@ -122,9 +122,14 @@ class PredictConfig(_Section):
     # Intra-op threads per predictor actor.  Ray caps an actor at its CPU count (1) by default;
     # on a small machine one actor with every core beats several single-thread actors.
     torch_threads: PositiveInt | None = None
-    # Same rule as train.amp, for predict, evaluate and the end-of-train validation study
-    # (the per-epoch validation during training follows train.amp).
+    # Autocast for predict, evaluate and the end-of-train validation study (the per-epoch validation
+    # during training follows train.amp): bf16 on Ampere+ GPUs, fp16 on older ones; on a CPU with bf16
+    # instructions, see measure_amp.
     amp: bool = True
+    # On such a CPU, time bf16 against fp32 first (about a second, in a task holding one actor's CPUs)
+    # and score in the faster: AVX512-BF16 without AMX scored ResNet18 at 0.69x fp32, AMX at about 2x.
+    # false: bf16 wherever the CPU has the instructions (benchmarks comparing bf16 with bf16).
+    measure_amp: bool = True
     # Flip test-time augmentation: each image scored as is and mirrored, probabilities averaged.
     # Twice the model compute; predict and evaluate's --tta / --no-tta override it.
     tta: bool = False

@@ -11,6 +11,7 @@ from the Parquet columns they need, never from whole rows pulled through the dri
 
 from __future__ import annotations
 
+import functools
 import logging
 import uuid
 from dataclasses import dataclass
@@ -25,11 +26,19 @@ from catdog.calibration import CLIP, clipped_log_loss
 from catdog.checkpoints import load_model, read_meta
 from catdog.config import CatdogConfig
 from catdog.data import image_dataset
+from catdog.models import build_model
 from catdog.presets import MEAN, STD, EvalPreset
+from catdog.runtime import runs_on_this_machine_only
 from catdog.storage import Storage, basename
-from catdog.training import autocast, to_model_input
+from catdog.training import autocast, cpu_has_fast_bf16, timed_call, to_model_input
 
 logger = logging.getLogger(__name__)
+
+# bf16 scores only when it beats fp32 by this much: a near tie scores in fp32, the exact one.
+BF16_MIN_SPEEDUP = 1.05
+# Largest batch timed when choosing the precision (predict.batch_size if smaller): keeps the choice
+# to a few seconds where batches are large.
+MAX_PRECISION_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -153,11 +162,86 @@ def member_column(members: np.ndarray, bad: np.ndarray) -> pa.Array:
     return pa.ListArray.from_arrays(offsets, values, mask=pa.array(bad))
 
 
+def measure_scoring_precision(models: list[tuple[str, int]], batch_size: int, torch_threads: int | None) -> dict:
+    """Whether bf16 scores faster than fp32 on this CPU: a forward pass of every (arch, image size)
+    over ``batch_size`` random images, timed in both (untrained weights: the speed does not depend
+    on them).  It depends on the model and the size: MobileNetV2 scored 1.4x faster in bf16 at 128 px
+    and 0.9x at 64 px on a Xeon without AMX, ResNet18 0.7x at 128 px.  A CPU without bf16 instructions
+    runs autocast in fp32 anyway and is not timed.  Runs where a predictor actor runs
+    (:func:`scoring_amp`).  ``amp``: the choice; ``bf16_speedup``: fp32 over bf16 seconds."""
+    if not cpu_has_fast_bf16():
+        return {"amp": False, "precision": "fp32", "bf16_speedup": None}
+    threads = torch.get_num_threads()
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    cpu = torch.device("cpu")
+    images = {
+        size: torch.randn(batch_size, 3, size, size).contiguous(memory_format=torch.channels_last) for _, size in models
+    }
+    nets = [(build_model(arch).eval(), images[size]) for arch, size in models]
+
+    @torch.inference_mode()
+    def score(_, amp: bool) -> None:
+        with autocast(cpu, amp):
+            for net, x in nets:
+                net(x)
+
+    try:
+        seconds = {
+            amp: timed_call(functools.partial(score, amp=amp), torch.empty(0), warmup=1, min_calls=2, min_seconds=0)
+            for amp in (False, True)
+        }
+    finally:
+        torch.set_num_threads(threads)  # a pooled Ray worker runs other tasks after this one
+    speedup = seconds[False] / seconds[True]
+    amp = speedup >= BF16_MIN_SPEEDUP
+    return {"amp": amp, "precision": "bf16" if amp else "fp32", "bf16_speedup": round(speedup, 3)}
+
+
+def scoring_amp(cfg: CatdogConfig, models: list[ModelRef]) -> bool:
+    """``predict.amp`` as the predictor actors will run it, decided once per job so that every
+    actor scores in the same precision.  On GPUs, or with ``predict.measure_amp`` off, as set (bf16
+    on Ampere and later GPUs, fp16 before).  On CPUs, bf16 only where it measures faster (AVX512-BF16
+    without AMX scored ResNet18 at 0.69x fp32, bench/NOTES.md "bf16 without AMX"; AMX at about 2x).
+    Timed here when every actor runs on this machine (an embedded Ray: torch is imported here
+    already); on a cluster in a Ray task holding an actor's CPUs, so that a worker node's CPU
+    decides, not the driver's.  Needs Ray started."""
+    if not cfg.predict.amp or not cfg.predict.measure_amp or cfg.predict.num_gpus > 0:
+        return cfg.predict.amp
+    import ray
+
+    archs = sorted({(m.arch, m.image_size) for m in models})
+    args = (archs, min(cfg.predict.batch_size, MAX_PRECISION_BATCH), cfg.predict.torch_threads)
+    if runs_on_this_machine_only():
+        measured, where = measure_scoring_precision(*args), "this machine"
+    else:
+        task = ray.remote(measure_scoring_precision).options(num_cpus=cfg.predict.cpus_per_actor, max_retries=1)
+        measured, where = ray.get(task.remote(*args)), "a worker node"
+    if measured["bf16_speedup"] is None:
+        logger.info("scoring in fp32: the CPU of %s has no bf16 instructions", where)
+    else:
+        logger.info(
+            "scoring in %s: bf16 ran %.2fx as fast as fp32 on %s (predict.amp=false: always fp32)",
+            measured["precision"],
+            measured["bf16_speedup"],
+            where,
+        )
+    return measured["amp"]
+
+
 def predictions_dataset(
-    cfg: CatdogConfig, storage: Storage, rows: pa.Table | list[dict], models: list[ModelRef], tta: bool, shards=None
+    cfg: CatdogConfig,
+    storage: Storage,
+    rows: pa.Table | list[dict],
+    models: list[ModelRef],
+    tta: bool,
+    shards=None,
+    *,
+    amp: bool,
 ):
     """Decode once per file, with each model's own eval preset, then score in an actor pool.
-    ``shards``: the shard set the rows were listed from (None: rows name image files)."""
+    ``shards``: the shard set the rows were listed from (None: rows name image files).  ``amp``:
+    autocast in the actors (:func:`scoring_amp` for a job's choice; benchmarks force it)."""
     import ray.data
 
     presets = {ref.column: ref.preset for ref in models}
@@ -174,7 +258,7 @@ def predictions_dataset(
             tta,
             use_gpu,
             cfg.predict.torch_threads,
-            cfg.predict.amp,
+            amp,
         ),
         batch_size=cfg.predict.batch_size,
         batch_format="numpy",

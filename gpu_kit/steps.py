@@ -39,6 +39,7 @@ def catdog_config(a: dict, run_name: str, train: str, **extra):
         "train.num_workers": 1,
         "train.init": "scratch",
         "predict.amp": True,
+        "predict.measure_amp": False,  # the plain loops autocast wherever the device has bf16: so does catdog
         "predict.num_gpus": 1 if gpu else 0,
         "ray.num_cpus": os.cpu_count() if gpu else 4,
         **extra,
@@ -206,6 +207,7 @@ def predict(a: dict) -> dict:
         [{"path": p, "id": i + 1} for i, p in enumerate(files)],
         [model_ref(storage, checkpoint)],
         tta=False,
+        amp=cfg.predict.amp,
     )
     count, first = 0, None
     for batch in ds.iter_batches(batch_size=a["predict_batch"], batch_format="pyarrow"):
