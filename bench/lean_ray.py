@@ -44,8 +44,11 @@ def cpu_group() -> Path | None:
     return group
 
 
-def timed(command: list[str], env: dict[str, str], group: Path | None, repo: Path) -> tuple[float, float | None]:
-    """Wall seconds and CPU seconds (None without a cgroup) of ``command`` and every process it starts."""
+def timed(
+    command: list[str], env: dict[str, str], group: Path | None, repo: Path
+) -> tuple[float, float | None, subprocess.CompletedProcess]:
+    """Wall seconds and CPU seconds (None without a cgroup) of ``command`` and every process it
+    starts, and the finished process (its output captured)."""
     enter = f"echo $$ > {group / 'tasks'}; " if group else ""
     used = int((group / "cpuacct.usage").read_text()) if group else 0
     start = time.perf_counter()
@@ -55,7 +58,7 @@ def timed(command: list[str], env: dict[str, str], group: Path | None, repo: Pat
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         sys.exit(f"failed ({proc.returncode}): {' '.join(command)}\n{proc.stderr[-3000:]}")
-    return wall, ((int((group / "cpuacct.usage").read_text()) - used) / 1e9 if group else None)
+    return wall, ((int((group / "cpuacct.usage").read_text()) - used) / 1e9 if group else None), proc
 
 
 def job_commands(data: Path, work: Path, name: str, sets: list[str]) -> tuple[list[str], list[str]]:
@@ -79,7 +82,7 @@ def measure(args, variants: dict, times: dict, group: Path | None) -> None:
             for variant, (sets, env, repo) in variants.items():
                 name = f"v{list(variants).index(variant)}-{repeat}"
                 for job, command in zip(("train", "predict"), job_commands(args.data, work, name, sets)):
-                    wall, cpu = timed(command, env, group, repo)
+                    wall, cpu, _ = timed(command, env, group, repo)
                     times[variant][job].append(wall)
                     times[variant][f"{job}_cpu"].append(cpu)
                 print(variant, {k: v[-1] and round(v[-1], 1) for k, v in times[variant].items()}, flush=True)

@@ -39,10 +39,10 @@ def checkpoint(folder: Path, arch: str, size: int) -> Path:
     return folder
 
 
-def scored_in(log: Path) -> str:
-    """The job's own line about its precision (checkouts from before it was measured have none)."""
-    lines = [line for line in log.read_text().splitlines() if "scoring in " in line] if log.exists() else []
-    return lines[-1].split("scoring in ", 1)[1] if lines else "(not logged)"
+def scored_in(stderr: str) -> str:
+    """The job's own console line about its precision (checkouts from before it was chosen have none)."""
+    lines = [line for line in stderr.splitlines() if " scoring in " in line]
+    return lines[-1].split(" scoring in ", 1)[1] if lines else "(not logged)"
 
 
 def main() -> None:
@@ -73,11 +73,11 @@ def main() -> None:
                 command = [sys.executable, "jobs/predict.py", "--config", "configs/local.yaml", "--full"]
                 command += ["--model", str(model), "--input", str(images), "--output", str(out)]
                 command += [arg for s in sets for arg in ("--set", s)]
-                wall, cpu = timed(command, {}, group, repo.resolve())
+                wall, cpu, proc = timed(command, {}, group, repo.resolve())
                 row = rows[str(repo)]
                 row["wall"].append(round(wall, 1))
                 row["cpu"].append(cpu and round(cpu, 1))
-                row["precision"].append(scored_in(out / "logs" / "predict.log"))
+                row["precision"].append(scored_in(proc.stderr))
                 print(repo, {k: v[-1] for k, v in row.items()}, flush=True)
     if group:
         group.rmdir()
