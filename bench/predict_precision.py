@@ -3,10 +3,11 @@
     python bench/predict_precision.py --repo DIR [--repo DIR ...] [--arch resnet18 --size 128]
                                       [--images 5000] [--repeats 2] [--set KEY=VALUE ...]
 
-Each repeat runs ``jobs/predict.py --config configs/local.yaml --full`` once per checkout, alternating,
+Each repeat runs ``jobs/predict.py --config configs/local.yaml --full`` once per variant, alternating
+(a variant per ``--repo``, and one per ``--set``: the first checkout with that override),
 over the first ``--images`` test1 images with an untrained checkpoint of ``--arch`` at ``--size`` px
 (the speed does not depend on the weights), each job in a fresh process with its own embedded Ray.
-``predict.tta=false`` unless a ``--set`` says otherwise (one pass per image, as a plain loop scores).
+``predict.tta=false`` in every variant (one pass per image, as a plain loop scores).
 Records each job's wall and CPU seconds (``lean_ray.timed``) and the precision its log names.
 Writes ``<out>/predict_precision-<timestamp>.json`` and ``predict_precision.md``.
 """
@@ -54,10 +55,14 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--set", action="append", default=[], dest="sets")
+    parser.add_argument(
+        "--set", action="append", default=[], dest="sets", help="one more variant: the first --repo with this override"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
-    rows = {str(repo): {"wall": [], "cpu": [], "precision": []} for repo in args.repos}
+    variants = {str(repo): (repo.resolve(), []) for repo in args.repos}
+    variants |= {f"{args.repos[0]} {s}": (args.repos[0].resolve(), [s]) for s in args.sets}
+    rows = {name: {"wall": [], "cpu": [], "precision": []} for name in variants}
     group = cpu_group()
     with tempfile.TemporaryDirectory(prefix="catdog-precision-") as tmp:
         work = Path(tmp)
@@ -66,19 +71,19 @@ def main() -> None:
         for i in range(1, args.images + 1):
             (images / f"{i}.jpg").symlink_to((args.data / "test1" / f"{i}.jpg").resolve())
         model = checkpoint(work / "checkpoint", args.arch, args.size)
-        sets = [f"storage.root={work / 'runs'}", "predict.tta=false", *args.sets]
         for repeat in range(args.repeats):
-            for repo in args.repos:
-                out = work / f"out-{args.repos.index(repo)}-{repeat}"
+            for index, (name, (repo, sets)) in enumerate(variants.items()):
+                out = work / f"out-{index}-{repeat}"
                 command = [sys.executable, "jobs/predict.py", "--config", "configs/local.yaml", "--full"]
                 command += ["--model", str(model), "--input", str(images), "--output", str(out)]
+                sets = [f"storage.root={work / 'runs'}", "predict.tta=false", *sets]
                 command += [arg for s in sets for arg in ("--set", s)]
-                wall, cpu, proc = timed(command, {}, group, repo.resolve())
-                row = rows[str(repo)]
+                wall, cpu, proc = timed(command, {}, group, repo)
+                row = rows[name]
                 row["wall"].append(round(wall, 1))
                 row["cpu"].append(cpu and round(cpu, 1))
                 row["precision"].append(scored_in(proc.stderr))
-                print(repo, {k: v[-1] for k, v in row.items()}, flush=True)
+                print(name, {k: v[-1] for k, v in row.items()}, flush=True)
     if group:
         group.rmdir()
     from catdog.runtime import cpu_model
@@ -96,15 +101,15 @@ def main() -> None:
         + f" --arch {args.arch} --size {args.size} --images {args.images} --repeats {args.repeats}`"
         + "".join(f" --set {s}" for s in args.sets),
         "",
-        "| checkout | wall s (median) | images/s | CPU s (median) | runs (wall) | precision it logged |",
+        "| variant | wall s (median) | images/s | CPU s (median) | runs (wall) | precision it logged |",
         "|---|---|---|---|---|---|",
     ]
-    for repo, row in rows.items():
+    for name, row in rows.items():
         wall = statistics.median(row["wall"])
         cpus = [c for c in row["cpu"] if c is not None]
         cpu = f"{statistics.median(cpus):.1f}" if cpus else "n/a"
         lines.append(
-            f"| {repo} | {wall:.1f} | {args.images / wall:.0f} | {cpu} | {', '.join(map(str, row['wall']))} "
+            f"| {name} | {wall:.1f} | {args.images / wall:.0f} | {cpu} | {', '.join(map(str, row['wall']))} "
             f"| {'; '.join(sorted(set(row['precision'])))} |"
         )
     (args.out / "predict_precision.md").write_text("\n".join(lines) + "\n")
