@@ -287,7 +287,7 @@ def catdog_predict(a: dict) -> dict:
     scored_as = sorted(set(pq.read_table(f"{out}/predictions", columns=["model"]).column("model").to_pylist()))
     assert id_from_path(f"{folder}/1.jpg") == 1
     rows = [{"path": e["path"], "id": e["id"]} for e in list_entries(storage, folder)[0]][:STEADY_IMAGES]
-    ds = predictions_dataset(cfg, storage, rows, [model_ref(storage, checkpoint)], tta=False, amp=cfg.predict.amp)
+    ds = predictions_dataset(cfg, storage, rows, [model_ref(storage, checkpoint)], tta=False)
     stamps = []  # (images scored so far, time), from the first batch on
     for batch in ds.iter_batches(batch_size=a["batch"], batch_format="pyarrow"):
         stamps.append(((stamps[-1][0] + batch.num_rows) if stamps else 0, time.perf_counter()))

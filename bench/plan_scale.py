@@ -130,7 +130,7 @@ def measure(n: int, tree: str, out: Path, work: Path) -> dict:
     plan = make_plan(storage, listing.select(["path", "size", "version", "id"]), str(out), fingerprint, full=False)
     t["plan_s"] = time.monotonic() - mark
     mark = time.monotonic()
-    ds = predictions_dataset(cfg, storage, plan.to_score, models, False, amp=cfg.predict.amp).map_batches(
+    ds = predictions_dataset(cfg, storage, plan.to_score, models, False).map_batches(
         commit_part, fn_args=(storage, plan.parts_uri, fingerprint), batch_size=None, batch_format="pyarrow"
     )
     t["pipeline_build_s"] = time.monotonic() - mark

@@ -126,8 +126,8 @@ class PredictConfig(_Section):
     # during training follows train.amp): bf16 on Ampere+ GPUs, fp16 on older ones; on a CPU with bf16
     # instructions, see measure_amp.
     amp: bool = True
-    # On such a CPU, time bf16 against fp32 first (about a second, in a task holding one actor's CPUs)
-    # and score in the faster: AVX512-BF16 without AMX scored ResNet18 at 0.69x fp32, AMX at about 2x.
+    # On such a CPU each predictor actor first times its models in bf16 and in fp32 (about a second)
+    # and scores in the faster: AVX512-BF16 without AMX scored ResNet18 at 0.7x fp32, AMX at about 2x.
     # false: bf16 wherever the CPU has the instructions (benchmarks comparing bf16 with bf16).
     measure_amp: bool = True
     # Flip test-time augmentation: each image scored as is and mirrored, probabilities averaged.

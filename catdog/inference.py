@@ -25,10 +25,9 @@ import torch
 from catdog.calibration import CLIP, clipped_log_loss
 from catdog.checkpoints import load_model, read_meta
 from catdog.config import CatdogConfig
+from catdog.console import emit
 from catdog.data import image_dataset
-from catdog.models import build_model
 from catdog.presets import MEAN, STD, EvalPreset
-from catdog.runtime import runs_on_this_machine_only
 from catdog.storage import Storage, basename
 from catdog.training import autocast, cpu_has_fast_bf16, timed_call, to_model_input
 
@@ -36,9 +35,9 @@ logger = logging.getLogger(__name__)
 
 # bf16 scores only when it beats fp32 by this much: a near tie scores in fp32, the exact one.
 BF16_MIN_SPEEDUP = 1.05
-# Largest batch timed when choosing the precision (predict.batch_size if smaller): keeps the choice
-# to a few seconds where batches are large.
-MAX_PRECISION_BATCH = 64
+# Images per timed forward pass when an actor picks its precision: about a second in all for
+# ResNet18 at 128 px on 2 cores; the per-image speed barely depends on the batch.
+PRECISION_BATCH = 32
 
 
 @dataclass(frozen=True)
@@ -89,6 +88,10 @@ def model_ref(storage: Storage, checkpoint_uri: str, calibrate: bool = True, wei
 class Predictor:
     """Ray Data actor: loads its models once, then scores batches under ``inference_mode``.
 
+    ``amp``: autocast (bf16 on Ampere+ GPUs, fp16 before, bf16 on CPUs with the instructions).
+    With ``measure_amp`` on such a CPU the actor first times its models in both precisions and
+    keeps bf16 only where it is faster (:func:`measure_scoring_precision`), and says which.
+
     Each model's logits are divided by its ref's temperature; several models are averaged with
     their refs' weights (normalised), and each one's own probability is kept in ``member_prob_dog``
     (in ``models`` order) so that the validation study can fit the weights from one pass."""
@@ -102,6 +105,7 @@ class Predictor:
         use_gpu: bool,
         torch_threads: int | None = None,
         amp: bool = False,
+        measure_amp: bool = False,
     ):
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -110,8 +114,21 @@ class Predictor:
         weights = np.array([ref.weight for ref in models], dtype=np.float32)
         self.weights = weights / weights.sum()
         self.threshold, self.tta, self.amp = threshold, tta, amp
+        if amp and measure_amp and self.device.type == "cpu":
+            self.amp = self.pick_cpu_precision()
         # The models prob_dog comes from: one of weight 0 is scored into member_prob_dog only.
         self.name = "+".join(ref.name for ref in models if ref.weight > 0) + ("+tta" if tta else "")
+
+    def pick_cpu_precision(self) -> bool:
+        """bf16 or fp32, whichever this actor's CPU runs its models faster (the measurement
+        happens here, not on the driver: on a cluster, each node's CPU decides for its actors)."""
+        speed = measure_scoring_precision([(model, ref.image_size) for ref, model in self.models])
+        if speed["bf16_speedup"] is not None:
+            emit(
+                f"predictor: scoring in {speed['precision']}: bf16 ran {speed['bf16_speedup']:.2f}x as fast as "
+                "fp32 on this CPU (predict.amp=false: always fp32)"
+            )
+        return speed["amp"]
 
     @torch.inference_mode()
     def member_probs(self, batch: dict[str, np.ndarray]) -> np.ndarray:
@@ -154,6 +171,37 @@ class Predictor:
         return pa.table(columns)
 
 
+def measure_scoring_precision(models: list[tuple[torch.nn.Module, int]]) -> dict:
+    """Whether bf16 scores faster than fp32 on this CPU: a forward pass of every (model, image
+    size) over random images, timed in both.  It depends on the model and the size: on a Xeon
+    without AMX, MobileNetV2 scored 1.4x faster in bf16 at 128 px and 0.9x at 64 px, ResNet18 0.7x
+    at 128 px.  A CPU without bf16 instructions runs autocast in fp32 anyway and is not timed.
+    ``amp``: the choice; ``bf16_speedup``: fp32 over bf16 seconds."""
+    if not cpu_has_fast_bf16():
+        return {"amp": False, "precision": "fp32", "bf16_speedup": None}
+    cpu = torch.device("cpu")
+    images = {
+        size: torch.randn(PRECISION_BATCH, 3, size, size).contiguous(memory_format=torch.channels_last)
+        for _, size in models
+    }
+
+    @torch.inference_mode()
+    def score(_, amp: bool) -> None:
+        with autocast(cpu, amp):
+            for model, size in models:
+                model(images[size])
+
+    # Alternated, each precision's fastest call counts: a call that another process slowed (Ray's
+    # decode tasks start beside the actor) must not decide.
+    seconds = {False: [], True: []}
+    for i, amp in enumerate((False, True, False, True)):
+        call = functools.partial(score, amp=amp)
+        seconds[amp].append(timed_call(call, torch.empty(0), warmup=int(i < 2), min_calls=1, min_seconds=0))
+    speedup = min(seconds[False]) / min(seconds[True])
+    amp = speedup >= BF16_MIN_SPEEDUP
+    return {"amp": amp, "precision": "bf16" if amp else "fp32", "bf16_speedup": round(speedup, 3)}
+
+
 def member_column(members: np.ndarray, bad: np.ndarray) -> pa.Array:
     """(models, rows) probabilities as one list<float32> per row, null where the image did not decode."""
     n_models, n_rows = members.shape
@@ -162,86 +210,11 @@ def member_column(members: np.ndarray, bad: np.ndarray) -> pa.Array:
     return pa.ListArray.from_arrays(offsets, values, mask=pa.array(bad))
 
 
-def measure_scoring_precision(models: list[tuple[str, int]], batch_size: int, torch_threads: int | None) -> dict:
-    """Whether bf16 scores faster than fp32 on this CPU: a forward pass of every (arch, image size)
-    over ``batch_size`` random images, timed in both (untrained weights: the speed does not depend
-    on them).  It depends on the model and the size: MobileNetV2 scored 1.4x faster in bf16 at 128 px
-    and 0.9x at 64 px on a Xeon without AMX, ResNet18 0.7x at 128 px.  A CPU without bf16 instructions
-    runs autocast in fp32 anyway and is not timed.  Runs where a predictor actor runs
-    (:func:`scoring_amp`).  ``amp``: the choice; ``bf16_speedup``: fp32 over bf16 seconds."""
-    if not cpu_has_fast_bf16():
-        return {"amp": False, "precision": "fp32", "bf16_speedup": None}
-    threads = torch.get_num_threads()
-    if torch_threads:
-        torch.set_num_threads(torch_threads)
-    cpu = torch.device("cpu")
-    images = {
-        size: torch.randn(batch_size, 3, size, size).contiguous(memory_format=torch.channels_last) for _, size in models
-    }
-    nets = [(build_model(arch).eval(), images[size]) for arch, size in models]
-
-    @torch.inference_mode()
-    def score(_, amp: bool) -> None:
-        with autocast(cpu, amp):
-            for net, x in nets:
-                net(x)
-
-    try:
-        seconds = {
-            amp: timed_call(functools.partial(score, amp=amp), torch.empty(0), warmup=1, min_calls=2, min_seconds=0)
-            for amp in (False, True)
-        }
-    finally:
-        torch.set_num_threads(threads)  # a pooled Ray worker runs other tasks after this one
-    speedup = seconds[False] / seconds[True]
-    amp = speedup >= BF16_MIN_SPEEDUP
-    return {"amp": amp, "precision": "bf16" if amp else "fp32", "bf16_speedup": round(speedup, 3)}
-
-
-def scoring_amp(cfg: CatdogConfig, models: list[ModelRef]) -> bool:
-    """``predict.amp`` as the predictor actors will run it, decided once per job so that every
-    actor scores in the same precision.  On GPUs, or with ``predict.measure_amp`` off, as set (bf16
-    on Ampere and later GPUs, fp16 before).  On CPUs, bf16 only where it measures faster (AVX512-BF16
-    without AMX scored ResNet18 at 0.69x fp32, bench/NOTES.md "bf16 without AMX"; AMX at about 2x).
-    Timed here when every actor runs on this machine (an embedded Ray: torch is imported here
-    already); on a cluster in a Ray task holding an actor's CPUs, so that a worker node's CPU
-    decides, not the driver's.  Needs Ray started."""
-    if not cfg.predict.amp or not cfg.predict.measure_amp or cfg.predict.num_gpus > 0:
-        return cfg.predict.amp
-    import ray
-
-    archs = sorted({(m.arch, m.image_size) for m in models})
-    args = (archs, min(cfg.predict.batch_size, MAX_PRECISION_BATCH), cfg.predict.torch_threads)
-    if runs_on_this_machine_only():
-        measured, where = measure_scoring_precision(*args), "this machine"
-    else:
-        task = ray.remote(measure_scoring_precision).options(num_cpus=cfg.predict.cpus_per_actor, max_retries=1)
-        measured, where = ray.get(task.remote(*args)), "a worker node"
-    if measured["bf16_speedup"] is None:
-        logger.info("scoring in fp32: the CPU of %s has no bf16 instructions", where)
-    else:
-        logger.info(
-            "scoring in %s: bf16 ran %.2fx as fast as fp32 on %s (predict.amp=false: always fp32)",
-            measured["precision"],
-            measured["bf16_speedup"],
-            where,
-        )
-    return measured["amp"]
-
-
 def predictions_dataset(
-    cfg: CatdogConfig,
-    storage: Storage,
-    rows: pa.Table | list[dict],
-    models: list[ModelRef],
-    tta: bool,
-    shards=None,
-    *,
-    amp: bool,
+    cfg: CatdogConfig, storage: Storage, rows: pa.Table | list[dict], models: list[ModelRef], tta: bool, shards=None
 ):
     """Decode once per file, with each model's own eval preset, then score in an actor pool.
-    ``shards``: the shard set the rows were listed from (None: rows name image files).  ``amp``:
-    autocast in the actors (:func:`scoring_amp` for a job's choice; benchmarks force it)."""
+    ``shards``: the shard set the rows were listed from (None: rows name image files)."""
     import ray.data
 
     presets = {ref.column: ref.preset for ref in models}
@@ -258,7 +231,8 @@ def predictions_dataset(
             tta,
             use_gpu,
             cfg.predict.torch_threads,
-            amp,
+            cfg.predict.amp,
+            cfg.predict.measure_amp,
         ),
         batch_size=cfg.predict.batch_size,
         batch_format="numpy",

@@ -31,7 +31,6 @@ from catdog.inference import (
     evaluation_rows,
     model_ref,
     predictions_dataset,
-    scoring_amp,
     submission_csv,
     write_parquet_atomically,
 )
@@ -145,8 +144,7 @@ def run_predict(
             check_predict_resources(cfg)
             ray_log.settle()
             scoring = time.time()
-            amp = scoring_amp(cfg, models)
-            ds = predictions_dataset(cfg, storage, plan.to_score, models, tta, shards, amp=amp).map_batches(
+            ds = predictions_dataset(cfg, storage, plan.to_score, models, tta, shards).map_batches(
                 commit_part, fn_args=(storage, plan.parts_uri, fingerprint), batch_size=None, batch_format="pyarrow"
             )
             scored = score_and_commit(ds, plan).scored
@@ -292,8 +290,7 @@ def run_evaluate(
         check_predict_resources(cfg)
         ray_log.settle()
         scoring = time.time()
-        ds = predictions_dataset(cfg, storage, rows, models, tta, shards, amp=scoring_amp(cfg, models))
-        write_parquet_atomically(ds, storage, predictions_uri)
+        write_parquet_atomically(predictions_dataset(cfg, storage, rows, models, tta, shards), storage, predictions_uri)
         scoring = time.time() - scoring
     metrics = {**classification_metrics(storage, predictions_uri), **scored}
     metrics_uri = join(output_uri, "metrics.json")

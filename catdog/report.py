@@ -30,7 +30,6 @@ from catdog.inference import (
     model_ref,
     predictions_dataset,
     read_columns,
-    scoring_amp,
     write_parquet_atomically,
 )
 from catdog.presets import EvalPreset
@@ -83,10 +82,9 @@ def validation_study(cfg: CatdogConfig, storage: Storage, val_rows: list[dict], 
     board = _read_csv(storage, join(cfg.run_uri, "leaderboard.csv"))
     refs = [model_ref(storage, row["checkpoint"]) for row in board]
     rows = evaluation_rows(val_rows)
-    best, amp = refs[0], scoring_amp(cfg, refs)
-    plain, labels = member_pass(cfg, storage, rows, shards, refs, False, amp, join(cfg.run_uri, VAL_PREDICTIONS))
-    tta_uri = join(cfg.run_uri, f".{VAL_PREDICTIONS}-tta")
-    flipped, _ = member_pass(cfg, storage, rows, shards, refs, True, amp, tta_uri)
+    best = refs[0]
+    plain, labels = member_pass(cfg, storage, rows, shards, refs, False, join(cfg.run_uri, VAL_PREDICTIONS))
+    flipped, _ = member_pass(cfg, storage, rows, shards, refs, True, join(cfg.run_uri, f".{VAL_PREDICTIONS}-tta"))
     threshold = cfg.predict.threshold
     study = {
         "best": probability_metrics(plain[0], labels, threshold, best.name),
@@ -121,14 +119,14 @@ def validation_study(cfg: CatdogConfig, storage: Storage, val_rows: list[dict], 
 
 
 def member_pass(
-    cfg: CatdogConfig, storage: Storage, rows, shards, refs: list[ModelRef], tta: bool, amp: bool, uri: str
+    cfg: CatdogConfig, storage: Storage, rows, shards, refs: list[ModelRef], tta: bool, uri: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """One pass of every model in ``refs`` over the validation rows: their calibrated p(dog)
     (models × readable images) and the true labels.  Its Parquet's ``prob_dog`` is the first
     model's (the others weigh 0: scored into ``member_prob_dog`` only); it stays at ``uri`` for the
     plain pass (``val_predictions/``, the report's figures) and is deleted for the TTA one."""
     scored = [dataclasses.replace(ref, weight=1.0 if i == 0 else 0.0) for i, ref in enumerate(refs)]
-    write_parquet_atomically(predictions_dataset(cfg, storage, rows, scored, tta, shards, amp=amp), storage, uri)
+    write_parquet_atomically(predictions_dataset(cfg, storage, rows, scored, tta, shards), storage, uri)
     column = "member_prob_dog" if len(refs) > 1 else "prob_dog"
     probs, truth = [], []
     for batch in read_columns(storage, uri, [column, "truth", "error"]):

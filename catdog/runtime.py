@@ -102,18 +102,6 @@ def dashboard_installed() -> bool:
     return missing is None
 
 
-def runs_on_this_machine_only() -> bool:
-    """Whether every task and actor runs on the driver's machine: each live Ray node has its
-    address (an embedded Ray, or a local test cluster) and no autoscaler may add others
-    (``CATDOG_AUTOSCALING_CLUSTER`` unset)."""
-    import ray
-
-    if os.environ.get("CATDOG_AUTOSCALING_CLUSTER"):
-        return False
-    here = ray.util.get_node_ip_address()
-    return {node["NodeManagerAddress"] for node in ray.nodes() if node.get("Alive")} == {here}
-
-
 def _fits_on_one_node(cpus: float, gpus: float) -> bool:
     import ray
 

@@ -207,7 +207,6 @@ def predict(a: dict) -> dict:
         [{"path": p, "id": i + 1} for i, p in enumerate(files)],
         [model_ref(storage, checkpoint)],
         tta=False,
-        amp=cfg.predict.amp,
     )
     count, first = 0, None
     for batch in ds.iter_batches(batch_size=a["predict_batch"], batch_format="pyarrow"):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import logging
 import math
 import os
 import shutil
@@ -203,11 +202,7 @@ def test_predictor_normalises_with_the_checkpoint_own_mean_and_std(quick_run, sm
     assert np.abs(changed - by_hand["imagenet"]).max() > 1e-3
 
 
-def with_predict(cfg, **settings):
-    return cfg.model_copy(update={"predict": cfg.predict.model_copy(update=settings)})
-
-
-def test_tta_changes_probabilities_but_not_the_schema(quick_run, small_real_data, tmp_path, caplog):
+def test_tta_changes_probabilities_but_not_the_schema(quick_run, small_real_data, tmp_path):
     cfg, _ = quick_run
     # ResNet18's global pooling sees the flip; a barely trained model may be near constant.
     model = json.loads((Path(cfg.run_uri) / "resnet18" / "result.json").read_text())["checkpoint"]
@@ -216,10 +211,7 @@ def test_tta_changes_probabilities_but_not_the_schema(quick_run, small_real_data
     images.mkdir()
     for path in sorted((small_real_data / "test1").glob("*.jpg"))[:16]:
         shutil.copy(path, images / path.name)
-    # The plain run with predict.amp (the default): the job picks its precision and says which.
-    with caplog.at_level(logging.INFO, logger="catdog"):
-        run_predict(with_predict(cfg, amp=True), model, str(images), str(tmp_path / "plain"))
-    assert "catdog.inference" in {r.name for r in caplog.records if r.getMessage().startswith("scoring in ")}
+    run_predict(cfg, model, str(images), str(tmp_path / "plain"))
     run_predict(cfg, model, str(images), str(tmp_path / "tta"), tta=True)
     plain, tta = (
         read_predictions(tmp_path / "plain" / "predictions"),
@@ -232,7 +224,8 @@ def test_tta_changes_probabilities_but_not_the_schema(quick_run, small_real_data
     assert any(abs(a[i] - b[i]) > 1e-6 for i in a)
     assert tta.column("model")[0].as_py().endswith("+tta")
     # predict.tta (what configs/local.yaml sets) is the default when the call or command says nothing.
-    run_predict(with_predict(cfg, tta=True), model, str(images), str(tmp_path / "by-config"))
+    by_config = cfg.model_copy(update={"predict": cfg.predict.model_copy(update={"tta": True})})
+    run_predict(by_config, model, str(images), str(tmp_path / "by-config"))
     table = read_predictions(tmp_path / "by-config" / "predictions")
     assert dict(zip(table.column("id").to_pylist(), table.column("prob_dog").to_pylist())) == b
     assert table.column("model")[0].as_py().endswith("+tta")
@@ -310,7 +303,7 @@ def test_predict_applies_the_temperature_and_no_calibrate_rescores_without_it(
     np.testing.assert_allclose(logit(calibrated[keep]) * temperature, logit(raw[keep]), rtol=1e-3, atol=1e-3)
 
 
-def test_evaluate_production_path_on_labelled_images(quick_run, small_real_data, tmp_path, caplog):
+def test_evaluate_production_path_on_labelled_images(quick_run, small_real_data, tmp_path):
     cfg, _ = quick_run
     labelled = tmp_path / "labelled"
     labelled.mkdir()
@@ -318,10 +311,7 @@ def test_evaluate_production_path_on_labelled_images(quick_run, small_real_data,
         shutil.copy(small_real_data / "train" / name, labelled / name)
     (labelled / "cat.999.jpg").write_bytes(b"")  # unreadable, labelled
     (labelled / "readme.jpg").write_bytes(jpeg_bytes())  # no label: skipped
-    with caplog.at_level(logging.INFO, logger="catdog"):  # predict.amp on: the job picks the precision
-        metrics_uri = run_evaluate(with_predict(cfg, amp=True), str(labelled), output_uri=str(tmp_path / "out"))
-    assert any(r.getMessage().startswith("scoring in ") for r in caplog.records)
-    metrics = json.loads(Path(metrics_uri).read_text())
+    metrics = json.loads(Path(run_evaluate(cfg, str(labelled), output_uri=str(tmp_path / "out"))).read_text())
     assert metrics["n_images"] == 60 and metrics["n_unreadable"] == 1
     confusion = np.array(metrics["confusion"])
     assert confusion.shape == (2, 2) and confusion.sum() == 60 and confusion.sum(axis=1).tolist() == [30, 30]

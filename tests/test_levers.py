@@ -3,24 +3,25 @@
 A lever that never reaches its code still "works" in a benchmark (another setting moves the figure),
 which is how ``data.decode_threads`` once did nothing for image folders while the docs credited it.
 These tests build the datasets that training and predict run, from a config, and read the decode
-step's settings from the plan Ray will execute.  Nothing is executed, so they are fast.
+step's settings from the plan Ray will execute.  Nothing is executed, so they are fast.  The
+predict precision's tests then build a predictor actor in this process, on an untrained small CNN.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
-import logging
+import json
 
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 
-from catdog import inference, runtime
+from catdog import inference
 from catdog.config import CatdogConfig
 from catdog.data import decode_batch, load_split
-from catdog.inference import ModelRef, Predictor, measure_scoring_precision, predictions_dataset, scoring_amp
+from catdog.inference import ModelRef, Predictor, measure_scoring_precision, model_ref, predictions_dataset
+from catdog.models import META_FILE, MODEL_FILE, build_model
 from catdog.shards import ShardSet, shard_table
 from catdog.storage import Storage
 from catdog.train_job import train_datasets
@@ -69,108 +70,93 @@ def test_decode_levers_reach_the_predict_reader(source, kaggle_folder, tmp_path,
     rows = [{"path": str(p), "id": i} for i, p in enumerate(sorted(kaggle_folder.glob("*.jpg")))]
     shards = shard_set(kaggle_folder, tmp_path) if source == "shards" else None
     ref = ModelRef("unused", "sequential_cnn", 32, 0.875)
-    ds = predictions_dataset(config(), STORAGE, rows, [ref], tta=False, shards=shards, amp=False)
+    ds = predictions_dataset(config(), STORAGE, rows, [ref], tta=False, shards=shards)
     assert decode_settings(ds) == LEVERS
 
 
-def predictor_amp(ds) -> bool:
-    """The ``amp`` the plan's predictor actors will be constructed with."""
+def predictor_args(ds) -> dict:
+    """The arguments the plan's predictor actors will be constructed with."""
     op = ds._logical_plan.dag
     while getattr(op, "fn", None) is not Predictor:
         assert op.input_dependencies, f"no Predictor step in the plan of {ds}"
         op = op.input_dependencies[0]
     bound = inspect.signature(Predictor).bind(*op.fn_constructor_args, **(op.fn_constructor_kwargs or {}))
     bound.apply_defaults()
-    return bound.arguments["amp"]
+    return bound.arguments
 
 
-CNN = ModelRef("unused", "sequential_cnn", 16, 0.875)
-
-
-@pytest.mark.parametrize("amp", [True, False])
-def test_the_scoring_precision_reaches_the_predictor_actors(amp, kaggle_folder, ray_session):
+@pytest.mark.parametrize("amp,measure_amp", [(True, True), (True, False), (False, True)])
+def test_predict_amp_and_measure_amp_reach_the_predictor_actors(amp, measure_amp, kaggle_folder, ray_session):
     rows = [{"path": str(p), "id": i} for i, p in enumerate(sorted(kaggle_folder.glob("*.jpg")))]
-    assert predictor_amp(predictions_dataset(config(), STORAGE, rows, [CNN], tta=False, amp=amp)) is amp
+    cfg = CatdogConfig.model_validate({"predict": {"amp": amp, "measure_amp": measure_amp}})
+    args = predictor_args(
+        predictions_dataset(cfg, STORAGE, rows, [ModelRef("unused", "sequential_cnn", 32, 0.875)], False)
+    )
+    assert (args["amp"], args["measure_amp"]) == (amp, measure_amp)
 
 
-def amp_config(**predict) -> CatdogConfig:
-    return CatdogConfig.model_validate({"predict": {"batch_size": 8, "torch_threads": 1, **predict}})
+@pytest.fixture
+def cnn_checkpoint(tmp_path) -> ModelRef:
+    """An untrained small CNN in a checkpoint folder (the speed does not depend on the weights)."""
+    torch.save(build_model("sequential_cnn").state_dict(), tmp_path / MODEL_FILE)
+    (tmp_path / META_FILE).write_text(json.dumps({"arch": "sequential_cnn", "image_size": 16}))
+    return model_ref(STORAGE, str(tmp_path))
 
 
-@pytest.mark.parametrize(
-    "predict", [{"amp": False}, {"amp": True, "measure_amp": False}, {"amp": True, "num_gpus": 1}], ids=str
-)
-def test_scoring_precision_is_timed_only_on_cpus_with_amp_and_measure_amp(predict, monkeypatch):
-    """amp off scores fp32; measure_amp off or a GPU takes amp as set, with no task started."""
-    monkeypatch.setattr(ray, "remote", lambda *_: pytest.fail("a precision task was started"))
-    assert scoring_amp(amp_config(**predict), [CNN]) is predict["amp"]
-
-
-@pytest.mark.parametrize("one_machine", [True, False], ids=["embedded", "cluster"])
-def test_a_job_times_the_precision_where_its_actors_run_and_says_which_it_scores_in(
-    one_machine, ray_session, caplog, monkeypatch
-):
-    """Timed in the driver when every node is this machine (the session's Ray is), else in a Ray task
-    (``measure_scoring_precision`` then runs in a worker process, out of reach of the spy)."""
-    assert runtime.runs_on_this_machine_only()
-    monkeypatch.setattr(inference, "runs_on_this_machine_only", lambda: one_machine)
-    in_driver = []
-    spy = inference.measure_scoring_precision
-    monkeypatch.setattr(inference, "measure_scoring_precision", lambda *a: in_driver.append(a) or spy(*a))
-    with caplog.at_level(logging.INFO, logger="catdog"):
-        amp = scoring_amp(amp_config(amp=True), [CNN, dataclasses.replace(CNN, image_size=24)])
-    assert in_driver == ([([("sequential_cnn", 16), ("sequential_cnn", 24)], 8, 1)] if one_machine else [])
-    where = "this machine" if one_machine else "a worker node"
-    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("scoring in"))
-    if inference.cpu_has_fast_bf16():  # the worker processes share the driver's CPU here
-        speedup = float(line.split("bf16 ran ")[1].split("x")[0])
-        assert line.startswith(f"scoring in {'bf16' if amp else 'fp32'}: ") and f" on {where} " in line
-        assert amp is (speedup >= inference.BF16_MIN_SPEEDUP) and speedup > 0
-    else:
-        assert not amp and line == f"scoring in fp32: the CPU of {where} has no bf16 instructions"
+def predictor(ref: ModelRef, amp: bool, measure_amp: bool) -> Predictor:
+    return Predictor(STORAGE, [ref, dataclasses.replace(ref, image_size=24)], 0.5, False, False, None, amp, measure_amp)
 
 
 @pytest.mark.parametrize("bf16_seconds,scores_in_bf16", [(0.5, True), (0.97, False), (2.0, False)])
-def test_scoring_precision_is_the_faster_and_a_near_tie_is_fp32(monkeypatch, bf16_seconds, scores_in_bf16):
-    """fp32 and bf16 are both timed over every model at its size (the passes real, the seconds
-    scripted); bf16 wins only by at least BF16_MIN_SPEEDUP; the worker's thread count is restored."""
+def test_a_cpu_actor_scores_in_the_faster_precision_and_a_near_tie_in_fp32(
+    monkeypatch, capsys, cnn_checkpoint, bf16_seconds, scores_in_bf16
+):
+    """fp32 and bf16 are both timed twice, alternating, over every model at its size (the passes
+    real, the seconds scripted); each one's fastest call counts; bf16 wins only by at least
+    BF16_MIN_SPEEDUP; the actor says which it took."""
     monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: True)
     timed = []
 
     def scripted_timed_call(fn, x, **_):
         fn(x)
-        timed.append((fn.keywords["amp"], torch.get_num_threads()))
-        return {True: bf16_seconds, False: 1.0}[fn.keywords["amp"]]
+        timed.append(fn.keywords["amp"])
+        slowed = 3.0 if len(timed) == 1 else 1.0  # another process took the first call's cores
+        return slowed * {True: bf16_seconds, False: 1.0}[fn.keywords["amp"]]
 
     monkeypatch.setattr(inference, "timed_call", scripted_timed_call)
-    threads = torch.get_num_threads()
-    speed = measure_scoring_precision([("sequential_cnn", 16), ("sequential_cnn", 24)], 4, threads + 1)
-    assert speed == {
+    assert predictor(cnn_checkpoint, amp=True, measure_amp=True).amp is scores_in_bf16
+    assert timed == [False, True, False, True]
+    speedup = round(1 / bf16_seconds, 3)
+    assert measure_scoring_precision([(build_model("sequential_cnn").eval(), 16)]) == {
         "amp": scores_in_bf16,
         "precision": "bf16" if scores_in_bf16 else "fp32",
-        "bf16_speedup": round(1 / bf16_seconds, 3),
+        "bf16_speedup": speedup,
     }
-    assert timed == [(False, threads + 1), (True, threads + 1)] and torch.get_num_threads() == threads
+    precision = "bf16" if scores_in_bf16 else "fp32"
+    assert f"predictor: scoring in {precision}: bf16 ran {speedup:.2f}x as fast as fp32" in capsys.readouterr().out
 
 
-def test_a_cpu_without_bf16_instructions_scores_fp32_untimed(monkeypatch):
+@pytest.mark.parametrize("amp,measure_amp", [(True, False), (False, True)])
+def test_without_amp_or_measure_amp_an_actor_times_nothing(monkeypatch, cnn_checkpoint, amp, measure_amp):
+    monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(inference, "timed_call", lambda *_, **__: pytest.fail("timed"))
+    assert predictor(cnn_checkpoint, amp, measure_amp).amp is amp
+
+
+def test_a_cpu_without_bf16_instructions_scores_fp32_untimed(monkeypatch, cnn_checkpoint):
     monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: False)
     monkeypatch.setattr(inference, "timed_call", lambda *_, **__: pytest.fail("timed on a CPU without bf16"))
-    assert measure_scoring_precision([("sequential_cnn", 16)], 4, None) == {
-        "amp": False,
-        "precision": "fp32",
-        "bf16_speedup": None,
-    }
+    assert predictor(cnn_checkpoint, amp=True, measure_amp=True).amp is False
 
 
-def test_this_machine_only_unless_another_node_is_alive_or_one_may_be_added(ray_session, monkeypatch):
-    assert runtime.runs_on_this_machine_only()
-    monkeypatch.setenv("CATDOG_AUTOSCALING_CLUSTER", "1")
-    assert not runtime.runs_on_this_machine_only()
-    monkeypatch.delenv("CATDOG_AUTOSCALING_CLUSTER")
-    nodes = ray.nodes()
-    other = {"NodeManagerAddress": "10.1.2.3", "Alive": True}
-    monkeypatch.setattr(ray, "nodes", lambda: [*nodes, other])
-    assert not runtime.runs_on_this_machine_only()
-    monkeypatch.setattr(ray, "nodes", lambda: [*nodes, {**other, "Alive": False}])
-    assert runtime.runs_on_this_machine_only()
+def test_an_actor_on_this_cpu_keeps_bf16_only_where_it_measured_faster(cnn_checkpoint, capsys):
+    """Nothing scripted: this machine's own timing (either answer passes; the line must match it)."""
+    scores_in_bf16 = predictor(cnn_checkpoint, amp=True, measure_amp=True).amp
+    out = capsys.readouterr().out
+    if inference.cpu_has_fast_bf16():
+        line = next(line for line in out.splitlines() if "predictor: scoring in" in line)
+        speedup = float(line.split("bf16 ran ")[1].split("x")[0])
+        assert f"scoring in {'bf16' if scores_in_bf16 else 'fp32'}:" in line and speedup > 0
+        assert scores_in_bf16 is (speedup >= inference.BF16_MIN_SPEEDUP)
+    else:
+        assert scores_in_bf16 is False and "scoring in" not in out
