@@ -40,10 +40,10 @@ def checkpoint(folder: Path, arch: str, size: int) -> Path:
     return folder
 
 
-def scored_in(stderr: str) -> str:
-    """The job's own console line about its precision (checkouts from before it was chosen have none)."""
-    lines = [line for line in stderr.splitlines() if " scoring in " in line]
-    return lines[-1].split(" scoring in ", 1)[1] if lines else "(not logged)"
+def scored_in(output: str) -> str:
+    """The predictor's console line about its precision (checkouts from before it was chosen have none)."""
+    lines = [line for line in output.splitlines() if "scoring in " in line]
+    return lines[-1].split("scoring in ", 1)[1] if lines else "(not logged)"
 
 
 def main() -> None:
@@ -82,7 +82,7 @@ def main() -> None:
                 row = rows[name]
                 row["wall"].append(round(wall, 1))
                 row["cpu"].append(cpu and round(cpu, 1))
-                row["precision"].append(scored_in(proc.stderr))
+                row["precision"].append(scored_in(proc.stdout + proc.stderr))
                 print(name, {k: v[-1] for k, v in row.items()}, flush=True)
     if group:
         group.rmdir()
