@@ -98,8 +98,9 @@ def main() -> None:
         "",
         f"{record['cpu']}, {record['cores']} cores. `python bench/predict_precision.py "
         + " ".join(f"--repo {r}" for r in args.repos)
-        + f" --arch {args.arch} --size {args.size} --images {args.images} --repeats {args.repeats}`"
-        + "".join(f" --set {s}" for s in args.sets),
+        + f" --arch {args.arch} --size {args.size} --images {args.images} --repeats {args.repeats}"
+        + "".join(f" --set {s}" for s in args.sets)
+        + "`",
         "",
         "| variant | wall s (median) | images/s | CPU s (median) | runs (wall) | precision it logged |",
         "|---|---|---|---|---|---|",
