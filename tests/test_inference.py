@@ -332,7 +332,7 @@ class StubPredictor(Predictor):
         "dog.4.jpg": 1.0,
     }
 
-    def __init__(self, storage, models, threshold, tta, use_gpu, torch_threads=None, amp=False):
+    def __init__(self, storage, models, threshold, tta, use_gpu, torch_threads=None, amp=False, measure_amp=False):
         self.threshold, self.tta, self.name, self.models = threshold, tta, "stub", []
         self.weights = np.ones(1, dtype=np.float32)
 
