@@ -174,8 +174,8 @@ class Predictor:
 def measure_scoring_precision(models: list[tuple[torch.nn.Module, int]]) -> dict:
     """Whether bf16 scores faster than fp32 on this CPU: a forward pass of every (model, image
     size) over random images, timed in both.  It depends on the model and the size: on a Xeon
-    without AMX, MobileNetV2 scored 1.4x faster in bf16 at 128 px and 0.9x at 64 px, ResNet18 0.7x
-    at 128 px.  A CPU without bf16 instructions runs autocast in fp32 anyway and is not timed.
+    without AMX, MobileNetV2 scored 1.4x faster in bf16 at 128 px and about 1x at 64 px, ResNet18
+    0.7-0.8x at 128 px.  A CPU without bf16 instructions runs autocast in fp32 anyway and is not timed.
     ``amp``: the choice; ``bf16_speedup``: fp32 over bf16 seconds."""
     if not cpu_has_fast_bf16():
         return {"amp": False, "precision": "fp32", "bf16_speedup": None}
