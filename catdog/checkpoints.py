@@ -92,6 +92,10 @@ def save_checkpoint(
         "fingerprint": cfg.get("fingerprint", {}),
         "run_name": cfg["run_name"],
     }
+    if "amp" in cfg:  # autocast as trained: a CPU run with amp keeps it only where bf16 measured faster
+        meta["amp"] = cfg["amp"]
+    if cfg.get("bf16_speedup") is not None:
+        meta["bf16_speedup"] = round(cfg["bf16_speedup"], 3)
     if cfg.get("budget"):  # a time-budgeted run's plan as it stands (re-planned from the real pace); a resume keeps it
         meta["plan"] = {"epochs": cfg["epochs"], "early_epochs": cfg["early_epochs"], "amp": cfg["amp"]}
     torch.save((ema.module if chosen_ema else net).state_dict(), os.path.join(folder, MODEL_FILE))

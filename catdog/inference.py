@@ -11,7 +11,6 @@ from the Parquet columns they need, never from whole rows pulled through the dri
 
 from __future__ import annotations
 
-import functools
 import logging
 import uuid
 from dataclasses import dataclass
@@ -29,12 +28,10 @@ from catdog.console import emit
 from catdog.data import image_dataset
 from catdog.presets import MEAN, STD, EvalPreset
 from catdog.storage import Storage, basename
-from catdog.training import autocast, cpu_has_fast_bf16, timed_call, to_model_input
+from catdog.training import BF16_MIN_SPEEDUP, autocast, bf16_speedup, cpu_has_fast_bf16, to_model_input
 
 logger = logging.getLogger(__name__)
 
-# bf16 scores only when it beats fp32 by this much: a near tie scores in fp32, the exact one.
-BF16_MIN_SPEEDUP = 1.05
 # Images per timed forward pass when an actor picks its precision: about a second in all for
 # ResNet18 at 128 px on 2 cores; the per-image speed barely depends on the batch.
 PRECISION_BATCH = 32
@@ -191,13 +188,7 @@ def measure_scoring_precision(models: list[tuple[torch.nn.Module, int]]) -> dict
             for model, size in models:
                 model(images[size])
 
-    # Alternated, each precision's fastest call counts: a call that another process slowed (Ray's
-    # decode tasks start beside the actor) must not decide.
-    seconds = {False: [], True: []}
-    for i, amp in enumerate((False, True, False, True)):
-        call = functools.partial(score, amp=amp)
-        seconds[amp].append(timed_call(call, torch.empty(0), warmup=int(i < 2), min_calls=1, min_seconds=0))
-    speedup = min(seconds[False]) / min(seconds[True])
+    speedup = bf16_speedup(score, torch.empty(0))
     amp = speedup >= BF16_MIN_SPEEDUP
     return {"amp": amp, "precision": "bf16" if amp else "fp32", "bf16_speedup": round(speedup, 3)}
 

@@ -164,6 +164,7 @@ def loop_config(cfg: CatdogConfig, spec: ModelSpec, storage: Storage, n_train: i
         "early_image_size": spec.early_image_size,
         "early_epochs": spec.early_epochs,
         "amp": train.amp if spec.amp is None else spec.amp,
+        "measure_amp": train.measure_amp,
         "n_train": n_train,
         "storage": storage,
         "arch_uri": join(cfg.run_uri, spec.arch),

@@ -460,6 +460,9 @@ def train_loop_per_worker(cfg: dict) -> None:
         torch.set_num_threads(cfg["torch_threads"])
     device = ray.train.torch.get_device()
     started = time.time()
+    if cfg["amp"] and cfg.get("measure_amp") and not cfg.get("budget") and device.type == "cpu":
+        # A budgeted run's plan measured it already.  The checkpoints' meta.json records the choice.
+        cfg["amp"], cfg["bf16_speedup"] = pick_train_precision(cfg, device, rank)
     model, optimizer, scaler, ema, history, step = restore_or_start(cfg, device)
     clock = {"started": started, "epochs_before": len(history)}
     steps_per_epoch = math.ceil(cfg["n_train"] // world / cfg["batch_size"])
@@ -557,10 +560,17 @@ def broadcast_from_rank0(values: list[int], device: torch.device) -> list[int]:
     return [int(v) for v in tensor.tolist()]
 
 
+# bf16 runs (trains or scores) only when it beats fp32 by this much: a near tie runs in fp32, the exact one.
+BF16_MIN_SPEEDUP = 1.05
+# Images per timed training step when a fixed-epoch run picks its precision (about 2 s for ResNet18
+# at 128 px on 2 cores).
+PRECISION_TRAIN_BATCH = 16
+
+
 def measure_speed(arch: str, sizes: list[int], val_size: int, cfg: dict) -> dict:
     """This worker's seconds per image: a training step at each of ``sizes`` and a validation
     forward pass at ``val_size``, on random data (compute only), in the precision it will train in:
-    with ``amp`` on a CPU with bf16 instructions, whichever of bf16 and fp32 trains faster at the
+    with ``amp`` on a CPU with bf16 instructions, bf16 if it trains ``BF16_MIN_SPEEDUP`` faster at the
     largest size (``amp``: the choice; ``precision``: what it means here; ``bf16_speedup``: fp32
     over bf16 seconds per step, where both were timed).
     ``cfg``: batch_size, amp, torch_threads, use_gpu."""
@@ -568,19 +578,11 @@ def measure_speed(arch: str, sizes: list[int], val_size: int, cfg: dict) -> dict
         torch.set_num_threads(cfg["torch_threads"])
     device = torch.device("cuda" if cfg["use_gpu"] and torch.cuda.is_available() else "cpu")
     model = build_model(arch, "scratch").to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    train_step = training_step(model, device)
     batch = cfg["batch_size"]
 
     def images(n: int, size: int) -> torch.Tensor:
         return torch.randn(n, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
-
-    def train_step(x: torch.Tensor, amp: bool) -> None:
-        with autocast(device, amp):
-            logits = model(x)
-        loss = nn.functional.cross_entropy(logits.float(), torch.zeros(len(x), dtype=torch.long, device=device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
 
     speed, amp, step_s = {}, cfg["amp"], {}
     if amp and device.type == "cpu" and cpu_has_fast_bf16():
@@ -588,7 +590,7 @@ def measure_speed(arch: str, sizes: list[int], val_size: int, cfg: dict) -> dict
         # ResNet18 trained 0.78x as fast in bf16 as in fp32 (bench/NOTES.md, "bf16 without AMX").
         x = images(batch, max(sizes))
         fp32_s, bf16_s = (timed_call(functools.partial(train_step, amp=a), x) for a in (False, True))
-        amp = bf16_s < fp32_s
+        amp = fp32_s / bf16_s >= BF16_MIN_SPEEDUP  # a near tie trains in fp32
         speed["bf16_speedup"] = round(fp32_s / bf16_s, 3)
         step_s[max(sizes)] = min(fp32_s, bf16_s)  # the winner's time at that size: not timed again
     speed["amp"] = amp
@@ -607,6 +609,55 @@ def measure_speed(arch: str, sizes: list[int], val_size: int, cfg: dict) -> dict
 def measure_speeds(jobs: list[tuple[str, list[int], int, dict]]) -> dict[str, dict]:
     """:func:`measure_speed` for each (arch, sizes, val_size, cfg), in one process (one torch import)."""
     return {arch: measure_speed(arch, sizes, val_size, cfg) for arch, sizes, val_size, cfg in jobs}
+
+
+def bf16_speedup(run, x: torch.Tensor) -> float:
+    """fp32 over bf16 seconds of ``run(x, amp=...)``: one warm-up call each, then both alternated
+    twice, each precision's fastest call counting (a call that another process slowed, such as Ray's
+    decode tasks starting beside it, must not decide)."""
+    seconds = {False: [], True: []}
+    for i, amp in enumerate((False, True, False, True)):
+        call = functools.partial(run, amp=amp)
+        seconds[amp].append(timed_call(call, x, warmup=int(i < 2), min_calls=1, min_seconds=0))
+    return min(seconds[False]) / min(seconds[True])
+
+
+def training_step(model: nn.Module, device: torch.device):
+    """A timing-only training step on ``model`` (forward, loss, backward, AdamW): ``step(x, amp)``."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    def step(x: torch.Tensor, amp: bool) -> None:
+        with autocast(device, amp):
+            logits = model(x)
+        loss = nn.functional.cross_entropy(logits.float(), torch.zeros(len(x), dtype=torch.long, device=device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def pick_train_precision(cfg: dict, device: torch.device, rank: int) -> tuple[bool, float | None]:
+    """A fixed-epoch run with ``amp`` on a CPU: bf16 only where a training step of a throwaway copy
+    of the architecture, at its largest size, runs at least ``BF16_MIN_SPEEDUP`` faster than in fp32
+    (on a Xeon with AVX512-BF16 but no AMX every model trained slower in bf16; with AMX ResNet18
+    twice as fast).  Rank 0's choice holds for every rank; rank 0 says which.  Returns the choice
+    and this rank's ``bf16_speedup`` (None: not timed, the CPU has no bf16 instructions)."""
+    speedup = None
+    if cpu_has_fast_bf16():
+        size = max(cfg["image_size"], cfg.get("early_image_size") or 0)
+        model = build_model(cfg["arch"], "scratch").to(device, memory_format=torch.channels_last)
+        x = torch.randn(PRECISION_TRAIN_BATCH, 3, size, size, device=device).contiguous(
+            memory_format=torch.channels_last
+        )
+        speedup = bf16_speedup(training_step(model, device), x)
+    (amp,) = broadcast_from_rank0([int(speedup is not None and speedup >= BF16_MIN_SPEEDUP)], device)
+    if rank == 0 and speedup is not None:
+        emit(
+            f"{cfg['arch']}: training in {'bf16' if amp else 'fp32'}: bf16 ran {speedup:.2f}x as fast as fp32 "
+            "on this CPU (train.amp=false: always fp32)"
+        )
+    return bool(amp), speedup
 
 
 def timed_call(fn, x: torch.Tensor, warmup: int = 2, min_calls: int = 3, min_seconds: float = 1.0) -> float:

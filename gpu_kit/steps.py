@@ -36,6 +36,7 @@ def catdog_config(a: dict, run_name: str, train: str, **extra):
         "train.batch_size": a["batch"],
         "train.use_gpu": gpu,
         "train.amp": True,
+        "train.measure_amp": False,  # the plain loop autocasts wherever the device has bf16: so does catdog
         "train.num_workers": 1,
         "train.init": "scratch",
         "predict.amp": True,

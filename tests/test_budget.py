@@ -15,7 +15,7 @@ from conftest import REPO, quick_overrides
 from catdog import budget, training
 from catdog.config import load_config
 from catdog.train_job import run_training
-from catdog.training import measure_speed, replan
+from catdog.training import measure_speed, pick_train_precision, replan
 
 EPOCH_S = {48: 10.0, 64: 20.0}
 
@@ -106,6 +106,50 @@ def test_measure_speed_times_each_size_and_validation():
     assert all(0 < s < 1 for s in speed["train"].values()) and 0 < speed["val"] < 1
 
 
+CNN_LOOP = {"arch": "sequential_cnn", "image_size": 32, "early_image_size": 24}
+
+
+@pytest.mark.parametrize("bf16_seconds,trains_in_bf16", [(0.5, True), (0.97, False), (2.0, False)])
+def test_a_fixed_epoch_cpu_run_trains_in_the_faster_precision_and_a_near_tie_in_fp32(
+    monkeypatch, capsys, bf16_seconds, trains_in_bf16
+):
+    """Training steps at the largest size, fp32 and bf16 alternated twice after a warm-up each (the
+    steps real, the seconds scripted); each one's fastest call counts; bf16 only by 1.05x or more."""
+    monkeypatch.setattr(training, "cpu_has_fast_bf16", lambda: True)
+    timed = []
+
+    def scripted_timed_call(fn, x, **options):
+        fn(x)
+        timed.append((fn.keywords["amp"], x.shape[-1], options["warmup"]))
+        slowed = 3.0 if len(timed) == 1 else 1.0  # another process took the first call's cores
+        return slowed * {True: bf16_seconds, False: 1.0}[fn.keywords["amp"]]
+
+    monkeypatch.setattr(training, "timed_call", scripted_timed_call)
+    assert pick_train_precision(CNN_LOOP, torch.device("cpu"), rank=0) == (trains_in_bf16, 1 / bf16_seconds)
+    assert timed == [(False, 32, 1), (True, 32, 1), (False, 32, 0), (True, 32, 0)]
+    precision = "bf16" if trains_in_bf16 else "fp32"
+    line = f"sequential_cnn: training in {precision}: bf16 ran {1 / bf16_seconds:.2f}x as fast as fp32 on this CPU"
+    assert line in capsys.readouterr().out
+
+
+def test_a_cpu_without_bf16_instructions_trains_fp32_untimed(monkeypatch, capsys):
+    monkeypatch.setattr(training, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(training, "timed_call", lambda *_, **__: pytest.fail("timed on a CPU without bf16"))
+    assert pick_train_precision(CNN_LOOP, torch.device("cpu"), rank=0) == (False, None)
+    assert "training in" not in capsys.readouterr().out
+
+
+def test_on_this_cpu_a_fixed_epoch_run_keeps_bf16_only_where_it_measured_faster(capsys):
+    """Nothing scripted: this machine's own timing (either answer passes; the line must match it)."""
+    amp, speedup = pick_train_precision(CNN_LOOP, torch.device("cpu"), rank=0)
+    out = capsys.readouterr().out
+    if training.cpu_has_fast_bf16():
+        assert amp is (speedup >= training.BF16_MIN_SPEEDUP) and speedup > 0
+        assert f"training in {'bf16' if amp else 'fp32'}: bf16 ran {speedup:.2f}x" in out
+    else:
+        assert (amp, speedup) == (False, None) and "training in" not in out
+
+
 @pytest.mark.parametrize("bf16_seconds,trains_in_bf16", [(0.5, True), (2.0, False)])
 def test_measure_speed_trains_in_whichever_precision_steps_faster(monkeypatch, bf16_seconds, trains_in_bf16):
     """With amp on a CPU with bf16 instructions, bf16 and fp32 are both timed at the largest size,
@@ -174,6 +218,7 @@ def test_three_minute_budget_ends_inside_it_and_says_what_the_model_got(small_re
     several is covered by test_plan_run_shares_the_time_and_fits_it.)"""
     models = "[{arch: sequential_cnn, early_image_size: 24, early_fraction: 0.5}]"
     overrides = {"models": models, "train.time_budget_minutes": 3, "train.report": True, "data.image_size": 32}
+    overrides["train.amp"] = True  # the plan times bf16 against fp32 where the CPU has the instructions
     cfg = load_config(
         REPO / "configs" / "quick.yaml", quick_overrides(small_real_data, tmp_path, "budget", **overrides)
     )
@@ -203,7 +248,7 @@ def test_three_minute_budget_ends_inside_it_and_says_what_the_model_got(small_re
     meta = json.loads((Path(best["checkpoint"]) / "meta.json").read_text())
     assert meta["plan"]["amp"] is speed["amp"]
     assert cnn["precision"].startswith("bf16" if speed["amp"] and training.cpu_has_fast_bf16() else "fp32")
-    assert ("bf16_speedup" in speed) is training.cpu_has_fast_bf16()  # quick.yaml asks for amp
+    assert ("bf16_speedup" in speed) is training.cpu_has_fast_bf16()  # the test asks for amp
     assert "# Time budget plan" in (run / "config.yaml").read_text()
     assert load_config(run / "config.yaml").train.time_budget_minutes == 3  # still a loadable config
     assert "Time budget: 3" in (run / "report.html").read_text()

@@ -147,7 +147,8 @@ def test_amp_is_set_per_architecture_and_reaches_the_train_loop():
     from catdog.storage import Storage
     from catdog.train_job import arch_params, loop_config
 
-    cfg = load_config(REPO / "configs" / "quick.yaml", ["models=[{arch: mobilenet_v2, amp: false}, resnet18]"])
+    models = "models=[{arch: mobilenet_v2, amp: false}, resnet18]"
+    cfg = load_config(REPO / "configs" / "quick.yaml", [models, "train.amp=true"])
     assert cfg.train.amp is True
     loops = {spec.arch: loop_config(cfg, spec, Storage(), n_train=64) for spec in cfg.models}
     assert {arch: loop["amp"] for arch, loop in loops.items()} == {"mobilenet_v2": False, "resnet18": True}

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from catdog import inference
+from catdog import inference, training
 from catdog.config import CatdogConfig
 from catdog.data import decode_batch, load_split
 from catdog.inference import ModelRef, Predictor, measure_scoring_precision, model_ref, predictions_dataset
@@ -123,7 +123,7 @@ def test_a_cpu_actor_scores_in_the_faster_precision_and_a_near_tie_in_fp32(
         slowed = 3.0 if len(timed) == 1 else 1.0  # another process took the first call's cores
         return slowed * {True: bf16_seconds, False: 1.0}[fn.keywords["amp"]]
 
-    monkeypatch.setattr(inference, "timed_call", scripted_timed_call)
+    monkeypatch.setattr(training, "timed_call", scripted_timed_call)
     assert predictor(cnn_checkpoint, amp=True, measure_amp=True).amp is scores_in_bf16
     assert timed == [False, True, False, True]
     speedup = round(1 / bf16_seconds, 3)
@@ -139,13 +139,13 @@ def test_a_cpu_actor_scores_in_the_faster_precision_and_a_near_tie_in_fp32(
 @pytest.mark.parametrize("amp,measure_amp", [(True, False), (False, True)])
 def test_without_amp_or_measure_amp_an_actor_times_nothing(monkeypatch, cnn_checkpoint, amp, measure_amp):
     monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: True)
-    monkeypatch.setattr(inference, "timed_call", lambda *_, **__: pytest.fail("timed"))
+    monkeypatch.setattr(training, "timed_call", lambda *_, **__: pytest.fail("timed"))
     assert predictor(cnn_checkpoint, amp, measure_amp).amp is amp
 
 
 def test_a_cpu_without_bf16_instructions_scores_fp32_untimed(monkeypatch, cnn_checkpoint):
     monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: False)
-    monkeypatch.setattr(inference, "timed_call", lambda *_, **__: pytest.fail("timed on a CPU without bf16"))
+    monkeypatch.setattr(training, "timed_call", lambda *_, **__: pytest.fail("timed on a CPU without bf16"))
     assert predictor(cnn_checkpoint, amp=True, measure_amp=True).amp is False
 
 

@@ -24,6 +24,7 @@ from conftest import REPO, copy_images, epochs_of, jpeg_bytes, quick_overrides, 
 from faults import arm, checkpoint_names
 from PIL import Image
 
+from catdog import training
 from catdog.config import load_config
 from catdog.data import load_split
 from catdog.predict_job import run_predict
@@ -120,6 +121,7 @@ def test_death_while_uploading_a_checkpoint_never_resumes_from_the_partial_one(
     # Keep every checkpoint: with the default 2, whether epoch_002 survives epoch 3 depends on its val score.
     # 32 px: cheaper epochs; the fault fires inside the upload, whatever an epoch takes.
     sets = {"train.epochs": 3, "train.max_failures": 1, "train.keep_checkpoints": 3, "data.image_size": 32}
+    sets["train.amp"] = True  # each worker start picks its precision again (meta.json says what it took)
     cfg = cfg_for(small_real_data, tmp_path, "ckpt-kill", **sets)
     per_epoch = steps_per_epoch(cfg)
     arm(faults_dir, "upload_exit", epoch=2)
@@ -135,6 +137,10 @@ def test_death_while_uploading_a_checkpoint_never_resumes_from_the_partial_one(
         meta = json.loads((folder / "meta.json").read_text())
         torch.load(folder / "model.pt", weights_only=True)  # whole: the retried upload replaced the half file
         assert [h["epoch"] for h in meta["history"]] == list(range(1, meta["epoch"] + 1))
+        if training.cpu_has_fast_bf16():
+            assert meta["amp"] is (meta["bf16_speedup"] >= training.BF16_MIN_SPEEDUP)
+        else:
+            assert meta["amp"] is False and "bf16_speedup" not in meta
 
 
 def test_sigkilled_driver_resumes_and_skips_finished_architectures(small_real_data, tmp_path, ray_session, caplog):

@@ -272,10 +272,16 @@ def ddp_probe_loop(cfg: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from catdog import training
     from catdog.models import build_model
     from catdog.training import build_optimizer, train_one_epoch
 
-    torch.manual_seed(ray.train.get_context().get_world_rank())  # different start: DDP must sync it
+    rank = ray.train.get_context().get_world_rank()
+    # The ranks' CPUs disagree (this worker process is the run's own): rank 0's precision must hold for both.
+    training.cpu_has_fast_bf16 = lambda: True
+    training.bf16_speedup = lambda *_: 100.0 if rank else 0.01
+    amp, speedup = training.pick_train_precision({**cfg, "amp": True}, torch.device("cpu"), rank)
+    torch.manual_seed(rank)  # different start: DDP must sync it
     model = ray.train.torch.prepare_model(build_model("sequential_cnn"))
     optimizer = build_optimizer(model, "sequential_cnn", cfg)
     seen: list[str] = []
@@ -291,8 +297,8 @@ def ddp_probe_loop(cfg: dict) -> None:
         seen=seen,
     )
     digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.module.parameters())).hexdigest()
-    rank = ray.train.get_context().get_world_rank()
-    Path(cfg["out"], f"rank{rank}.json").write_text(json.dumps({"digest": digest, "seen": seen, **stats}))
+    record = {"digest": digest, "seen": seen, "amp": amp, "speedup": speedup, **stats}
+    Path(cfg["out"], f"rank{rank}.json").write_text(json.dumps(record))
     ray.train.report({"done": 1})
 
 
@@ -320,6 +326,7 @@ def test_ddp_two_workers_share_weights_and_split_the_rows(small_real_data, tmp_p
     trainer.fit()
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["digest"] == ranks[1]["digest"]
+    assert [(r["amp"], r["speedup"]) for r in ranks] == [(False, 0.01), (False, 100.0)]  # rank 0's choice
     seen0, seen1 = set(ranks[0]["seen"]), set(ranks[1]["seen"])
     assert not seen0 & seen1
     assert len(seen0) == len(seen1) == len(split.train) // 2
