@@ -74,6 +74,13 @@ def synthetic_listing(tree: str, n: int):
     )
 
 
+def bench_config(work: Path):
+    """The quick config, as the measured process runs it (the earlier run's fingerprint must match)."""
+    from catdog.config import load_config
+
+    return load_config(REPO / "configs" / "quick.yaml", [f"storage.root={work}", "ray.num_cpus=3"])
+
+
 def prepare(n: int, scenario: str, work: Path) -> tuple[str, Path]:
     """In the parent: the model, the image tree and (``nightly``) the earlier ``predictions/``,
     so that the measured process does only what a job does."""
@@ -97,7 +104,7 @@ def prepare(n: int, scenario: str, work: Path) -> tuple[str, Path]:
     tree = make_tree(work, n)
     out = work / f"out-{n}-{scenario}"
     if scenario == "nightly":  # an earlier complete run scored 99% of the files with this model
-        fingerprint = scoring_fingerprint(Storage(), [str(checkpoint)], False, True)
+        fingerprint = scoring_fingerprint(Storage(), [str(checkpoint)], False, bench_config(work).predict.amp)
         earlier = synthetic_listing(tree, n).slice(0, n - n // 100).select(["path", "size", "version"])
         (out / "predictions").mkdir(parents=True, exist_ok=True)
         scoring = pa.array(np.full(earlier.num_rows, fingerprint))
@@ -108,7 +115,6 @@ def prepare(n: int, scenario: str, work: Path) -> tuple[str, Path]:
 def measure(n: int, tree: str, out: Path, work: Path) -> dict:
     """One measurement, in this (fresh) process: what ``run_predict`` does up to its first committed part."""
     started = time.monotonic()
-    from catdog.config import load_config
     from catdog.inference import model_ref, predictions_dataset
     from catdog.runtime import init_ray
     from catdog.scoring_plan import commit_part, make_plan, scoring_fingerprint
@@ -116,7 +122,7 @@ def measure(n: int, tree: str, out: Path, work: Path) -> dict:
 
     storage = Storage()
     checkpoint = str(work / "checkpoint")
-    cfg = load_config(REPO / "configs" / "quick.yaml", [f"storage.root={work}", "ray.num_cpus=3"])
+    cfg = bench_config(work)
     t = {"imports_s": time.monotonic() - started}
     mark = time.monotonic()
     init_ray(cfg)
