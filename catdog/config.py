@@ -99,7 +99,7 @@ class TrainConfig(_Section):
     # CPUs with AMX or AVX512-BF16; fp16 with a checkpointed loss scaler on older GPUs; else fp32.
     # Under train.time_budget_minutes a CPU run times both bf16 and fp32 steps first and trains each
     # architecture in the faster (AVX512-BF16 without AMX can be slower in bf16); so does a fixed-epoch
-    # run on a CPU with bf16 instructions, in its Train worker (about 2 s), unless measure_amp is off.
+    # run on a CPU with bf16 instructions, in its Train worker (2-3 s), unless measure_amp is off.
     amp: bool = True
     # false: a fixed-epoch run takes bf16 wherever the CPU has the instructions (the benchmarks'
     # bf16-against-bf16 rows).  A budgeted run always measures.

@@ -562,8 +562,8 @@ def broadcast_from_rank0(values: list[int], device: torch.device) -> list[int]:
 
 # bf16 runs (trains or scores) only when it beats fp32 by this much: a near tie runs in fp32, the exact one.
 BF16_MIN_SPEEDUP = 1.05
-# Images per timed training step when a fixed-epoch run picks its precision (about 2 s for ResNet18
-# at 128 px on 2 cores).
+# Images per timed training step when a fixed-epoch run picks its precision (about 2.6 s for
+# ResNet18 at 128 px on 2 cores, bench/results/train_precision-xeon-no-amx.md).
 PRECISION_TRAIN_BATCH = 16
 
 
