@@ -592,7 +592,7 @@ def measure_speed(arch: str, sizes: list[int], val_size: int, cfg: dict) -> dict
         fp32_s, bf16_s = (timed_call(functools.partial(train_step, amp=a), x) for a in (False, True))
         amp = fp32_s / bf16_s >= BF16_MIN_SPEEDUP  # a near tie trains in fp32
         speed["bf16_speedup"] = round(fp32_s / bf16_s, 3)
-        step_s[max(sizes)] = min(fp32_s, bf16_s)  # the winner's time at that size: not timed again
+        step_s[max(sizes)] = bf16_s if amp else fp32_s  # the chosen precision's time there: not timed again
     speed["amp"] = amp
     speed["precision"] = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype(device, amp)]
     step = functools.partial(train_step, amp=amp)
