@@ -252,7 +252,7 @@ def train_architecture(
         len(split.val),
         cfg.train.num_workers,
         f", resuming after epoch {done['epochs']}" if done else "",
-        f", planned for {loop_cfg['budget']['deadline'] - time.time():.0f} s of the time budget" if run_budget else "",
+        f", {loop_cfg['budget']['allotted_seconds']:.0f} s of the time budget allotted" if run_budget else "",
     )
     result = trainer.fit()
     row = record_result(storage, loop_cfg, result)
@@ -414,8 +414,12 @@ class RunBudget:
         )
         self.reserve = study + budget.ARCH_TAIL_S
         first = budget.plan_run(self.archs, self.training_left(), self.arch_fixed)
+        # The whole run as planned, from the job's start: over the budget only when even the least
+        # plan (one epoch at the final size each) does not fit.
+        run_s = time.time() - started + sum(plan["predicted_s"] for plan in first) + self.reserve
         self.record = {
             "budget_minutes": cfg.train.time_budget_minutes,
+            "predicted_minutes": budget.minutes(run_s),
             "measure_seconds": round(time.time() - measure_start, 1),
             "seconds_per_image": speeds,
             "study": {"predicted_minutes": budget.minutes(study)},
@@ -456,6 +460,11 @@ class RunBudget:
                 "early_fraction": arch["early_fraction"],
             },
         }
+
+    def seconds_after(self, index: int) -> float:
+        """Predicted seconds of the run after architecture ``index``: the later ones' plans and the study."""
+        later = self.archs[index + 1 :]
+        return sum(self.record["archs"][a["arch"]]["predicted_minutes"] * 60 for a in later) + self.reserve
 
     def finished(self, arch: str, row: dict, seconds: float) -> None:
         """Record what the architecture took; its fixed cost (all but its epochs) replaces the prior."""
@@ -558,6 +567,15 @@ def plan_budget(cfg: CatdogConfig, split: Split, storage: Storage, started: floa
         "; ".join(lines),
         run_budget.record["study"]["predicted_minutes"],
     )
+    if run_budget.record["predicted_minutes"] > cfg.train.time_budget_minutes:
+        logger.warning(
+            "time budget %.1f min is too short for this run: even one epoch per architecture is predicted to "
+            "take %.1f min with the measuring, the validation study and each architecture's start (about "
+            "%.0f s); training that anyway. Raise train.time_budget_minutes, or train fewer models or images",
+            cfg.train.time_budget_minutes,
+            run_budget.record["predicted_minutes"],
+            budget.ARCH_FIXED_S,
+        )
     write_json(storage, join(cfg.run_uri, PLAN_FILE), run_budget.record)
     comment = "".join(f"#   {line}\n" for line in lines)
     storage.write_text(
@@ -587,6 +605,8 @@ def train_all(
     for index, spec in enumerate(cfg.models):
         later = sum(planned_epochs(cfg, s, run_budget) for s in cfg.models[index + 1 :])
         clock = {"started": started, "epochs_done": trained_epochs, "epochs_after": later}
+        if run_budget is not None:
+            clock.update(budget_end=run_budget.deadline, seconds_after=run_budget.seconds_after(index))
         before = read_result(storage, join(cfg.run_uri, spec.arch))
         row = train_architecture(cfg, spec, split, storage, clock, tracker, run_budget)
         trained_epochs += row["epochs"] - (before["epochs"] if before else 0)

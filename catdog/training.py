@@ -708,20 +708,34 @@ def epoch_progress_bar(cfg: dict, epoch: int, steps: int):
 
 
 def epoch_line(cfg: dict, metrics: dict, clock: dict) -> str:
-    """One console line per epoch, with the time left for this architecture and for the run
-    (from the pace of the epochs this worker trained; later architectures at this run's pace)."""
+    """One console line per epoch, with the time left for this architecture and for the run.
+    Under a time budget, from the plan (its epoch seconds re-planned from the real pace; the run
+    ends at the budget unless the plans after this architecture are predicted to run past it).
+    Otherwise from the pace of the epochs this worker trained, later architectures at the run's."""
     now, run = time.time(), cfg["run_clock"]
     epoch, epochs = metrics["epoch"], cfg["epochs"]
-    arch_pace = (now - clock["started"]) / max(epoch - clock["epochs_before"], 1)
-    arch_left = arch_pace * (epochs - epoch)
-    run_done = run["epochs_done"] + epoch - clock["epochs_before"]
-    run_left = arch_left + (now - run["started"]) / max(run_done, 1) * run["epochs_after"]
+    if cfg.get("budget"):
+        arch_left = planned_seconds_left(cfg, epoch)
+        run_left = max(run["budget_end"] - now, arch_left + run["seconds_after"])
+    else:
+        arch_pace = (now - clock["started"]) / max(epoch - clock["epochs_before"], 1)
+        arch_left = arch_pace * (epochs - epoch)
+        run_done = run["epochs_done"] + epoch - clock["epochs_before"]
+        run_left = arch_left + (now - run["started"]) / max(run_done, 1) * run["epochs_after"]
     return (
         f"{cfg['arch']} epoch {epoch}/{epochs}: train_loss {metrics['train_loss']:.4f} "
         f"val_acc {metrics['val_acc']:.4f} val_log_loss {metrics['val_log_loss']:.4f}{weights_note(metrics)} "
         f"{metrics['images_per_s']:.0f} img/s | elapsed {duration(now - run['arch_started'])} "
         f"ETA {duration(arch_left)} ({cfg['arch']}) {duration(run_left)} (run)"
     )
+
+
+def planned_seconds_left(cfg: dict, epoch: int) -> float:
+    """The budget plan's seconds for the epochs after ``epoch``: early ones at the early size."""
+    epoch_s = {int(k): v for k, v in cfg["budget"]["epoch_seconds"].items()}
+    early_left = max(0, cfg["early_epochs"] - epoch)
+    final_left = cfg["epochs"] - epoch - early_left
+    return early_left * epoch_s[cfg["early_image_size"] or cfg["image_size"]] + final_left * epoch_s[cfg["image_size"]]
 
 
 def weights_note(metrics: dict) -> str:

@@ -100,6 +100,20 @@ def test_replan_at_the_first_final_size_epoch_only_ever_shortens():
     assert replan(short, {"epoch": 5, "train_image_size": 64}, 20.0, torch.device("cpu")) is None  # once only
 
 
+@pytest.mark.parametrize("seconds_after,run_eta", [(100.0, "10:00"), (1000.0, "17:50")])
+def test_a_budgeted_epoch_line_counts_the_plan_left_and_the_run_to_its_budget(seconds_after, run_eta):
+    """After epoch 1 of 5 (2 early at 48 px, 10 s; 3 at 64 px, 20 s): 70 s left for the architecture.
+    The run ends at its budget (600 s away) unless what follows is predicted to run past it.  (The
+    pace of the epochs so far said 4 x 90 s here, and later architectures' epochs at ResNet18's pace.)"""
+    cfg = budgeted_loop_cfg(deadline_in=100.0, epochs=5, early=2)
+    now = time.time()
+    cfg["run_clock"] = {"started": now - 300, "arch_started": now - 90, "epochs_done": 0, "epochs_after": 9}
+    cfg["run_clock"].update(budget_end=now + 600, seconds_after=seconds_after)
+    metrics = {"epoch": 1, "train_loss": 0.5, "val_acc": 0.8, "val_log_loss": 0.4, "images_per_s": 50.0}
+    line = training.epoch_line(cfg, metrics, {"started": now - 90, "epochs_before": 0})
+    assert line.endswith(f"| elapsed 1:30 ETA 1:10 (sequential_cnn) {run_eta} (run)"), line
+
+
 def test_measure_speed_times_each_size_and_validation():
     speed = measure_speed("sequential_cnn", [24, 32], 32, {"batch_size": 8, "amp": False, "use_gpu": False})
     assert set(speed["train"]) == {24, 32} and speed["precision"] == "fp32" and "bf16_speedup" not in speed
@@ -205,6 +219,42 @@ def test_budget_config_rules(tmp_path, overrides, expected):
     assert str(error.value) == f"{path}: {expected}"
 
 
+@pytest.mark.parametrize("minutes,warns", [(1, True), (30, False)])
+def test_a_budget_too_short_for_one_epoch_each_says_so_and_records_the_predicted_run(
+    tmp_path, monkeypatch, caplog, minutes, warns
+):
+    """The least plan (one epoch per architecture) still trains, but never silently over the budget."""
+    from catdog import train_job
+    from catdog.data import Split
+    from catdog.storage import Storage
+
+    speed = {"amp": False, "precision": "fp32", "train": {64: 0.01}, "val": 0.002}
+    monkeypatch.setattr(
+        train_job, "measure_speeds_on_a_worker", lambda cfg: {a: speed for a in ("resnet18", "mobilenet_v2")}
+    )
+    overrides = {"models": "[resnet18, mobilenet_v2]", "train.time_budget_minutes": minutes, "train.report": True}
+    cfg = load_config(REPO / "configs" / "quick.yaml", quick_overrides(tmp_path, tmp_path, "short", **overrides))
+    rows = [{"path": f"{tmp_path}/cat.{i}.jpg", "label": 0} for i in range(1000)]
+    (tmp_path / "short").mkdir()
+    with caplog.at_level("WARNING", logger="catdog.train_job"):
+        run_budget = train_job.plan_budget(cfg, Split(train=rows, val=rows[:250]), Storage(), time.time())
+    predicted = run_budget.record["predicted_minutes"]
+    # 2 x (45 s start + 1000 x 0.01 / 0.8 + 3 s) and the study's 2 x 8 s: 2.0 min at least
+    assert (predicted > minutes) == warns and predicted >= 2.0
+    assert json.loads((tmp_path / "short" / "plan.json").read_text())["predicted_minutes"] == predicted
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    if warns:
+        assert all(plan["planned_epochs"] == 1 for plan in run_budget.record["archs"].values())
+        assert warnings == [
+            f"time budget {minutes:.1f} min is too short for this run: even one epoch per architecture is "
+            f"predicted to take {predicted:.1f} min with the measuring, the validation study and each "
+            "architecture's start (about 45 s); training that anyway. Raise train.time_budget_minutes, "
+            "or train fewer models or images"
+        ]
+    else:
+        assert warnings == [] and run_budget.record["archs"]["resnet18"]["planned_epochs"] > 1
+
+
 def test_local_config_is_budgeted_to_45_minutes():
     cfg = load_config(REPO / "configs" / "local.yaml")
     assert cfg.train.time_budget_minutes == 45
@@ -228,7 +278,7 @@ def test_three_minute_budget_ends_inside_it_and_says_what_the_model_got(small_re
     assert elapsed <= 180, f"a 3-minute budget took {elapsed:.0f} s"
     run = tmp_path / "budget"
     plan = json.loads((run / "plan.json").read_text())
-    assert plan["budget_minutes"] == 3 and plan["actual_minutes"] <= 3
+    assert plan["budget_minutes"] == 3 and plan["actual_minutes"] <= 3 and plan["predicted_minutes"] <= 3
     assert elapsed >= 0.6 * 180, f"a 3-minute budget left {180 - elapsed:.0f} s unused"
     cnn = plan["archs"]["sequential_cnn"]
     assert cnn["image_sizes"] == "24>32" and cnn["epochs"] >= 3
