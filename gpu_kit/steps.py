@@ -43,6 +43,8 @@ def catdog_config(a: dict, run_name: str, train: str, **extra):
         "predict.measure_amp": False,  # the plain loops autocast wherever the device has bf16: so does catdog
         "predict.num_gpus": 1 if gpu else 0,
         "ray.num_cpus": os.cpu_count() if gpu else 4,
+        # The GPU machine's plain `ray` has no dashboard packages: run.sh --cpu starts none either.
+        "ray.dashboard": False,
         **extra,
     }
     return load_config(REPO / "configs" / "quick.yaml", [f"{k}={v}" for k, v in sets.items()])
