@@ -89,6 +89,7 @@ def main() -> None:
         "| test size | crop | accuracy | log loss (its temperature) | refitted temperature | log loss (refitted) | s |",
         "|---|---|---|---|---|---|---|",
     ]
+    print("\n".join(lines), flush=True)
     for crop in args.crops:
         for size in args.sizes:
             started = time.perf_counter()
@@ -98,10 +99,8 @@ def main() -> None:
                 f"| {s['refit_log_loss']:.4f} | {time.perf_counter() - started:.0f} |"
             )
             print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
-    print(text)
     if args.out:
-        args.out.write_text(text)
+        args.out.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
