@@ -1,21 +1,22 @@
 """A trained checkpoint's validation accuracy and log loss at other test-time image sizes and crops.
 
-    python bench/eval_resolution.py RUN_DIR [--sizes 128 144 160] [--crops 0.875 1.0] [--out FILE]
+    python bench/eval_resolution.py RUN_DIR [--sizes 128 144 160] [--crops 0.875 1.0] [--flip] [--out FILE]
 
 A model trained on random-resized crops sees objects larger than a centre crop of the same size
 shows them, so it may score better when fed larger images than it trained at ("train at a lower
 resolution, test at a higher one"; Touvron et al., FixRes, 2019).  This measures it on the run's own
 validation split (never ``test1``), for the run's best checkpoint (``best.json``): each size and
 crop fraction with the checkpoint's temperature, and with a temperature fitted again at that size
-(on the same split, so that column is slightly optimistic, alike for every row).  Compute only,
-in this process (2 torch threads, decode in 2 threads); no Ray.
+(on the same split, so that column is slightly optimistic, alike for every row).  ``--flip`` adds
+rows with flip TTA as predict does it (each view's calibrated p(dog), averaged).  Compute only, in
+this process (2 torch threads, decode in 2 threads); no Ray.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,18 +25,23 @@ import numpy as np
 import torch
 from PIL import Image
 
-from catdog.calibration import TEMPERATURES, clipped_log_loss, log_loss_sums, pick_temperature
+from catdog.calibration import TEMPERATURES, clipped_log_loss, pick_temperature
 from catdog.checkpoints import load_model
 from catdog.config import load_config
 from catdog.data import load_split
 from catdog.presets import MEAN, STD, EvalPreset
+from catdog.runtime import cpu_model
 from catdog.storage import Storage
+
+sys.path.insert(0, str(Path(__file__).parent))
+from precision import cpu_line  # noqa: E402  (bench/ is not a package)
 
 BATCH = 128
 
 
 def margins(model: torch.nn.Module, rows: list[dict], preset: EvalPreset) -> torch.Tensor:
-    """logit(dog) - logit(cat) of every row, decoded and preprocessed with ``preset``."""
+    """logit(dog) - logit(cat) of every row, decoded and preprocessed with ``preset``: (2, rows),
+    the image and its horizontal flip."""
     mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
     std = torch.tensor(STD).view(1, 3, 1, 1) * 255
 
@@ -49,18 +55,22 @@ def margins(model: torch.nn.Module, rows: list[dict], preset: EvalPreset) -> tor
             x = torch.from_numpy(np.stack(list(pool.map(load, rows[start : start + BATCH]))))
             x = ((x.permute(0, 3, 1, 2).float() - mean) / std).contiguous(memory_format=torch.channels_last)
             with torch.inference_mode():
-                logits = model(x).float()
-            out.append(logits[:, 1] - logits[:, 0])
-    return torch.cat(out)
+                views = [model(view).float() for view in (x, torch.flip(x, dims=[3]))]
+            out.append(torch.stack([logits[:, 1] - logits[:, 0] for logits in views]))
+    return torch.cat(out, dim=1).double()
 
 
 def scores(margin: torch.Tensor, labels: np.ndarray, temperature: float) -> dict:
-    probs = torch.sigmoid(margin.double() / temperature).numpy()
-    sums = log_loss_sums(margin, torch.from_numpy(labels), torch.tensor(TEMPERATURES))
-    fitted, fitted_loss = pick_temperature(TEMPERATURES, sums.numpy(), len(labels))
+    """Accuracy and log loss of the views' mean p(dog) at ``temperature``, and at the best one."""
+
+    def probs(t: float) -> np.ndarray:
+        return torch.sigmoid(margin / t).mean(dim=0).numpy()
+
+    losses = [clipped_log_loss(probs(t), labels) * len(labels) for t in TEMPERATURES]
+    fitted, fitted_loss = pick_temperature(TEMPERATURES, losses, len(labels))
     return {
-        "accuracy": float(((probs >= 0.5) == labels).mean()),
-        "log_loss": clipped_log_loss(probs, labels),
+        "accuracy": float(((probs(temperature) >= 0.5) == labels).mean()),
+        "log_loss": clipped_log_loss(probs(temperature), labels),
         "refit_temperature": fitted,
         "refit_log_loss": fitted_loss,
     }
@@ -71,6 +81,7 @@ def main() -> None:
     parser.add_argument("run", type=Path, help="a train run's folder (config.yaml, best.json)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 144, 160])
     parser.add_argument("--crops", type=float, nargs="+", default=[0.875, 1.0])
+    parser.add_argument("--flip", action="store_true", help="also score with flip TTA")
     parser.add_argument("--out", type=Path, help="also write the table here (markdown)")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -84,21 +95,25 @@ def main() -> None:
     labels = np.array([row["label"] for row in rows], dtype=np.float64)
     lines = [
         f"{checkpoint}: {meta['arch']} trained at {meta['image_size']} px (crop {meta.get('crop_fraction')}), "
-        f"temperature {temperature:.3f}; {len(rows)} validation images; {platform.processor() or platform.machine()}",
+        f"temperature {temperature:.3f}; {len(rows)} validation images; {cpu_model()}, {cpu_line()}",
         "",
-        "| test size | crop | accuracy | log loss (its temperature) | refitted temperature | log loss (refitted) | s |",
-        "|---|---|---|---|---|---|---|",
+        "| test size | crop | flip TTA | accuracy | log loss (its temperature) | refitted temperature "
+        "| log loss (refitted) | s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
     for crop in args.crops:
         for size in args.sizes:
             started = time.perf_counter()
-            s = scores(margins(model, rows, EvalPreset(size, crop)), labels, temperature)
-            lines.append(
-                f"| {size} | {crop} | {s['accuracy']:.4f} | {s['log_loss']:.4f} | {s['refit_temperature']:.3f} "
-                f"| {s['refit_log_loss']:.4f} | {time.perf_counter() - started:.0f} |"
-            )
-            print(lines[-1], flush=True)
+            both = margins(model, rows, EvalPreset(size, crop))
+            seconds = time.perf_counter() - started
+            for flip in (False, True) if args.flip else (False,):
+                s = scores(both if flip else both[:1], labels, temperature)
+                lines.append(
+                    f"| {size} | {crop} | {'yes' if flip else 'no'} | {s['accuracy']:.4f} | {s['log_loss']:.4f} "
+                    f"| {s['refit_temperature']:.3f} | {s['refit_log_loss']:.4f} | {seconds:.0f} |"
+                )
+                print(lines[-1], flush=True)
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")
 
