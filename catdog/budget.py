@@ -47,6 +47,15 @@ def epoch_seconds(speed: dict, size: int, n_train: int, n_val: int) -> float:
     return steps / PIPELINE_EFFICIENCY + EPOCH_FIXED_S
 
 
+def plan_seconds(
+    epoch_s: dict[int, float], sizes: tuple[int, int], plan: tuple[int, int], done: tuple[int, int]
+) -> float:
+    """Seconds of the epochs of ``plan`` (total, early) not yet ``done`` (total, early), early ones at
+    ``sizes[0]``, the rest at ``sizes[1]``; ``epoch_s``: seconds of one epoch by training size."""
+    (epochs, early), (done_epochs, done_early) = plan, done
+    return (early - done_early) * epoch_s[sizes[0]] + (epochs - early - (done_epochs - done_early)) * epoch_s[sizes[1]]
+
+
 def fit_epochs(
     seconds: float, epoch_s: dict[int, float], sizes: tuple[int, int], early_fraction: float, done: tuple[int, int]
 ) -> tuple[int, int]:
@@ -56,16 +65,12 @@ def fit_epochs(
     (epochs, early epochs) already trained.  Once an epoch ran at the final size the early count is
     fixed.  At least one epoch at the final size is always planned, even over the budget (a model
     must end at the size it is validated and used at); nothing more than what fits otherwise."""
-    early_size, final_size = sizes
     done_epochs, done_early = done
     at_final = done_epochs > done_early
     best = None
     for epochs in range(done_epochs + 1, done_epochs + 100_000):
         early = done_early if at_final else max(done_early, split_epochs(epochs, early_fraction))
-        cost = (early - done_early) * epoch_s[early_size] + (epochs - early - (done_epochs - done_early)) * epoch_s[
-            final_size
-        ]
-        if cost > seconds:
+        if plan_seconds(epoch_s, sizes, (epochs, early), done) > seconds:
             break
         best = (epochs, early)
     if best is not None:
@@ -103,7 +108,7 @@ def arch_plan(arch: dict, seconds: float, arch_fixed: float) -> dict:
     plan is predicted to take.  ``arch``: sizes (early, final), early_fraction, epoch_s by size."""
     sizes, epoch_s = arch["sizes"], arch["epoch_s"]
     epochs, early = fit_epochs(seconds - arch_fixed, epoch_s, sizes, arch["early_fraction"], (0, 0))
-    predicted = arch_fixed + early * epoch_s[sizes[0]] + (epochs - early) * epoch_s[sizes[1]]
+    predicted = arch_fixed + plan_seconds(epoch_s, sizes, (epochs, early), (0, 0))
     return {"epochs": epochs, "early_epochs": early, "allotted_s": seconds, "predicted_s": predicted}
 
 

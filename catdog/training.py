@@ -527,7 +527,7 @@ def replan(cfg: dict, metrics: dict, seconds: float, device: torch.device) -> st
     epoch, first_final = metrics["epoch"], metrics["epoch"] == cfg["early_epochs"] + 1
     if epoch != 1 and not first_final:
         return None
-    epoch_s = {int(k): v for k, v in plan["epoch_seconds"].items()}
+    epoch_s = plan_epoch_seconds(cfg)
     # The first epoch's first batch waited for the pipeline to start: a one-off, not the pace.
     steady = seconds - (metrics["first_batch_seconds"] if epoch == 1 else 0.0)
     if epoch == 1:
@@ -537,9 +537,8 @@ def replan(cfg: dict, metrics: dict, seconds: float, device: torch.device) -> st
         epoch_s = {**epoch_s, size: steady}
     plan["epoch_seconds"] = epoch_s
     left = (plan["deadline"] - time.time()) * budget.SAFETY
-    sizes = (cfg["early_image_size"] or cfg["image_size"], cfg["image_size"])
     done = (epoch, min(epoch, cfg["early_epochs"]))
-    epochs, early = budget.fit_epochs(left, epoch_s, sizes, plan["early_fraction"], done)
+    epochs, early = budget.fit_epochs(left, epoch_s, plan_sizes(cfg), plan["early_fraction"], done)
     if epoch != 1:
         epochs = min(epochs, cfg["epochs"])
     epochs, early = broadcast_from_rank0([epochs, early], device)
@@ -547,7 +546,7 @@ def replan(cfg: dict, metrics: dict, seconds: float, device: torch.device) -> st
     cfg.update(epochs=epochs, early_epochs=early)
     if (epochs, early) == before:
         return None
-    early_text = f" ({early} at {sizes[0]} px)" if early else ""
+    early_text = f" ({early} at {plan_sizes(cfg)[0]} px)" if early else ""
     pace = f"epoch {epoch}'s pace ({seconds:.0f} s)"
     return f"{cfg['arch']}: time budget: re-planned to {epochs} epochs{early_text} from {pace}"
 
@@ -731,11 +730,19 @@ def epoch_line(cfg: dict, metrics: dict, clock: dict) -> str:
 
 
 def planned_seconds_left(cfg: dict, epoch: int) -> float:
-    """The budget plan's seconds for the epochs after ``epoch``: early ones at the early size."""
-    epoch_s = {int(k): v for k, v in cfg["budget"]["epoch_seconds"].items()}
-    early_left = max(0, cfg["early_epochs"] - epoch)
-    final_left = cfg["epochs"] - epoch - early_left
-    return early_left * epoch_s[cfg["early_image_size"] or cfg["image_size"]] + final_left * epoch_s[cfg["image_size"]]
+    """The budget plan's seconds for the epochs after ``epoch``."""
+    done = (epoch, min(epoch, cfg["early_epochs"]))
+    return budget.plan_seconds(plan_epoch_seconds(cfg), plan_sizes(cfg), (cfg["epochs"], cfg["early_epochs"]), done)
+
+
+def plan_epoch_seconds(cfg: dict) -> dict[int, float]:
+    """A budgeted loop config's seconds of one epoch by training size (JSON made the sizes strings)."""
+    return {int(k): v for k, v in cfg["budget"]["epoch_seconds"].items()}
+
+
+def plan_sizes(cfg: dict) -> tuple[int, int]:
+    """(early, final) training sizes of a loop config; both the final size without progressive resizing."""
+    return (cfg["early_image_size"] or cfg["image_size"], cfg["image_size"])
 
 
 def weights_note(metrics: dict) -> str:
