@@ -18,20 +18,19 @@ import argparse
 import json
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from catdog.calibration import TEMPERATURES, clipped_log_loss, pick_temperature
 from catdog.checkpoints import load_model
 from catdog.config import load_config
-from catdog.data import load_split
-from catdog.presets import MEAN, STD, EvalPreset
+from catdog.data import decode_batch, load_split
+from catdog.presets import EvalPreset
 from catdog.runtime import cpu_model
 from catdog.storage import Storage
+from catdog.training import to_model_input
 
 sys.path.insert(0, str(Path(__file__).parent))
 from precision import cpu_line  # noqa: E402  (bench/ is not a package)
@@ -39,24 +38,17 @@ from precision import cpu_line  # noqa: E402  (bench/ is not a package)
 BATCH = 128
 
 
-def margins(model: torch.nn.Module, rows: list[dict], preset: EvalPreset) -> torch.Tensor:
-    """logit(dog) - logit(cat) of every row, decoded and preprocessed with ``preset``: (2, rows),
+def margins(model: torch.nn.Module, storage: Storage, rows: list[dict], preset: EvalPreset) -> torch.Tensor:
+    """logit(dog) - logit(cat) of every row, decoded (catdog's decode_batch) and normalised as predict does: (2, rows),
     the image and its horizontal flip."""
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
-    std = torch.tensor(STD).view(1, 3, 1, 1) * 255
-
-    def load(row: dict) -> np.ndarray:
-        with Image.open(row["path"]) as image:
-            return preset(image.convert("RGB"))
-
     out = []
-    with ThreadPoolExecutor(2) as pool:
-        for start in range(0, len(rows), BATCH):
-            x = torch.from_numpy(np.stack(list(pool.map(load, rows[start : start + BATCH]))))
-            x = ((x.permute(0, 3, 1, 2).float() - mean) / std).contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode():
-                views = [model(view).float() for view in (x, torch.flip(x, dims=[3]))]
-            out.append(torch.stack([logits[:, 1] - logits[:, 0] for logits in views]))
+    for start in range(0, len(rows), BATCH):
+        paths = np.array([row["path"] for row in rows[start : start + BATCH]], dtype=object)
+        images = decode_batch({"path": paths}, storage, {"image": preset}, threads=2)["image"]
+        x = to_model_input(torch.from_numpy(images), torch.device("cpu"))
+        with torch.inference_mode():
+            views = [model(view).float() for view in (x, torch.flip(x, dims=[3]))]
+        out.append(torch.stack([logits[:, 1] - logits[:, 0] for logits in views]))
     return torch.cat(out, dim=1).double()
 
 
@@ -105,7 +97,7 @@ def main() -> None:
     for crop in args.crops:
         for size in args.sizes:
             started = time.perf_counter()
-            both = margins(model, rows, EvalPreset(size, crop))
+            both = margins(model, storage, rows, EvalPreset(size, crop))
             seconds = time.perf_counter() - started
             for flip in (False, True) if args.flip else (False,):
                 s = scores(both if flip else both[:1], labels, temperature)
