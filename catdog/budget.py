@@ -85,11 +85,12 @@ def shares(weights: list[float | None]) -> list[float]:
     return [v / total for v in values]
 
 
-def study_seconds(val_speeds: list[float], n_val: int) -> float:
-    """Predicted seconds of the validation study (report.validation_study): two passes of every
-    model over the validation split, plain and with flip TTA (two forward passes per image)."""
-    image_seconds = n_val * sum(val_speeds) * (1 + 2)
-    return image_seconds / PIPELINE_EFFICIENCY + 2 * STUDY_PASS_S
+def study_seconds(val_speeds: list[float], n_val: int, size_factors: list[float]) -> float:
+    """Predicted seconds of the validation study (report.validation_study): one pass of every model
+    over the validation split per test size factor f, each image and its flip (two forward passes at
+    about f^2 the compute of the training size, where ``val_speeds`` were measured)."""
+    image_seconds = n_val * sum(val_speeds) * sum(2 * f * f for f in size_factors)
+    return image_seconds / PIPELINE_EFFICIENCY + len(size_factors) * STUDY_PASS_S
 
 
 def arch_seconds(left: float, later_shares: list[float], share: float, arch_fixed: float) -> float:

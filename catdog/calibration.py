@@ -37,11 +37,16 @@ def pick_temperature(temperatures, loss_sums, n_images: int) -> tuple[float, flo
     return float(temps[best]), float(losses[best])
 
 
-def without_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """The probabilities a model gave before its temperature: p(dog) = sigmoid(margin / T) undone.
-    Exact wherever either side is inside the clip range (float32 p loses the margin only beyond it)."""
-    p = np.clip(np.asarray(probs, dtype=np.float64), 1e-12, 1 - 1e-12)
-    return 1 / (1 + np.exp(-temperature * np.log(p / (1 - p))))
+def view_probs(margins: np.ndarray, temperature: float) -> np.ndarray:
+    """p(dog) as predict computes it from ``margins`` (views, images): each view's sigmoid(margin / T),
+    averaged over the views (one view, or an image and its flip under TTA)."""
+    return (1 / (1 + np.exp(-np.asarray(margins, dtype=np.float64) / temperature))).mean(axis=0)
+
+
+def fit_view_temperature(margins: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """The temperature (on :data:`TEMPERATURES`) with the lowest log loss of :func:`view_probs`, and that log loss."""
+    losses = [clipped_log_loss(view_probs(margins, t), labels) * len(labels) for t in TEMPERATURES]
+    return pick_temperature(TEMPERATURES, losses, len(labels))
 
 
 def clipped_log_loss(probs: np.ndarray, labels: np.ndarray) -> float:

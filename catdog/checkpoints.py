@@ -138,6 +138,15 @@ def read_meta(storage: Storage, checkpoint_uri: str) -> dict:
         raise CheckpointError(f"{checkpoint_uri}: cannot read {META_FILE} ({exc})") from None
 
 
+def record_test_time(storage: Storage, checkpoint_uri: str, test_time: dict) -> None:
+    """Put the validation study's test-time size and temperatures into the checkpoint's ``meta.json``
+    (``test_time``), where predict reads them.  Rewritten only when they changed: a new version of
+    the file changes the scoring fingerprint, which makes an incremental predict score every image again."""
+    meta = read_meta(storage, checkpoint_uri)
+    if meta.get("test_time") != test_time:
+        storage.write_text(join(checkpoint_uri, META_FILE), json.dumps({**meta, "test_time": test_time}, indent=2))
+
+
 def load_model(storage: Storage, checkpoint_uri: str) -> tuple[nn.Module, dict]:
     """Rebuild a model in eval mode from a checkpoint's own metadata and weights."""
     meta = read_meta(storage, checkpoint_uri)

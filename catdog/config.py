@@ -114,6 +114,13 @@ class TrainConfig(_Section):
     # After training: score the validation split (val_study.json) and write report.html; predict and
     # evaluate refresh the report.  Off skips all of it (tests that look at neither run faster).
     report: bool = True
+    # Test-time image sizes the validation study tries, as multiples of each model's training size
+    # (rounded to 8 px): it keeps, per model, the one with the lowest validation log loss in predict's
+    # default mode (predict.tta), fits its temperatures there, and records both in the checkpoint's
+    # meta.json ("test_time"), which predict and evaluate use.  A model trained on random-resized crops
+    # often scores better on larger images than it trained at (FixRes).  Each factor f costs the
+    # study a pass of about 2 f^2 forward passes per validation image, which the time budget counts.
+    test_size_factors: list[PositiveFloat] = Field([1.0], min_length=1)
 
 
 class PredictConfig(_Section):

@@ -66,18 +66,29 @@ class ModelRef:
         return f"{self.arch}:{basename(self.checkpoint)}"
 
 
-def model_ref(storage: Storage, checkpoint_uri: str, calibrate: bool = True, weight: float = 1.0) -> ModelRef:
-    """The checkpoint as its meta.json describes it; ``calibrate``: with its fitted temperature
-    (checkpoints from before calibration have none: 1.0)."""
+def model_ref(
+    storage: Storage,
+    checkpoint_uri: str,
+    calibrate: bool = True,
+    weight: float = 1.0,
+    tta: bool = False,
+    as_trained: bool = False,
+) -> ModelRef:
+    """The checkpoint as its meta.json describes it: at the test-time size and temperature the
+    validation study picked and fitted for this ``tta`` mode (``test_time``), else at its training
+    size and training-time temperature (checkpoints from before calibration have none: 1.0).
+    ``as_trained``: ignore ``test_time`` (the study's own passes); ``calibrate`` false: temperature 1.0."""
     meta = read_meta(storage, checkpoint_uri)
+    test_time = {} if as_trained else meta.get("test_time", {})
+    temperature = test_time.get("temperature_tta" if tta else "temperature", meta.get("temperature", 1.0))
     return ModelRef(
         checkpoint_uri,
         meta["arch"],
-        meta["image_size"],
-        meta.get("crop_fraction", 0.875),
+        test_time.get("image_size", meta["image_size"]),
+        test_time.get("crop_fraction", meta.get("crop_fraction", 0.875)),
         tuple(meta.get("mean", MEAN)),
         tuple(meta.get("std", STD)),
-        float(meta.get("temperature", 1.0)) if calibrate else 1.0,
+        float(temperature) if calibrate else 1.0,
         weight,
     )
 
@@ -89,9 +100,12 @@ class Predictor:
     With ``measure_amp`` on such a CPU the actor first times its models in both precisions and
     keeps bf16 only where it is faster (:func:`measure_scoring_precision`), and says which.
 
-    Each model's logits are divided by its ref's temperature; several models are averaged with
-    their refs' weights (normalised), and each one's own probability is kept in ``member_prob_dog``
-    (in ``models`` order) so that the validation study can fit the weights from one pass."""
+    Each model's margin, logit(dog) - logit(cat), is divided by its ref's temperature (under TTA
+    each view's, the image's and its flip's, and their probabilities averaged); several models are
+    averaged with their refs' weights (normalised), and each one's own probability is kept in
+    ``member_prob_dog`` (in ``models`` order).  ``margins``: also keep every model's raw margins,
+    per view, in ``member_margins`` (models x views per row), from which the validation study fits
+    each model's temperatures and test size in one pass."""
 
     def __init__(
         self,
@@ -103,6 +117,7 @@ class Predictor:
         torch_threads: int | None = None,
         amp: bool = False,
         measure_amp: bool = False,
+        margins: bool = False,
     ):
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -110,7 +125,8 @@ class Predictor:
         self.models = [(ref, load_model(storage, ref.checkpoint)[0].to(self.device)) for ref in models]
         weights = np.array([ref.weight for ref in models], dtype=np.float32)
         self.weights = weights / weights.sum()
-        self.threshold, self.tta, self.amp = threshold, tta, amp
+        self.temperatures = torch.tensor([ref.temperature for ref in models], dtype=torch.float32)[:, None, None]
+        self.threshold, self.tta, self.amp, self.margins = threshold, tta, amp, margins
         if amp and measure_amp and self.device.type == "cpu":
             self.amp = self.pick_cpu_precision()
         # The models prob_dog comes from: one of weight 0 is scored into member_prob_dog only.
@@ -128,26 +144,29 @@ class Predictor:
         return speed["amp"]
 
     @torch.inference_mode()
-    def member_probs(self, batch: dict[str, np.ndarray]) -> np.ndarray:
-        """Each model's calibrated p(dog) (with its flip averaged in under TTA): (models, rows)."""
-        probs = []
+    def member_margins(self, batch: dict[str, np.ndarray]) -> torch.Tensor:
+        """Each model's logit(dog) - logit(cat) per view (the image; under TTA also its flip): (models, views, rows)."""
+        margins = []
         for ref, model in self.models:
             images = torch.from_numpy(np.ascontiguousarray(batch[ref.column]))
             x = to_model_input(images, self.device, mean=ref.mean, std=ref.std)
+            views = (x, torch.flip(x, dims=[3])) if self.tta else (x,)
             with autocast(self.device, self.amp):
-                p = torch.softmax(model(x).float() / ref.temperature, dim=1)[:, 1]
-                if self.tta:
-                    flipped = model(torch.flip(x, dims=[3])).float()
-                    p = (p + torch.softmax(flipped / ref.temperature, dim=1)[:, 1]) / 2
-            probs.append(p)
-        return torch.stack(probs).cpu().numpy().astype(np.float32)
+                logits = [model(view).float() for view in views]
+            margins.append(torch.stack([view[:, 1] - view[:, 0] for view in logits]))
+        return torch.stack(margins).cpu()
+
+    def calibrated(self, margins: torch.Tensor) -> np.ndarray:
+        """Each model's calibrated p(dog), its views' probabilities averaged: (models, rows)."""
+        return torch.sigmoid(margins / self.temperatures).mean(dim=1).numpy().astype(np.float32)
 
     def prob_dog(self, batch: dict[str, np.ndarray]) -> np.ndarray:
-        return self.weights @ self.member_probs(batch)
+        return self.weights @ self.calibrated(self.member_margins(batch))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         bad = np.array([bool(e) for e in batch["error"]], dtype=bool)
-        members = self.member_probs(batch)
+        margins = self.member_margins(batch)
+        members = self.calibrated(margins)
         prob = (self.weights @ members).astype(np.float32)
         label = (prob >= self.threshold).astype(np.int8)
         columns = {
@@ -160,6 +179,8 @@ class Predictor:
         }
         if len(members) > 1:
             columns["member_prob_dog"] = member_column(members, bad)
+        if self.margins:
+            columns["member_margins"] = member_column(margins.flatten(0, 1).numpy(), bad)
         if "truth" in batch:
             columns["truth"] = pa.array(batch["truth"], type=pa.int8(), from_pandas=True)
         if "version" in batch:  # predict: what the image was scored at, for incremental reruns
@@ -194,7 +215,8 @@ def measure_scoring_precision(models: list[tuple[torch.nn.Module, int]]) -> dict
 
 
 def member_column(members: np.ndarray, bad: np.ndarray) -> pa.Array:
-    """(models, rows) probabilities as one list<float32> per row, null where the image did not decode."""
+    """(values, rows) figures (models' probabilities, or margins per model and view) as one
+    list<float32> per row, null where the image did not decode."""
     n_models, n_rows = members.shape
     offsets = pa.array(np.arange(n_rows + 1, dtype=np.int32) * n_models, type=pa.int32())
     values = pa.array(np.ascontiguousarray(members.T).ravel(), type=pa.float32())
@@ -202,10 +224,17 @@ def member_column(members: np.ndarray, bad: np.ndarray) -> pa.Array:
 
 
 def predictions_dataset(
-    cfg: CatdogConfig, storage: Storage, rows: pa.Table | list[dict], models: list[ModelRef], tta: bool, shards=None
+    cfg: CatdogConfig,
+    storage: Storage,
+    rows: pa.Table | list[dict],
+    models: list[ModelRef],
+    tta: bool,
+    shards=None,
+    margins: bool = False,
 ):
     """Decode once per file, with each model's own eval preset, then score in an actor pool.
-    ``shards``: the shard set the rows were listed from (None: rows name image files)."""
+    ``shards``: the shard set the rows were listed from (None: rows name image files); ``margins``:
+    see :class:`Predictor`."""
     import ray.data
 
     presets = {ref.column: ref.preset for ref in models}
@@ -224,6 +253,7 @@ def predictions_dataset(
             cfg.predict.torch_threads,
             cfg.predict.amp,
             cfg.predict.measure_amp,
+            margins,
         ),
         batch_size=cfg.predict.batch_size,
         batch_format="numpy",

@@ -43,12 +43,13 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_models(
-    storage: Storage, cfg: CatdogConfig, model_uri: str | None, ensemble: bool, calibrate: bool = True
+    storage: Storage, cfg: CatdogConfig, model_uri: str | None, ensemble: bool, tta: bool, calibrate: bool = True
 ) -> list[ModelRef]:
     """``--model`` may name a ``best.json`` (default: the run's) or a checkpoint folder.
     With ``ensemble``, the leaderboard's checkpoints that the validation study gave a weight
-    (``val_study.json`` beside ``best.json``), with those weights.  ``calibrate``: with each
-    checkpoint's fitted temperature (else 1.0)."""
+    (``val_study.json`` beside ``best.json``), with those weights.  Each at the test-time size the
+    study picked, with the temperature it fitted for ``tta`` (:func:`~catdog.inference.model_ref`);
+    ``calibrate`` false: temperature 1.0."""
     model_uri = model_uri or join(cfg.run_uri, "best.json")
     if model_uri.endswith(".json"):
         if not storage.exists(model_uri):
@@ -58,11 +59,11 @@ def resolve_models(
         best = json.loads(storage.read_text(model_uri))
         if ensemble:
             weights = ensemble_weights(storage, model_uri.rsplit("/", 1)[0])
-            return [model_ref(storage, uri, calibrate, weight) for uri, weight in weights.items() if weight > 0]
-        return [model_ref(storage, best["checkpoint"], calibrate)]
+            return [model_ref(storage, uri, calibrate, weight, tta) for uri, weight in weights.items() if weight > 0]
+        return [model_ref(storage, best["checkpoint"], calibrate, tta=tta)]
     if ensemble:
         raise CheckpointError(f"{model_uri}: --ensemble needs a best.json next to a leaderboard.csv")
-    return [model_ref(storage, model_uri, calibrate)]
+    return [model_ref(storage, model_uri, calibrate, tta=tta)]
 
 
 def ensemble_weights(storage: Storage, run_uri: str) -> dict[str, float]:
@@ -115,7 +116,7 @@ def run_predict(
     tracking.require_mlflow(cfg)
     storage = Storage.from_config(cfg.storage)
     input_uri, output_uri = input_uri or cfg.data.test, output_uri or cfg.run_uri
-    models = resolve_models(storage, cfg, model_uri, ensemble, calibrate)
+    models = resolve_models(storage, cfg, model_uri, ensemble, tta, calibrate)
     listing, shards = list_table(storage, input_uri)
     if not listing.num_rows:
         raise DataError(f"{input_uri}: no .jpg/.jpeg/.png images found")
@@ -167,10 +168,10 @@ def run_predict(
 
 
 def described(models: list[ModelRef]) -> str:
-    """The models with their temperature and (ensembles) weight, for logs and MLflow params."""
+    """The models with their test-time size, temperature and (ensembles) weight, for logs and MLflow params."""
     total = sum(m.weight for m in models)
     weight = (lambda m: f" w{m.weight / total:.3f}") if len(models) > 1 else (lambda m: "")
-    return ", ".join(f"{m.name} T{m.temperature:.3f}{weight(m)}" for m in models)
+    return ", ".join(f"{m.name} {m.image_size}px T{m.temperature:.3f}{weight(m)}" for m in models)
 
 
 def write_submission(
@@ -250,7 +251,7 @@ def run_evaluate(
     tracking.require_mlflow(cfg)
     storage = Storage.from_config(cfg.storage)
     output_uri = output_uri or join(cfg.run_uri, "evaluate")
-    models = resolve_models(storage, cfg, model_uri, ensemble, calibrate)
+    models = resolve_models(storage, cfg, model_uri, ensemble, tta, calibrate)
     if input_uri is None:
         split, split_name = training_split(storage, cfg, models[0])
         rows, shards, n_unlabeled, unlabeled = evaluation_rows(split.val), split.shards, 0, []

@@ -14,12 +14,16 @@ import html
 import io
 import json
 import logging
+import uuid
 from collections.abc import Callable
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from catdog.calibration import clipped_log_loss, greedy_ensemble_weights, without_temperature
+from catdog.calibration import clipped_log_loss, fit_view_temperature, greedy_ensemble_weights, view_probs
+from catdog.checkpoints import record_test_time
 from catdog.config import CatdogConfig
 from catdog.images import decode_image
 from catdog.inference import (
@@ -70,73 +74,172 @@ def _read_csv(storage: Storage, uri: str) -> list[dict]:
 
 
 def validation_study(cfg: CatdogConfig, storage: Storage, val_rows: list[dict], shards=None) -> dict:
-    """Score the held-out split with the best model (calibrated, and its log loss uncalibrated),
-    with TTA, and with the ensemble (± TTA) whose weights are fitted here.
+    """Score the held-out split with every leaderboard model; pick each model's test-time image size
+    and fit its temperatures there (recorded in its checkpoint's ``meta.json``, which predict uses);
+    fit the ensemble's weights; write ``val_study.json`` and return it.
 
-    Two passes, however many models: every leaderboard model plain, then with flip TTA.  The
-    ensemble's figures are the weighted means of its members' calibrated probabilities, as predict
-    computes them, so they need no passes of their own (each pass costs a predictor start: ~15 s on
-    a fresh GPU).  The best model's calibrated predictions are kept as Parquet for the confusion
-    matrix and the most-confidently-wrong grid.  Never uses test1: these figures are on validation only.
+    One pass per ``train.test_size_factors`` entry, however many models: every model at that
+    multiple of its training size, on each image and its flip, keeping the raw margins.  The plain
+    and TTA figures, both temperatures and the ensemble's figures all come from those margins, as
+    predict computes probabilities from them, so they need no passes of their own (each pass costs a
+    predictor start: ~15 s on a fresh GPU).  A model's size is the one with the lowest log loss in
+    predict's default mode (``predict.tta``); the ensemble's weights are fitted in that mode too.  The
+    best model's plain predictions are kept as Parquet for the confusion matrix and the
+    most-confidently-wrong grid.  Never uses test1: these figures are on validation only.
     """
     board = _read_csv(storage, join(cfg.run_uri, "leaderboard.csv"))
-    refs = [model_ref(storage, row["checkpoint"]) for row in board]
+    refs = [model_ref(storage, row["checkpoint"], as_trained=True) for row in board]
     rows = evaluation_rows(val_rows)
-    best = refs[0]
-    plain, labels = member_pass(cfg, storage, rows, shards, refs, False, join(cfg.run_uri, VAL_PREDICTIONS))
-    flipped, _ = member_pass(cfg, storage, rows, shards, refs, True, join(cfg.run_uri, f".{VAL_PREDICTIONS}-tta"))
-    threshold = cfg.predict.threshold
-    study = {
-        "best": probability_metrics(plain[0], labels, threshold, best.name),
-        "best+tta": probability_metrics(flipped[0], labels, threshold, best.name + "+tta"),
-    }
-    study["best"]["temperature"] = best.temperature
-    study["best"]["log_loss_uncalibrated"] = clipped_log_loss(without_temperature(plain[0], best.temperature), labels)
-    if len(refs) > 1:
-        weights = greedy_ensemble_weights(plain, labels)
-        name = "+".join(ref.name for ref, w in zip(refs, weights) if w > 0)
-        study["ensemble"] = probability_metrics(weights @ plain, labels, threshold, name)
-        study["ensemble+tta"] = probability_metrics(weights @ flipped, labels, threshold, name + "+tta")
-        study["ensemble"]["weights"] = {ref.checkpoint: float(w) for ref, w in zip(refs, weights)}
-        study["ensemble"]["members"] = [
-            {
-                "checkpoint": ref.checkpoint,
-                "arch": ref.arch,
-                "temperature": ref.temperature,
-                "log_loss": clipped_log_loss(p, labels),
-                "weight": float(w),
-            }
-            for ref, p, w in zip(refs, plain, weights)
-        ]
+    factors = cfg.train.test_size_factors
+    pass_uris = [join(cfg.run_uri, f".{VAL_PREDICTIONS}-{index}") for index in range(len(factors))]
+    margins = []  # per factor: (models, views, images)
+    for factor, uri in zip(factors, pass_uris):
+        sized = [dataclasses.replace(ref, image_size=test_size(ref.image_size, factor)) for ref in refs]
+        factor_margins, labels = margin_pass(cfg, storage, rows, shards, sized, uri)
+        margins.append(factor_margins)
+    mode = "tta" if cfg.predict.tta else "plain"
+    sizes = [size_fits(ref, factors, [m[index] for m in margins], labels) for index, ref in enumerate(refs)]
+    chosen = [min(fits, key=lambda fit: fit[mode]["log_loss"]) for fits in sizes]
+    for ref, fit in zip(refs, chosen):
+        record_test_time(storage, ref.checkpoint, test_time_record(ref, fit, len(labels)))
+    picked = [margins[factors.index(fit["factor"])][index] for index, fit in enumerate(chosen)]
+    plain = np.stack([view_probs(m[:1], fit["plain"]["temperature"]) for m, fit in zip(picked, chosen)])
+    flipped = np.stack([view_probs(m, fit["tta"]["temperature"]) for m, fit in zip(picked, chosen)])
+    study = study_figures(cfg, refs, chosen, plain, flipped, labels, mode)
+    study["best"]["log_loss_uncalibrated"] = clipped_log_loss(view_probs(picked[0][:1], 1.0), labels)
+    study["test_sizes"] = [{"arch": ref.arch, **fit} for ref, fits in zip(refs, sizes) for fit in fits]
+    best_uri = pass_uris[factors.index(chosen[0]["factor"])]
+    keep_best_predictions(cfg, storage, best_uri, chosen[0]["plain"]["temperature"], study["best"]["model"])
+    for uri in pass_uris:
+        storage.delete_dir(uri)
     storage.write_text(join(cfg.run_uri, VAL_STUDY), json.dumps(study, indent=2) + "\n")
     logger.info(
-        "validation study (accuracy / log loss): %s; best uncalibrated log loss %.4f (temperature %.3f)",
-        ", ".join(f"{k} {v['accuracy']:.4f} / {v['log_loss']:.4f}" for k, v in study.items()),
+        "validation study (accuracy / log loss): %s; best at %d px (trained at %d), uncalibrated log loss %.4f",
+        ", ".join(f"{k} {study[k]['accuracy']:.4f} / {study[k]['log_loss']:.4f}" for k in VARIANTS if k in study),
+        chosen[0]["image_size"],
+        refs[0].image_size,
         study["best"]["log_loss_uncalibrated"],
-        best.temperature,
     )
     return study
 
 
-def member_pass(
-    cfg: CatdogConfig, storage: Storage, rows, shards, refs: list[ModelRef], tta: bool, uri: str
+# The study's scoring variants, as predict can run them (--tta / --no-tta, --ensemble).
+VARIANTS = ("best", "best+tta", "ensemble", "ensemble+tta")
+
+
+def test_size(size: int, factor: float) -> int:
+    """A multiple of a training size, rounded to 8 px."""
+    return max(8, round(size * factor / 8) * 8)
+
+
+def size_fits(ref: ModelRef, factors: list[float], margins: list[np.ndarray], labels: np.ndarray) -> list[dict]:
+    """One model at each test size: the temperature fitted there and its accuracy and log loss,
+    plain (first view) and with flip TTA (both views).  ``margins``: per factor, (views, images)."""
+    fits = []
+    for factor, views in zip(factors, margins):
+        fit = {"factor": factor, "image_size": test_size(ref.image_size, factor)}
+        for mode, used in (("plain", views[:1]), ("tta", views)):
+            temperature, loss = fit_view_temperature(used, labels)
+            accuracy = float(((view_probs(used, temperature) >= 0.5) == labels).mean())
+            fit[mode] = {"temperature": temperature, "accuracy": accuracy, "log_loss": loss}
+        fits.append(fit)
+    return fits
+
+
+def test_time_record(ref: ModelRef, fit: dict, n_images: int) -> dict:
+    """What predict reads from ``meta.json`` ``test_time``: the size and the temperatures (plain, TTA)."""
+    return {
+        "image_size": fit["image_size"],
+        "crop_fraction": ref.crop_fraction,
+        "temperature": fit["plain"]["temperature"],
+        "temperature_tta": fit["tta"]["temperature"],
+        "fitted_on": f"validation study, {n_images} images",
+    }
+
+
+def study_figures(
+    cfg: CatdogConfig,
+    refs: list[ModelRef],
+    chosen: list[dict],
+    plain: np.ndarray,
+    flipped: np.ndarray,
+    labels,
+    mode: str,
+) -> dict:
+    """Each variant's figures from the members' calibrated probabilities (models, images), with the
+    ensemble's weights fitted in predict's default ``mode``."""
+    threshold, best = cfg.predict.threshold, refs[0]
+    name = f"{best.name}@{chosen[0]['image_size']}"
+    study = {
+        "best": probability_metrics(plain[0], labels, threshold, name),
+        "best+tta": probability_metrics(flipped[0], labels, threshold, name + "+tta"),
+    }
+    for key, fit in (("best", chosen[0]["plain"]), ("best+tta", chosen[0]["tta"])):
+        study[key] |= {"temperature": fit["temperature"], "image_size": chosen[0]["image_size"]}
+    if len(refs) > 1:
+        weights = greedy_ensemble_weights(flipped if mode == "tta" else plain, labels)
+        name = "+".join(ref.name for ref, w in zip(refs, weights) if w > 0)
+        study["ensemble"] = probability_metrics(weights @ plain, labels, threshold, name)
+        study["ensemble+tta"] = probability_metrics(weights @ flipped, labels, threshold, name + "+tta")
+        study["ensemble"]["weights"] = {ref.checkpoint: float(w) for ref, w in zip(refs, weights)}
+        members = flipped if mode == "tta" else plain
+        study["ensemble"]["members"] = [
+            {
+                "checkpoint": ref.checkpoint,
+                "arch": ref.arch,
+                "image_size": fit["image_size"],
+                "temperature": fit[mode]["temperature"],
+                "log_loss": clipped_log_loss(p, labels),
+                "weight": float(w),
+            }
+            for ref, fit, p, w in zip(refs, chosen, members, weights)
+        ]
+    return study
+
+
+def margin_pass(
+    cfg: CatdogConfig, storage: Storage, rows, shards, refs: list[ModelRef], uri: str
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One pass of every model in ``refs`` over the validation rows: their calibrated p(dog)
-    (models × readable images) and the true labels.  Its Parquet's ``prob_dog`` is the first
-    model's (the others weigh 0: scored into ``member_prob_dog`` only); it stays at ``uri`` for the
-    plain pass (``val_predictions/``, the report's figures) and is deleted for the TTA one."""
-    scored = [dataclasses.replace(ref, weight=1.0 if i == 0 else 0.0) for i, ref in enumerate(refs)]
-    write_parquet_atomically(predictions_dataset(cfg, storage, rows, scored, tta, shards), storage, uri)
-    column = "member_prob_dog" if len(refs) > 1 else "prob_dog"
-    probs, truth = [], []
-    for batch in read_columns(storage, uri, [column, "truth", "error"]):
+    """One pass of every model in ``refs`` over the validation rows, each image and its flip: their
+    raw margins (models × 2 views × readable images) and the true labels.  Its Parquet stays at
+    ``uri`` (the caller keeps the best model's part and deletes it)."""
+    scored = [dataclasses.replace(ref, weight=1.0 if i == 0 else 0.0, temperature=1.0) for i, ref in enumerate(refs)]
+    write_parquet_atomically(predictions_dataset(cfg, storage, rows, scored, True, shards, margins=True), storage, uri)
+    margins, truth = [], []
+    for batch in read_columns(storage, uri, ["member_margins", "truth", "error"]):
         batch = batch.filter(pc.is_null(batch.column("error")))
-        values = batch.column(column)
-        probs.append(np.asarray(values.flatten() if len(refs) > 1 else values).reshape(-1, len(refs)))
+        margins.append(np.asarray(batch.column("member_margins").flatten()).reshape(-1, len(refs), 2))
         truth.append(np.asarray(batch.column("truth")))
-    if tta:
-        storage.delete_dir(uri)
-    return np.concatenate(probs).T.astype(np.float64), np.concatenate(truth)
+    return np.concatenate(margins).transpose(1, 2, 0).astype(np.float64), np.concatenate(truth)
+
+
+def keep_best_predictions(cfg: CatdogConfig, storage: Storage, pass_uri: str, temperature: float, model: str) -> None:
+    """``val_predictions/`` (the report's figures): the best model's plain calibrated predictions, from
+    the first view of the first model in the pass at its chosen size."""
+    tables = []
+    for batch in read_columns(storage, pass_uri, ["id", "path", "error", "truth", "member_margins"]):
+        margin = np.asarray(pc.list_element(batch.column("member_margins"), 0).fill_null(0.0), np.float64)
+        bad = np.asarray(pc.is_valid(batch.column("error")))
+        prob = view_probs(margin[None, :], temperature).astype(np.float32)
+        tables.append(
+            pa.table(
+                {
+                    "id": batch.column("id"),
+                    "path": batch.column("path"),
+                    "prob_dog": pa.array(prob, mask=bad, type=pa.float32()),
+                    "label": pa.array((prob >= cfg.predict.threshold).astype(np.int8), mask=bad, type=pa.int8()),
+                    "model": pa.array([model] * batch.num_rows, type=pa.string()),
+                    "error": batch.column("error"),
+                    "truth": batch.column("truth"),
+                }
+            )
+        )
+    out = io.BytesIO()
+    pq.write_table(pa.concat_tables(tables), out)
+    uri = join(cfg.run_uri, VAL_PREDICTIONS)
+    tmp = f"{uri}.tmp-{uuid.uuid4().hex[:8]}"
+    storage.write_bytes(join(tmp, "part-0.parquet"), out.getvalue())
+    storage.replace_dir(tmp, uri)
 
 
 def probability_metrics(probs: np.ndarray, labels: np.ndarray, threshold: float, model: str) -> dict:
@@ -396,18 +499,33 @@ def data_digest(data) -> str:
 
 def study_section(study: dict, run: str) -> str:
     """The validation study: each variant's accuracy and log loss (the best model's also before
-    calibration), and the ensemble's members with their temperatures and fitted weights."""
-    columns = ("accuracy", "log_loss", "log_loss_uncalibrated", "temperature", "n_images")
-    rows = [{"variant": k, **{c: v[c] for c in columns if c in v}} for k, v in study.items()]
+    calibration), each model at each test size it was tried at, and the ensemble's members with their
+    temperatures and fitted weights."""
+    columns = ("accuracy", "log_loss", "log_loss_uncalibrated", "image_size", "temperature", "n_images")
+    rows = [{"variant": k, **{c: study[k][c] for c in columns if c in study[k]}} for k in VARIANTS if k in study]
     text = (
         "<h2 id='tta'>Test-time options on validation</h2><p>Probabilities calibrated by each model's "
         "temperature (fitted on validation); <code>log_loss_uncalibrated</code>: the model's own.</p>"
         + _table(rows, ["variant", *columns])
     )
+    sizes = [
+        {"arch": fit["arch"], "image_size": fit["image_size"]}
+        | {
+            f"{key}_{mode}": fit[mode][key]
+            for mode in ("plain", "tta")
+            for key in ("accuracy", "log_loss", "temperature")
+        }
+        for fit in study.get("test_sizes", [])
+    ]
+    if sizes:
+        text += "<p>Test-time sizes tried (each with its own fitted temperature); predict uses each model's best:</p>"
+        text += _table(sizes, list(sizes[0]))
     members = study.get("ensemble", {}).get("members")
     if members:
         text += "<p>Ensemble weights, fitted on validation log loss (greedy selection):</p>" + _table(
-            members, ["arch", "temperature", "log_loss", "weight", "checkpoint"], links={"checkpoint": run}
+            members,
+            ["arch", "image_size", "temperature", "log_loss", "weight", "checkpoint"],
+            links={"checkpoint": run},
         )
     return text
 

@@ -410,7 +410,11 @@ class RunBudget:
             for spec, share in zip(cfg.models, budget.shares([spec.budget_share for spec in cfg.models]))
         ]
         study = (
-            budget.study_seconds([speeds[s.arch]["val"] for s in cfg.models], len(split.val)) if cfg.train.report else 0
+            budget.study_seconds(
+                [speeds[s.arch]["val"] for s in cfg.models], len(split.val), cfg.train.test_size_factors
+            )
+            if cfg.train.report
+            else 0
         )
         self.reserve = study + budget.ARCH_TAIL_S
         first = budget.plan_run(self.archs, self.training_left(), self.arch_fixed)

@@ -311,10 +311,11 @@ def quick_run(tmp_path_factory, small_real_data, ray_session):
     from catdog.train_job import run_training
 
     root = tmp_path_factory.mktemp("runs")
-    # The report and validation-study tests read this run: keep both.  fp32 throughout (quick.yaml's
-    # amp: false): tests compare accuracies of the same images scored twice, and bf16 (CPUs with AMX)
-    # would move near ties.
-    cfg = load_config(REPO / "configs" / "quick.yaml", quick_overrides(small_real_data, root, **{"train.report": True}))
+    # The report and validation-study tests read this run: keep both, with a second test-time size for
+    # the study to choose from.  fp32 throughout (quick.yaml's amp: false): tests compare accuracies of
+    # the same images scored twice, and bf16 (CPUs with AMX) would move near ties.
+    study = {"train.report": True, "train.test_size_factors": "[1.0, 1.25]"}
+    cfg = load_config(REPO / "configs" / "quick.yaml", quick_overrides(small_real_data, root, **study))
     best_uri = run_training(cfg)
     return cfg, best_uri
 

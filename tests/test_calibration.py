@@ -16,12 +16,13 @@ from catdog.calibration import (
     CLIP,
     TEMPERATURES,
     clipped_log_loss,
+    fit_view_temperature,
     greedy_ensemble_weights,
     log_loss_sums,
     pick_temperature,
-    without_temperature,
+    view_probs,
 )
-from catdog.checkpoints import CheckpointError, save_checkpoint
+from catdog.checkpoints import CheckpointError, record_test_time, save_checkpoint
 from catdog.cli import main
 from catdog.config import load_config
 from catdog.inference import Predictor, model_ref
@@ -216,6 +217,15 @@ def test_predictor_divides_logits_by_the_temperature_and_weights_members(tmp_pat
     member_column = table.column("member_prob_dog").to_pylist()
     assert member_column[2] is None
     np.testing.assert_allclose(member_column[0], members[:, 0], atol=1e-6)
+    # The study's pass keeps every model's raw margin per view, from which it computes what predict would.
+    with_margins = Predictor(STORAGE, [ref_a, ref_b], 0.5, tta=True, use_gpu=False, margins=True)(batch)
+    margins = with_margins.column("member_margins").to_pylist()
+    assert margins[2] is None and len(margins[0]) == 4  # 2 models x (image, flip)
+    views = np.array([m for m in margins if m is not None]).reshape(-1, 2, 2).transpose(1, 2, 0)
+    tta_members = np.array([probs(ref_a, True), probs(ref_b, True)])[:, [0, 1, 3, 4, 5]]
+    for index, temperature in enumerate((2.0, 0.5)):
+        np.testing.assert_allclose(view_probs(views[index], temperature), tta_members[index], atol=1e-6)
+    np.testing.assert_allclose(view_probs(views[0][:1], 2.0), members[0][[0, 1, 3, 4, 5]], atol=1e-6)
 
 
 def test_scoring_fingerprint_changes_with_temperatures_and_weights(tmp_path):
@@ -243,11 +253,11 @@ def ensemble_run(root: Path, study: dict | None) -> tuple[object, list[str]]:
 def test_ensemble_uses_the_fitted_weights_and_drops_zero_weight_members(tmp_path):
     cfg, (a, b) = ensemble_run(tmp_path, None)
     (Path(cfg.run_uri) / "val_study.json").write_text(json.dumps({"ensemble": {"weights": {a: 1.0, b: 0.0}}}))
-    assert [(r.checkpoint, r.weight, r.temperature) for r in resolve_models(STORAGE, cfg, None, True)] == [
+    assert [(r.checkpoint, r.weight, r.temperature) for r in resolve_models(STORAGE, cfg, None, True, False)] == [
         (a, 1.0, 1.5)
     ]
     (Path(cfg.run_uri) / "val_study.json").write_text(json.dumps({"ensemble": {"weights": {a: 0.6, b: 0.4}}}))
-    refs = resolve_models(STORAGE, cfg, None, True, calibrate=False)
+    refs = resolve_models(STORAGE, cfg, None, True, False, calibrate=False)
     assert [(r.weight, r.temperature) for r in refs] == [(0.6, 1.0), (0.4, 1.0)]
 
 
@@ -255,7 +265,7 @@ def test_ensemble_uses_the_fitted_weights_and_drops_zero_weight_members(tmp_path
 def test_ensemble_without_fitted_weights_stops_before_any_work(tmp_path, capsys, study):
     cfg, _ = ensemble_run(tmp_path, study)
     with pytest.raises(CheckpointError, match="train.report=true"):
-        resolve_models(STORAGE, cfg, None, True)
+        resolve_models(STORAGE, cfg, None, True, False)
     code = main(["predict", "--config", str(REPO / "configs" / "quick.yaml"), "--set", f"storage.root={tmp_path}",
                  "--ensemble"])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
@@ -263,13 +273,35 @@ def test_ensemble_without_fitted_weights_stops_before_any_work(tmp_path, capsys,
     assert not (Path(cfg.run_uri) / "predictions").exists()
 
 
-@pytest.mark.parametrize("temperature", [0.5, 0.85, 1.0, 2.0, 7.0])
-def test_without_temperature_recovers_the_uncalibrated_log_loss(temperature):
-    """The validation study derives the uncalibrated log loss from the calibrated float32 predictions
-    instead of scoring the split again: it must match scoring without the temperature."""
+def test_a_view_temperature_is_fitted_on_the_averaged_views_as_predict_averages_them():
+    """Under TTA predict averages the views' calibrated probabilities, so the TTA temperature must be
+    fitted on that average: here two views of a calibrated model, each over-confident by 2x."""
     margins, labels = true_margins_and_labels()
-    margins = margins * 3  # an over-confident model: many probabilities beyond the clip range
-    calibrated = torch.sigmoid(torch.tensor(margins / temperature, dtype=torch.float32)).numpy()
-    uncalibrated = 1 / (1 + np.exp(-margins))
-    recovered = without_temperature(calibrated, temperature)
-    assert clipped_log_loss(recovered, labels) == pytest.approx(clipped_log_loss(uncalibrated, labels), rel=1e-5)
+    rng = np.random.default_rng(1)
+    views = np.stack([margins + rng.normal(0, 0.3, len(margins)) for _ in range(2)]) * 2
+    temperature, loss = fit_view_temperature(views, labels)
+    assert 1.6 < temperature < 2.5
+    assert loss < clipped_log_loss(view_probs(views, 1.0), labels) - 0.02
+    # The fit is the grid's best for exactly the probabilities predict computes.
+    grid = [clipped_log_loss(view_probs(views, t), labels) for t in TEMPERATURES]
+    assert loss == pytest.approx(min(grid), rel=1e-12)
+    one_view = fit_view_temperature(views[:1], labels)[0]
+    assert one_view == pytest.approx(fitted(views[0], labels)[0])
+
+
+def test_the_study_test_time_record_sets_predict_size_and_temperature_per_tta_mode(tmp_path):
+    checkpoint = tiny_checkpoint(tmp_path / "a", 0, 2.0)
+    trained = model_ref(STORAGE, checkpoint)
+    record = {"image_size": 80, "crop_fraction": 0.875, "temperature": 0.7, "temperature_tta": 0.6}
+    record_test_time(STORAGE, checkpoint, record)
+    meta_file = Path(checkpoint) / "meta.json"
+    written = meta_file.stat().st_mtime_ns
+    record_test_time(STORAGE, checkpoint, dict(record))  # unchanged: not rewritten (the scoring fingerprint)
+    assert meta_file.stat().st_mtime_ns == written
+    plain, tta = model_ref(STORAGE, checkpoint), model_ref(STORAGE, checkpoint, tta=True)
+    assert (plain.image_size, plain.temperature, tta.image_size, tta.temperature) == (80, 0.7, 80, 0.6)
+    assert plain.column == "image_80_875" != trained.column
+    assert model_ref(STORAGE, checkpoint, calibrate=False, tta=True).temperature == 1.0
+    as_trained = model_ref(STORAGE, checkpoint, as_trained=True)
+    assert (as_trained.image_size, as_trained.temperature) == (trained.image_size, 2.0)
+    assert resolve_models(STORAGE, load_config(REPO / "configs" / "quick.yaml"), checkpoint, False, True) == [tta]

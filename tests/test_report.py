@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import subprocess
@@ -29,41 +30,84 @@ def report(quick_run, small_real_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("report-runs")
     shutil.copytree(cfg.run_uri, root / cfg.run_name)
     cfg = cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"root": str(root)})})
-    run_predict(cfg, input_uri=str(small_real_data / "test1"))  # into the run folder: adds the histogram
-    return Path(write_report(cfg, Storage())), cfg
+    predict_log, logger = LogLines(), logging.getLogger("catdog.predict_job")
+    level = logger.level
+    logger.addHandler(predict_log), logger.setLevel(logging.INFO)
+    try:
+        run_predict(cfg, input_uri=str(small_real_data / "test1"))  # into the run folder: adds the histogram
+    finally:
+        logger.removeHandler(predict_log), logger.setLevel(level)
+    return Path(write_report(cfg, Storage())), cfg, predict_log.lines
+
+
+class LogLines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
 
 
 def test_train_writes_the_validation_study(quick_run):
     cfg, _ = quick_run
     study = json.loads((Path(cfg.run_uri) / "val_study.json").read_text())
-    assert set(study) == {"best", "best+tta", "ensemble", "ensemble+tta"}
+    assert set(study) == {"best", "best+tta", "ensemble", "ensemble+tta", "test_sizes"}
+    variants = {k: v for k, v in study.items() if k != "test_sizes"}
     n_val = study["best"]["n_images"]
-    assert n_val == 100 and all(v["n_images"] == n_val for v in study.values())
-    assert all(0 <= v["accuracy"] <= 1 and v["log_loss"] > 0 for v in study.values())
-    board = (Path(cfg.run_uri) / "leaderboard.csv").read_text().splitlines()[1].split(",")
-    assert study["best"]["accuracy"] == pytest.approx(float(board[1]), abs=1.5 / n_val)
-    # Calibration: fitted on these images in training's validation pass, so it can only lower their log loss.
-    best_meta = json.loads((Path(board[-1]) / "meta.json").read_text())
-    assert study["best"]["temperature"] == best_meta["temperature"]
+    assert n_val == 100 and all(v["n_images"] == n_val for v in variants.values())
+    assert all(0 <= v["accuracy"] <= 1 and v["log_loss"] > 0 for v in variants.values())
+    board = [line.split(",") for line in (Path(cfg.run_uri) / "leaderboard.csv").read_text().splitlines()[1:]]
+    # Every model at 64 and 80 px (test_size_factors 1.0, 1.25), each with temperatures fitted there;
+    # its checkpoint records the size with the lower log loss in predict's default mode (no TTA here).
+    tried = {(fit["arch"], fit["image_size"]): fit for fit in study["test_sizes"]}
+    assert set(tried) == {(row[0], size) for row in board for size in (64, 80)}
+    for arch, *_, checkpoint in board:
+        meta = json.loads((Path(checkpoint) / "meta.json").read_text())
+        fits = [tried[arch, 64], tried[arch, 80]]
+        chosen = min(fits, key=lambda fit: fit["plain"]["log_loss"])
+        assert meta["test_time"]["image_size"] == chosen["image_size"]
+        assert meta["test_time"]["temperature"] == chosen["plain"]["temperature"]
+        assert meta["test_time"]["temperature_tta"] == chosen["tta"]["temperature"]
+        if arch == board[0][0]:
+            best, best_meta = chosen, meta
+    # The best model's figures are at its chosen size, with its fitted temperature, which can only
+    # lower the log loss; at the training size that refit matches training's own calibration.
+    assert study["best"]["image_size"] == best["image_size"]
+    assert study["best"]["log_loss"] == pytest.approx(best["plain"]["log_loss"], abs=1e-9)
     assert study["best"]["log_loss"] <= study["best"]["log_loss_uncalibrated"] + 1e-6
-    assert study["best"]["log_loss"] == pytest.approx(best_meta["metrics"]["val_log_loss_calibrated"], abs=1e-4)
+    assert study["best+tta"]["log_loss"] == pytest.approx(best["tta"]["log_loss"], abs=1e-9)
+    at_64 = tried[board[0][0], 64]["plain"]
+    assert at_64["accuracy"] == pytest.approx(float(board[0][1]), abs=1.5 / n_val)
+    assert at_64["log_loss"] <= best_meta["metrics"]["val_log_loss_calibrated"] + 1e-4
+    assert study["best"]["log_loss"] <= best_meta["metrics"]["val_log_loss_calibrated"] + 1e-4
     # The ensemble: weights on the leaderboard's checkpoints, never worse than its best member.
     ensemble = study["ensemble"]
-    assert set(ensemble["weights"]) == {line.split(",")[-1] for line in (Path(cfg.run_uri) / "leaderboard.csv")
-                                        .read_text().splitlines()[1:]}  # fmt: skip
+    assert set(ensemble["weights"]) == {row[-1] for row in board}
     assert sum(ensemble["weights"].values()) == pytest.approx(1.0)
     assert ensemble["log_loss"] <= min(m["log_loss"] for m in ensemble["members"]) + 1e-6
     assert ensemble["log_loss"] <= study["best"]["log_loss"] + 1e-6
-    # One plain pass scores every member: the best's figures are its member's, and the kept
-    # predictions (the report's figures) are the best model's alone.
     assert ensemble["members"][0]["log_loss"] == pytest.approx(study["best"]["log_loss"], abs=1e-9)
-    assert ensemble["members"][0]["checkpoint"] == board[-1]
-    kept = pq.read_table(Path(cfg.run_uri) / "val_predictions", columns=["model"]).column("model").unique()
-    assert kept.to_pylist() == [study["best"]["model"]] and study["best"]["model"].startswith(board[0] + ":")
+    assert ensemble["members"][0]["checkpoint"] == board[0][-1]
+    # The kept predictions (the report's figures) are the best model's alone, as study["best"] scored them.
+    kept = pq.read_table(Path(cfg.run_uri) / "val_predictions", columns=["model", "prob_dog", "truth"])
+    assert kept.column("model").unique().to_pylist() == [study["best"]["model"]]
+    assert study["best"]["model"].startswith(board[0][0] + ":")
+    probs, truth = kept.column("prob_dog").to_numpy(), kept.column("truth").to_numpy()
+    assert ((probs >= 0.5) == truth).mean() == pytest.approx(study["best"]["accuracy"], abs=1e-9)
+    assert not list(Path(cfg.run_uri).glob(".val_predictions*"))  # the study's passes are cleaned up
+
+
+def test_predict_scores_at_the_size_and_temperature_the_study_chose(report):
+    _, cfg, predict_log = report
+    best = json.loads((Path(cfg.run_uri) / "best.json").read_text())["checkpoint"]
+    test_time = json.loads((Path(best) / "meta.json").read_text())["test_time"]
+    used = f"{test_time['image_size']}px T{test_time['temperature']:.3f}"
+    assert [line for line in predict_log if re.search(rf"^predicting \d+ of \d+ images .* with \S+ {used} ", line)]
 
 
 def test_report_has_every_section_inline(report):
-    path, cfg = report
+    path, cfg, _ = report
     page = path.read_text()
     for section in SECTIONS:
         assert f"id='{section}'" in page, section
@@ -75,7 +119,7 @@ def test_report_has_every_section_inline(report):
 
 
 def test_report_links_every_output_relatively(report):
-    path, cfg = report
+    path, cfg, _ = report
     page = path.read_text()
     links = re.findall(r"<a href='([^']+)'>", page)
     for name in ("leaderboard.csv", "best.json", "config.yaml", "submission.csv", "logs/train.log", "logs/predict.log"):
@@ -86,7 +130,7 @@ def test_report_links_every_output_relatively(report):
 
 
 def test_report_rounds_numbers(report):
-    path, _ = report
+    path, _, _ = report
     cells = re.findall(r"<td>(-?\d+\.\d+)</td>", path.read_text())
     assert cells and all(len(cell.split(".")[1]) in (1, 4) for cell in cells), cells
 
@@ -99,7 +143,7 @@ def expected_headline(path: Path) -> str:
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (.ci/run installs it)")
 def test_report_renders_in_headless_chromium(report, tmp_path):
-    path, _ = report
+    path, _, _ = report
     probe = tmp_path / "probe.html"
     # Test-side probe: after load, record how many images decoded to a real size.
     probe.write_text(
