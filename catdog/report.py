@@ -98,7 +98,10 @@ def validation_study(cfg: CatdogConfig, storage: Storage, val_rows: list[dict], 
         factor_margins, labels = margin_pass(cfg, storage, rows, shards, sized, uri)
         margins.append(factor_margins)
     mode = "tta" if cfg.predict.tta else "plain"
-    sizes = [size_fits(ref, factors, [m[index] for m in margins], labels) for index, ref in enumerate(refs)]
+    sizes = [
+        size_fits(ref, factors, [m[index] for m in margins], labels, cfg.predict.threshold)
+        for index, ref in enumerate(refs)
+    ]
     chosen = [min(fits, key=lambda fit: fit[mode]["log_loss"]) for fits in sizes]
     for ref, fit in zip(refs, chosen):
         record_test_time(storage, ref.checkpoint, test_time_record(ref, fit, len(labels)))
@@ -132,15 +135,17 @@ def test_size(size: int, factor: float) -> int:
     return max(8, round(size * factor / 8) * 8)
 
 
-def size_fits(ref: ModelRef, factors: list[float], margins: list[np.ndarray], labels: np.ndarray) -> list[dict]:
-    """One model at each test size: the temperature fitted there and its accuracy and log loss,
-    plain (first view) and with flip TTA (both views).  ``margins``: per factor, (views, images)."""
+def size_fits(
+    ref: ModelRef, factors: list[float], margins: list[np.ndarray], labels: np.ndarray, threshold: float
+) -> list[dict]:
+    """One model at each test size: the temperature fitted there and its accuracy (at ``threshold``)
+    and log loss, plain (first view) and with flip TTA (both views).  ``margins``: per factor, (views, images)."""
     fits = []
     for factor, views in zip(factors, margins):
         fit = {"factor": factor, "image_size": test_size(ref.image_size, factor)}
         for mode, used in (("plain", views[:1]), ("tta", views)):
             temperature, loss = fit_view_temperature(used, labels)
-            accuracy = float(((view_probs(used, temperature) >= 0.5) == labels).mean())
+            accuracy = float(((view_probs(used, temperature) >= threshold) == labels).mean())
             fit[mode] = {"temperature": temperature, "accuracy": accuracy, "log_loss": loss}
         fits.append(fit)
     return fits
