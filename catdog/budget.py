@@ -7,9 +7,10 @@ Plain arithmetic on plain numbers, used at three moments:
    (``training.measure_speed``) into predicted epoch seconds, and plans every architecture;
 2. when an architecture starts, the driver re-plans it from the time actually left (an earlier
    architecture that ran long or short moves the later ones);
-3. inside the train loop, after the first epoch (and after the first epoch at the final size,
-   only ever downwards), the real pace replaces the prediction.  The learning-rate schedule is a
-   pure function of (step, total steps), so a re-plan only reshapes the rest of the one-cycle.
+3. inside the train loop, after the first epoch (:func:`paced_epoch_seconds`; and after the first
+   epoch at the final size, only ever downwards), the real pace replaces the prediction.  The
+   learning-rate schedule is a pure function of (step, total steps), so a re-plan only reshapes the
+   rest of the one-cycle.
 """
 
 from __future__ import annotations
@@ -45,6 +46,29 @@ def epoch_seconds(speed: dict, size: int, n_train: int, n_val: int) -> float:
     ``speed``: seconds per image, ``train`` by size and ``val``, as measured, per worker."""
     steps = n_train * speed["train"][size] + n_val * speed["val"]
     return steps / PIPELINE_EFFICIENCY + EPOCH_FIXED_S
+
+
+def paced_epoch_seconds(epoch_s: dict[int, float], size: int, steady: float) -> dict[int, float]:
+    """Every size's epoch seconds once the first epoch, at ``size``, really took ``steady`` seconds;
+    ``epoch_s``: the predictions before it (:func:`epoch_seconds`).  The lesser of two rules, each
+    exact at ``size``:
+
+    - one pace scaling every size's prediction: right when what an epoch takes beyond its model
+      compute grows with that compute, and for tiny epochs, where each epoch's pipeline restart and
+      checkpoint dominate (the 3-minute budget test: 1 s steady, 2 s real; the sum below planned 136
+      epochs there);
+    - that epoch's seconds beyond its bare compute added to every size's bare compute: right when the
+      extra is the data pipeline, decoding on the same cores at about the same seconds per image
+      whatever the training size.  After ResNet18's first 96 px epoch the pace put a 128 px epoch at
+      329 s, the sum at 303 s; they took 300 s (bench/NOTES.md, "Time budget: predicted vs actual"),
+      and the plan had dropped an epoch for it.
+    """
+    bare = {k: (v - EPOCH_FIXED_S) * PIPELINE_EFFICIENCY for k, v in epoch_s.items()}
+    pace = max(steady - EPOCH_FIXED_S, 1e-3) / max(epoch_s[size] - EPOCH_FIXED_S, 1e-3)
+    # At least EPOCH_FIXED_S: later epochs restart the pipeline and write a checkpoint, which the first
+    # epoch's steady seconds (without its first batch's wait) hide.
+    extra = max(steady - bare[size], EPOCH_FIXED_S)
+    return {k: min((v - EPOCH_FIXED_S) * pace + EPOCH_FIXED_S, bare[k] + extra) for k, v in epoch_s.items()}
 
 
 def plan_seconds(

@@ -531,8 +531,7 @@ def replan(cfg: dict, metrics: dict, seconds: float, device: torch.device) -> st
     # The first epoch's first batch waited for the pipeline to start: a one-off, not the pace.
     steady = seconds - (metrics["first_batch_seconds"] if epoch == 1 else 0.0)
     if epoch == 1:
-        pace = max(steady - budget.EPOCH_FIXED_S, 1e-3) / max(epoch_s[size] - budget.EPOCH_FIXED_S, 1e-3)
-        epoch_s = {k: (v - budget.EPOCH_FIXED_S) * pace + budget.EPOCH_FIXED_S for k, v in epoch_s.items()}
+        epoch_s = budget.paced_epoch_seconds(epoch_s, size, steady)
     else:
         epoch_s = {**epoch_s, size: steady}
     plan["epoch_seconds"] = epoch_s
