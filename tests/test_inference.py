@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from conftest import REPO, jpeg_bytes
 from test_scoring_plan import previous_result, seed_previous_result
 
@@ -126,13 +127,13 @@ def test_proba_writes_clipped_probabilities(quick_run, messy_test_folder, tmp_pa
     assert [probs[i] for i in (9001, 9002, 9003)] == [0.995] * 3
 
 
-def four_test_images(small_real_data, ref) -> dict:
-    """A decoded batch in the shape the predictor gets from Ray Data."""
+def four_test_images(small_real_data, *refs) -> dict:
+    """A decoded batch in the shape the predictor gets from Ray Data: a column per model's preset."""
     from catdog.images import decode_image
 
     paths = sorted((small_real_data / "test1").glob("*.jpg"))[:4]
     return {
-        ref.column: np.stack([decode_image(p.read_bytes(), ref.preset) for p in paths]),
+        **{ref.column: np.stack([decode_image(p.read_bytes(), ref.preset) for p in paths]) for ref in refs},
         "error": np.array([None] * 4, dtype=object),
         "id": np.array([int(p.stem) for p in paths]),
         "path": np.array([str(p) for p in paths], dtype=object),
@@ -263,8 +264,7 @@ def test_ensemble_applies_the_weights_fitted_on_validation(quick_run, small_real
     # with each member alone.
     refs = [model_ref(Storage(), uri) for uri in used]
     assert not cfg.predict.amp
-    batch = four_test_images(small_real_data, refs[0])
-    assert all(ref.column == refs[0].column for ref in refs)  # one image size: one decoded column
+    batch = four_test_images(small_real_data, *refs)  # each at the test size its study chose
     members = [Predictor(Storage(), [ref], 0.5, tta=False, use_gpu=False).prob_dog(batch) for ref in refs]
     expected = np.array([weights[uri] for uri in used]) @ np.array(members)
     ensemble = {row["id"]: row["prob_dog"] for row in table.to_pylist()}
@@ -284,7 +284,9 @@ def test_predict_applies_the_temperature_and_no_calibrate_rescores_without_it(
     shutil.copytree(best, copy)
     # The fitted temperature, unless training happened to land on 1.0 (then nothing would differ).
     temperature = meta["temperature"] if abs(meta["temperature"] - 1) > 0.05 else 2.0
-    (copy / "meta.json").write_text(json.dumps({**meta, "temperature": temperature}))
+    # Predict applies the validation study's temperature (test_time) where there is one.
+    test_time = {**meta["test_time"], "temperature": temperature}
+    (copy / "meta.json").write_text(json.dumps({**meta, "temperature": temperature, "test_time": test_time}))
     out, images = tmp_path / "out", str(small_real_data / "test1")
     probs = {}
     for calibrate in (True, False):
@@ -332,12 +334,15 @@ class StubPredictor(Predictor):
         "dog.4.jpg": 1.0,
     }
 
-    def __init__(self, storage, models, threshold, tta, use_gpu, torch_threads=None, amp=False, measure_amp=False):
-        self.threshold, self.tta, self.name, self.models = threshold, tta, "stub", []
+    def __init__(self, storage, models, threshold, tta, use_gpu, torch_threads=None, amp=False, measure_amp=False,
+                 margins=False):  # fmt: skip
+        self.threshold, self.tta, self.name, self.models, self.margins = threshold, tta, "stub", [], margins
         self.weights = np.ones(1, dtype=np.float32)
+        self.temperatures = torch.ones(1, 1, 1)
 
-    def member_probs(self, batch):
-        return np.array([[self.PROBS[Path(p).name] for p in batch["path"]]], dtype=np.float32)
+    def member_margins(self, batch):
+        probs = torch.tensor([self.PROBS[Path(p).name] for p in batch["path"]], dtype=torch.float64)
+        return torch.logit(probs).float()[None, None, :]  # (1 model, 1 view, rows): sigmoid gives them back
 
 
 def test_evaluate_metrics_by_hand_with_a_stub_predictor(quick_run, tmp_path, monkeypatch):
