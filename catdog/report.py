@@ -14,13 +14,11 @@ import html
 import io
 import json
 import logging
-import uuid
 from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from catdog.calibration import clipped_log_loss, fit_view_temperature, greedy_ensemble_weights, view_probs
 from catdog.checkpoints import record_test_time
@@ -182,12 +180,12 @@ def study_figures(
     for key, fit in (("best", chosen[0]["plain"]), ("best+tta", chosen[0]["tta"])):
         study[key] |= {"temperature": fit["temperature"], "image_size": chosen[0]["image_size"]}
     if len(refs) > 1:
-        weights = greedy_ensemble_weights(flipped if mode == "tta" else plain, labels)
+        members = flipped if mode == "tta" else plain
+        weights = greedy_ensemble_weights(members, labels)
         name = "+".join(ref.name for ref, w in zip(refs, weights) if w > 0)
         study["ensemble"] = probability_metrics(weights @ plain, labels, threshold, name)
         study["ensemble+tta"] = probability_metrics(weights @ flipped, labels, threshold, name + "+tta")
         study["ensemble"]["weights"] = {ref.checkpoint: float(w) for ref, w in zip(refs, weights)}
-        members = flipped if mode == "tta" else plain
         study["ensemble"]["members"] = [
             {
                 "checkpoint": ref.checkpoint,
@@ -239,12 +237,9 @@ def keep_best_predictions(cfg: CatdogConfig, storage: Storage, pass_uri: str, te
                 }
             )
         )
-    out = io.BytesIO()
-    pq.write_table(pa.concat_tables(tables), out)
-    uri = join(cfg.run_uri, VAL_PREDICTIONS)
-    tmp = f"{uri}.tmp-{uuid.uuid4().hex[:8]}"
-    storage.write_bytes(join(tmp, "part-0.parquet"), out.getvalue())
-    storage.replace_dir(tmp, uri)
+    import ray.data
+
+    write_parquet_atomically(ray.data.from_arrow(pa.concat_tables(tables)), storage, join(cfg.run_uri, VAL_PREDICTIONS))
 
 
 def probability_metrics(probs: np.ndarray, labels: np.ndarray, threshold: float, model: str) -> dict:
