@@ -460,7 +460,8 @@ class RunBudget:
             "budget": {
                 "deadline": deadline,
                 "allotted_seconds": seconds,  # plan.json's allotted_minutes, and the leaderboard's budget_minutes
-                "epoch_seconds": arch["epoch_s"],
+                "epoch_seconds": arch["epoch_s"],  # re-planned from the real pace, epoch by epoch
+                "predicted_epoch_seconds": arch["epoch_s"],  # what each re-plan paces
                 "early_fraction": arch["early_fraction"],
             },
         }

@@ -518,27 +518,29 @@ def write_unreadable(cfg: dict, unreadable: list[str]) -> None:
 
 
 def replan(cfg: dict, metrics: dict, seconds: float, device: torch.device) -> str | None:
-    """Re-size a budgeted run from the real pace: after the first epoch (both ways), and after the
-    first epoch at the final size (only fewer epochs: the schedule's tail must not climb back).
-    Rank 0 decides for every rank; the plan rides in ``cfg`` (and so in each checkpoint).
-    Returns a line for the console when the plan changed."""
+    """Re-size a budgeted run from the real pace after every epoch.  While it still trains at the
+    early size, up or down: that epoch's pace re-predicts every size from the plan's predictions
+    (:func:`budget.paced_epoch_seconds`).  Once at the final size, only ever fewer epochs, that
+    size's seconds now the last epoch's: the schedule's tail must not climb back.  One epoch's pace
+    is not the run's: on a Xeon with AMX ResNet18's first epoch ran at 101 img/s and the next three
+    at 140-167, then 88-136, and a plan fixed after the first left 9 of its 35 minutes unused
+    (bench/NOTES.md).  Rank 0 decides for every rank; the plan rides in ``cfg`` (and so in each
+    checkpoint).  Returns a line for the console when the plan changed."""
     plan = cfg["budget"]
-    size = metrics["train_image_size"]
-    epoch, first_final = metrics["epoch"], metrics["epoch"] == cfg["early_epochs"] + 1
-    if epoch != 1 and not first_final:
-        return None
-    epoch_s = plan_epoch_seconds(cfg)
+    size, epoch = metrics["train_image_size"], metrics["epoch"]
+    shrink_only = epoch > 1 and epoch > cfg["early_epochs"]
     # The first epoch's first batch waited for the pipeline to start: a one-off, not the pace.
     steady = seconds - (metrics["first_batch_seconds"] if epoch == 1 else 0.0)
-    if epoch == 1:
-        epoch_s = budget.paced_epoch_seconds(epoch_s, size, steady)
+    if shrink_only:
+        epoch_s = {**plan_epoch_seconds(cfg), size: steady}
     else:
-        epoch_s = {**epoch_s, size: steady}
+        predicted = {int(k): v for k, v in plan["predicted_epoch_seconds"].items()}
+        epoch_s = budget.paced_epoch_seconds(predicted, size, steady)
     plan["epoch_seconds"] = epoch_s
     left = (plan["deadline"] - time.time()) * budget.SAFETY
     done = (epoch, min(epoch, cfg["early_epochs"]))
     epochs, early = budget.fit_epochs(left, epoch_s, plan_sizes(cfg), plan["early_fraction"], done)
-    if epoch != 1:
+    if shrink_only:
         epochs = min(epochs, cfg["epochs"])
     epochs, early = broadcast_from_rank0([epochs, early], device)
     before = (cfg["epochs"], cfg["early_epochs"])

@@ -87,7 +87,12 @@ def budgeted_loop_cfg(deadline_in: float, epochs: int, early: int) -> dict:
         "early_epochs": early,
         "image_size": 64,
         "early_image_size": 48,
-        "budget": {"deadline": time.time() + deadline_in, "epoch_seconds": dict(EPOCH_S), "early_fraction": 0.5},
+        "budget": {
+            "deadline": time.time() + deadline_in,
+            "epoch_seconds": dict(EPOCH_S),
+            "predicted_epoch_seconds": {str(size): s for size, s in EPOCH_S.items()},  # as JSON gives it back
+            "early_fraction": 0.5,
+        },
     }
 
 
@@ -127,14 +132,39 @@ def test_the_first_epoch_paces_every_size_by_the_lesser_of_its_pace_and_its_extr
         assert budget.paced_epoch_seconds({96: 185.0, 128: 326.5}, 96, steady)[96] == pytest.approx(steady)
 
 
-def test_replan_at_the_first_final_size_epoch_only_ever_shortens():
+def test_replan_at_the_final_size_only_ever_shortens():
     cfg = budgeted_loop_cfg(deadline_in=10_000.0, epochs=6, early=3)
     assert replan(cfg, {"epoch": 4, "train_image_size": 64}, 5.0, torch.device("cpu")) is None
     assert cfg["epochs"] == 6  # far more time left, but the schedule's tail never grows back
     short = budgeted_loop_cfg(deadline_in=30.0, epochs=6, early=3)
     replan(short, {"epoch": 4, "train_image_size": 64}, 20.0, torch.device("cpu"))
     assert short["epochs"] == 5 and short["early_epochs"] == 3
-    assert replan(short, {"epoch": 5, "train_image_size": 64}, 20.0, torch.device("cpu")) is None  # once only
+    assert short["budget"]["epoch_seconds"] == {48: 10.0, 64: 20.0}
+    # Every final-size epoch may shorten it again: one more that ran slow leaves no room for a sixth.
+    short["budget"]["deadline"] = time.time() + 20.0
+    line = replan(short, {"epoch": 5, "train_image_size": 64}, 25.0, torch.device("cpu"))
+    assert short["epochs"] == 5 and line is None  # already the least: the epoch just trained
+    assert short["budget"]["epoch_seconds"][64] == 25.0
+
+
+def test_every_early_epoch_re_plans_from_its_own_pace_both_ways():
+    """ResNet18 on a Xeon with AMX: its first epoch ran slow (a warm-up), and a plan fixed after it
+    left a quarter of the minutes unused.  Each early epoch re-paces the plan's predictions."""
+    cfg = budgeted_loop_cfg(deadline_in=200.0, epochs=10, early=5)
+    replan(cfg, {"epoch": 1, "train_image_size": 48, "first_batch_seconds": 0.0}, 27.0, torch.device("cpu"))
+    after_slow_first = cfg["epochs"]
+    line = replan(cfg, {"epoch": 2, "train_image_size": 48}, 10.0, torch.device("cpu"))
+    assert cfg["epochs"] > after_slow_first and line and "from epoch 2's pace (10 s)" in line
+    # Paced from the predictions, not from the slow first epoch's re-prediction.
+    paced = budget.paced_epoch_seconds(EPOCH_S, 48, 10.0)
+    assert cfg["budget"]["epoch_seconds"] == pytest.approx(paced) == {48: 10.0, 64: 18.0}
+    left = (cfg["budget"]["deadline"] - time.time()) * budget.SAFETY
+    assert plan_cost(cfg["epochs"], cfg["early_epochs"], paced, (48, 64), (2, 2)) <= left
+    assert plan_cost(cfg["epochs"] + 1, cfg["early_epochs"] + 1, paced, (48, 64), (2, 2)) > left
+    # Slower again: fewer, while still at the early size.
+    more = cfg["epochs"]
+    replan(cfg, {"epoch": 3, "train_image_size": 48}, 20.0, torch.device("cpu"))
+    assert cfg["epochs"] < more and cfg["early_epochs"] >= 3
 
 
 @pytest.mark.parametrize("seconds_after,run_eta", [(100.0, "10:00"), (1000.0, "17:50")])
