@@ -7,8 +7,9 @@ Plain arithmetic on plain numbers, used at three moments:
    (``training.measure_speed``) into predicted epoch seconds, and plans every architecture;
 2. when an architecture starts, the driver re-plans it from the time actually left (an earlier
    architecture that ran long or short moves the later ones);
-3. inside the train loop, after the first epoch (:func:`paced_epoch_seconds`; and after the first
-   epoch at the final size, only ever downwards), the real pace replaces the prediction.  The
+3. inside the train loop, after every epoch, the real pace replaces the prediction: both ways
+   while the epochs are still at the early size (:func:`paced_epoch_seconds`), only ever downwards
+   once at the final size.  The
    learning-rate schedule is a pure function of (step, total steps), so a re-plan only reshapes the
    rest of the one-cycle.
 """

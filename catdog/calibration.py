@@ -3,7 +3,7 @@
 Pure math on tensors and arrays (the bottom layer: no catdog imports).  Training fits a model's
 temperature from sums it accumulates during its validation pass (:func:`log_loss_sums`, summed over
 batches and ranks, then :func:`pick_temperature`); the validation study fits ensemble weights from
-the members' calibrated probabilities (:func:`greedy_ensemble_weights`).
+the members' calibrated probabilities (:func:`fit_ensemble_weights`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,10 @@ CLIP = (0.005, 0.995)  # Kaggle Redux: one confident mistake must not explode lo
 # Log-spaced temperatures from 1/4 to 16 in steps of 2**0.05 (~3.5%); 1.0 is on the grid (index 40).
 # Up to 16: a model stopped after an epoch or two is often far over-confident (4 was the edge).
 TEMPERATURES = tuple(float(t) for t in np.geomspace(0.25, 16.0, 121))
-ENSEMBLE_ROUNDS = 25
+# A member left below this weight is dropped (predict does not score a weight-0 member) and the rest
+# re-fitted: at 0.02 it would move a probability by at most 0.02.
+ENSEMBLE_MIN_WEIGHT = 0.02
+ENSEMBLE_STEPS = 500
 
 
 def log_loss_sums(margins: torch.Tensor, labels: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
@@ -56,25 +59,40 @@ def clipped_log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
 
-def greedy_ensemble_weights(member_probs: np.ndarray, labels: np.ndarray, rounds: int = ENSEMBLE_ROUNDS) -> np.ndarray:
-    """Ensemble selection with replacement (Caruana et al., 2004) on log loss.
+def fit_ensemble_weights(member_probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Weights on the simplex that minimise the validation log loss of the weighted mean of the
+    members' calibrated p(dog), ``member_probs`` (members, images).
 
-    ``member_probs``: (members, images) calibrated p(dog).  Start from the best single member, then
-    add, one at a time and with replacement, the member whose addition lowers the log loss of the
-    averaged probabilities the most; stop when no addition lowers it, or after ``rounds``.  The
-    weights are the counts over their total, so on this data the ensemble is never worse than its
-    best member (a member that never helps gets weight 0)."""
+    That loss is convex in the weights (minus the log of a linear function of them), so
+    exponentiated-gradient descent from equal weights reaches its minimum, interior ones included:
+    the greedy selection with replacement this replaced (Caruana et al., 2004) could only add a second
+    member at weight 1/2, and gave 0 to a Sequential CNN scoring 0.913 beside a ResNet18 at 0.931.
+    Members left below ``ENSEMBLE_MIN_WEIGHT`` are dropped, the smallest first, and the rest
+    re-fitted.  The best single member is the fallback, so on this data the ensemble is never worse
+    than it."""
     probs = np.asarray(member_probs, dtype=np.float64)
-    counts = np.zeros(len(probs), dtype=np.int64)
-    first = int(np.argmin([clipped_log_loss(p, labels) for p in probs]))
-    counts[first], total, loss = 1, probs[first].copy(), clipped_log_loss(probs[first], labels)
-    for _ in range(rounds):
-        n = counts.sum()
-        candidates = [clipped_log_loss((total + p) / (n + 1), labels) for p in probs]
-        pick = int(np.argmin(candidates))
-        if candidates[pick] >= loss:
+    y = np.asarray(labels, dtype=np.float64)
+    active = np.arange(len(probs))
+    while True:
+        fitted = descend_mixture(np.clip(probs[active], *CLIP), y)
+        if len(active) == 1 or fitted.min() >= ENSEMBLE_MIN_WEIGHT:
             break
-        counts[pick] += 1
-        total += probs[pick]
-        loss = candidates[pick]
-    return counts / counts.sum()
+        active = np.delete(active, int(np.argmin(fitted)))
+    weights = np.zeros(len(probs))
+    weights[active] = fitted
+    best = int(np.argmin([clipped_log_loss(p, labels) for p in probs]))
+    if clipped_log_loss(weights @ probs, labels) > clipped_log_loss(probs[best], labels):
+        weights = np.eye(len(probs))[best]
+    return weights
+
+
+def descend_mixture(probs: np.ndarray, y: np.ndarray, steps: int = ENSEMBLE_STEPS) -> np.ndarray:
+    """Exponentiated-gradient descent on the log loss of ``w @ probs`` over the simplex (probs clipped
+    inside (0, 1), so the mixture is too)."""
+    weights = np.full(len(probs), 1.0 / len(probs))
+    for _ in range(steps):
+        mixed = weights @ probs
+        gradient = probs @ ((1 - y) / (1 - mixed) - y / mixed) / len(y)
+        weights = weights * np.exp(-np.clip(gradient, -50, 50))
+        weights /= weights.sum()
+    return weights

@@ -76,7 +76,7 @@ class TrainConfig(_Section):
     epochs: PositiveInt = 3
     # Wall-clock minutes for the whole train job (training, validation study, report).  Set, it
     # replaces the epoch counts: the job measures this machine's step speed, sizes every
-    # architecture's epochs to fit, and re-plans from the real pace after the first epoch.
+    # architecture's epochs to fit, and re-plans from the real pace after every epoch.
     time_budget_minutes: PositiveFloat | None = None
     batch_size: PositiveInt = 64
     optimizer: Literal["adamw", "sgd"] = "adamw"

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from catdog.calibration import clipped_log_loss, fit_view_temperature, greedy_ensemble_weights, view_probs
+from catdog.calibration import clipped_log_loss, fit_ensemble_weights, fit_view_temperature, view_probs
 from catdog.checkpoints import record_test_time
 from catdog.config import CatdogConfig
 from catdog.images import decode_image
@@ -181,7 +181,7 @@ def study_figures(
         study[key] |= {"temperature": fit["temperature"], "image_size": chosen[0]["image_size"]}
     if len(refs) > 1:
         members = flipped if mode == "tta" else plain
-        weights = greedy_ensemble_weights(members, labels)
+        weights = fit_ensemble_weights(members, labels)
         name = "+".join(ref.name for ref, w in zip(refs, weights) if w > 0)
         study["ensemble"] = probability_metrics(weights @ plain, labels, threshold, name)
         study["ensemble+tta"] = probability_metrics(weights @ flipped, labels, threshold, name + "+tta")
@@ -522,7 +522,7 @@ def study_section(study: dict, run: str) -> str:
         text += _table(sizes, list(sizes[0]))
     members = study.get("ensemble", {}).get("members")
     if members:
-        text += "<p>Ensemble weights, fitted on validation log loss (greedy selection):</p>" + _table(
+        text += "<p>Ensemble weights, fitted on validation log loss:</p>" + _table(
             members,
             ["arch", "image_size", "temperature", "log_loss", "weight", "checkpoint"],
             links={"checkpoint": run},

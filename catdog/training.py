@@ -522,10 +522,10 @@ def replan(cfg: dict, metrics: dict, seconds: float, device: torch.device) -> st
     early size, up or down: that epoch's pace re-predicts every size from the plan's predictions
     (:func:`budget.paced_epoch_seconds`).  Once at the final size, only ever fewer epochs, that
     size's seconds now the last epoch's: the schedule's tail must not climb back.  One epoch's pace
-    is not the run's: on a Xeon with AMX ResNet18's first epoch ran at 101 img/s and the next three
-    at 140-167, then 88-136, and a plan fixed after the first left 9 of its 35 minutes unused
-    (bench/NOTES.md).  Rank 0 decides for every rank; the plan rides in ``cfg`` (and so in each
-    checkpoint).  Returns a line for the console when the plan changed."""
+    is not the run's: on a Xeon with AMX ResNet18's first 96 px epoch took 147 s and the next seven
+    90-132 s, and a plan fixed after the first left 9 of its 35 minutes unused (bench/NOTES.md).
+    Rank 0 decides for every rank; the plan rides in ``cfg`` (and so in each checkpoint).  Returns
+    a line for the console when the plan changed."""
     plan = cfg["budget"]
     size, epoch = metrics["train_image_size"], metrics["epoch"]
     shrink_only = epoch > 1 and epoch > cfg["early_epochs"]

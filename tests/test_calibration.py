@@ -1,5 +1,5 @@
 """Calibration and ensemble weights: the temperature fit (math and training's validation pass), the
-Predictor applying temperatures and weights, greedy ensemble selection, and how predict finds and
+Predictor applying temperatures and weights, ensemble weights, and how predict finds and
 fingerprints them.  Fast: no Ray, no training run."""
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ import pytest
 import torch
 from torch import nn
 
+from catdog import calibration
 from catdog.calibration import (
     CLIP,
     TEMPERATURES,
     clipped_log_loss,
+    fit_ensemble_weights,
     fit_view_temperature,
-    greedy_ensemble_weights,
     log_loss_sums,
     pick_temperature,
     view_probs,
@@ -129,35 +130,53 @@ def test_evaluate_fits_the_temperature_in_its_validation_pass(scale, over):
     assert metrics["val_log_loss_calibrated"] == pytest.approx(clipped_log_loss(p, labels), rel=1e-4)
 
 
-def test_greedy_ensemble_is_never_worse_than_its_strong_member():
+def test_the_ensemble_is_never_worse_than_its_strong_member_and_drops_a_random_one():
     margins, labels = true_margins_and_labels()
     strong = 1 / (1 + np.exp(-margins))
     random = np.random.default_rng(5).random(len(labels))
-    weights = greedy_ensemble_weights(np.stack([random, strong]), labels)
-    assert weights.sum() == pytest.approx(1.0) and weights[1] > weights[0]
+    weights = fit_ensemble_weights(np.stack([random, strong]), labels)
+    assert weights.tolist() == [0.0, 1.0]  # dropped, not a sliver: predict skips weight-0 members
     pooled = weights @ np.stack([random, strong])
     assert clipped_log_loss(pooled, labels) <= clipped_log_loss(strong, labels)
 
 
-def test_greedy_ensemble_combines_members_that_help_each_other():
+def test_the_ensemble_combines_members_that_help_each_other():
     """Two members, each with independent noise on the true margin: their average beats both."""
     margins, labels = true_margins_and_labels()
     rng = np.random.default_rng(2)
     members = np.stack([1 / (1 + np.exp(-(margins + rng.normal(0, 2.0, len(margins))))) for _ in range(2)])
-    weights = greedy_ensemble_weights(members, labels)
+    weights = fit_ensemble_weights(members, labels)
     assert np.all(weights > 0.2)
     assert clipped_log_loss(weights @ members, labels) < min(clipped_log_loss(m, labels) for m in members) - 0.01
 
 
-def test_greedy_ensemble_on_random_members_never_loses_to_the_best():
+def test_the_ensemble_weight_of_a_weaker_helpful_member_is_the_optimum_not_a_half():
+    """A strong member and a much noisier one: the best mix gives the weaker a small weight, which
+    selection with replacement (first addition at 1/2) could not reach; the fit matches a fine grid."""
+    margins, labels = true_margins_and_labels()
+    rng = np.random.default_rng(7)
+    strong = 1 / (1 + np.exp(-(margins + rng.normal(0, 1.0, len(margins)))))
+    weak = 1 / (1 + np.exp(-(0.6 * margins + rng.normal(0, 2.5, len(margins)))))
+    members = np.stack([strong, weak])
+    weights = fit_ensemble_weights(members, labels)
+    grid = np.linspace(0, 1, 1001)
+    losses = [clipped_log_loss(w * weak + (1 - w) * strong, labels) for w in grid]
+    assert 0.02 < grid[int(np.argmin(losses))] < 0.45 and clipped_log_loss(0.5 * (strong + weak), labels) > min(losses)
+    assert weights[1] == pytest.approx(grid[int(np.argmin(losses))], abs=0.01)
+    assert clipped_log_loss(weights @ members, labels) == pytest.approx(min(losses), abs=1e-5)
+    assert clipped_log_loss(weights @ members, labels) < clipped_log_loss(strong, labels) - 0.002
+
+
+def test_the_ensemble_on_random_members_never_loses_to_the_best():
     rng = np.random.default_rng(3)
     for _ in range(20):
         labels = rng.integers(0, 2, 300)
         members = rng.random((4, 300))
-        weights = greedy_ensemble_weights(members, labels)
+        weights = fit_ensemble_weights(members, labels)
         best = min(clipped_log_loss(m, labels) for m in members)
         assert clipped_log_loss(weights @ members, labels) <= best
-        assert weights.min() >= 0 and weights.sum() == pytest.approx(1.0)
+        assert weights.sum() == pytest.approx(1.0)
+        assert np.all((weights == 0) | (weights >= calibration.ENSEMBLE_MIN_WEIGHT))
 
 
 def tiny_checkpoint(folder: Path, seed: int, temperature: float | None) -> str:
