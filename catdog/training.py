@@ -534,8 +534,7 @@ def replan(cfg: dict, metrics: dict, seconds: float, device: torch.device) -> st
     if shrink_only:
         epoch_s = {**plan_epoch_seconds(cfg), size: steady}
     else:
-        predicted = {int(k): v for k, v in plan["predicted_epoch_seconds"].items()}
-        epoch_s = budget.paced_epoch_seconds(predicted, size, steady)
+        epoch_s = budget.paced_epoch_seconds(plan_epoch_seconds(cfg, "predicted_epoch_seconds"), size, steady)
     plan["epoch_seconds"] = epoch_s
     left = (plan["deadline"] - time.time()) * budget.SAFETY
     done = (epoch, min(epoch, cfg["early_epochs"]))
@@ -736,9 +735,10 @@ def planned_seconds_left(cfg: dict, epoch: int) -> float:
     return budget.plan_seconds(plan_epoch_seconds(cfg), plan_sizes(cfg), (cfg["epochs"], cfg["early_epochs"]), done)
 
 
-def plan_epoch_seconds(cfg: dict) -> dict[int, float]:
-    """A budgeted loop config's seconds of one epoch by training size (JSON made the sizes strings)."""
-    return {int(k): v for k, v in cfg["budget"]["epoch_seconds"].items()}
+def plan_epoch_seconds(cfg: dict, key: str = "epoch_seconds") -> dict[int, float]:
+    """A budgeted loop config's seconds of one epoch by training size, as re-planned (``epoch_seconds``)
+    or as first predicted (``predicted_epoch_seconds``); JSON made the sizes strings."""
+    return {int(k): v for k, v in cfg["budget"][key].items()}
 
 
 def plan_sizes(cfg: dict) -> tuple[int, int]:

@@ -140,11 +140,15 @@ def test_replan_at_the_final_size_only_ever_shortens():
     replan(short, {"epoch": 4, "train_image_size": 64}, 20.0, torch.device("cpu"))
     assert short["epochs"] == 5 and short["early_epochs"] == 3
     assert short["budget"]["epoch_seconds"] == {48: 10.0, 64: 20.0}
-    # Every final-size epoch may shorten it again: one more that ran slow leaves no room for a sixth.
-    short["budget"]["deadline"] = time.time() + 20.0
-    line = replan(short, {"epoch": 5, "train_image_size": 64}, 25.0, torch.device("cpu"))
-    assert short["epochs"] == 5 and line is None  # already the least: the epoch just trained
-    assert short["budget"]["epoch_seconds"][64] == 25.0
+    # Every final-size epoch may shorten it again, not only the first: after epoch 4 two more fit;
+    # epoch 5 ran slow with 15 s left, so the sixth goes.
+    longer = budgeted_loop_cfg(deadline_in=60.0, epochs=8, early=3)
+    replan(longer, {"epoch": 4, "train_image_size": 64}, 20.0, torch.device("cpu"))
+    assert longer["epochs"] == 6
+    longer["budget"]["deadline"] = time.time() + 15.0
+    line = replan(longer, {"epoch": 5, "train_image_size": 64}, 25.0, torch.device("cpu"))
+    assert longer["epochs"] == 5 and longer["early_epochs"] == 3 and line and "re-planned to 5 epochs" in line
+    assert longer["budget"]["epoch_seconds"][64] == 25.0
 
 
 def test_every_early_epoch_re_plans_from_its_own_pace_both_ways():
