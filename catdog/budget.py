@@ -7,15 +7,19 @@ Plain arithmetic on plain numbers, used at three moments:
    (``training.measure_speed``) into predicted epoch seconds, and plans every architecture;
 2. when an architecture starts, the driver re-plans it from the time actually left (an earlier
    architecture that ran long or short moves the later ones);
-3. inside the train loop, after every epoch, the real pace replaces the prediction: both ways
-   while the epochs are still at the early size (:func:`paced_epoch_seconds`), only ever downwards
-   once at the final size.  The
+3. inside the train loop, after every epoch, the real pace (the mean of the last ``PACE_EPOCHS``)
+   replaces the prediction: both ways while the epochs are still at the early size
+   (:func:`paced_epoch_seconds`), only ever downwards once at the final size.  The
    learning-rate schedule is a pure function of (step, total steps), so a re-plan only reshapes the
    rest of the one-cycle.
 """
 
 from __future__ import annotations
 
+# Epochs whose mean seconds pace a re-plan: one epoch's seconds drift by a third from one epoch to the
+# next on a shared 2-core VM (ResNet18 at 96 px: 89-147 s in one run), and a plan following each one
+# re-planned 13 times in that run, eight of them between 19 and 20 epochs (bench/NOTES.md).
+PACE_EPOCHS = 3
 # Plan to this share of the time left: the last epoch must not push the run past its budget.
 SAFETY = 0.95
 # Steps measured on a bare model run faster than inside the Ray pipeline, where decoding shares the
@@ -95,15 +99,20 @@ def fit_epochs(
     (epochs, early epochs) already trained.  Once an epoch ran at the final size the early count is
     fixed.  Before that, a plan may take one small-size epoch more than ``early_fraction`` says where
     that makes one more epoch fit: with epochs of 200-300 s in a 30-minute allotment, 8 epochs as
-    6 + 2 beat 7 as 5 + 2 (8 as 5 + 3 did not fit, and the minutes left went to other models).  At
-    least one epoch at the final size is always planned, even over the budget (a model must end at
-    the size it is validated and used at); nothing more than what fits otherwise."""
+    6 + 2 beat 7 as 5 + 2 (8 as 5 + 3 did not fit, and the minutes left went to other models).  One
+    more than the fraction, never more: where the early epochs done already reach the fraction's
+    split, a re-plan near the budget's edge would otherwise trade a final-size epoch for a small one
+    at every epoch (15 + 4 where 0.65 of 19 says 12 + 7).  At least one epoch at the final size is
+    always planned, even over the budget (a model must end at the size it is validated and used
+    at); nothing more than what fits otherwise."""
     done_epochs, done_early = done
     at_final = done_epochs > done_early
     best = None
     for epochs in range(done_epochs + 1, done_epochs + 100_000):
-        planned = done_early if at_final else max(done_early, split_epochs(epochs, early_fraction))
-        one_more = [planned + 1] if not at_final and early_fraction > 0 and planned + 1 < epochs else []
+        split = split_epochs(epochs, early_fraction)
+        planned = done_early if at_final else max(done_early, split)
+        may_add = not at_final and early_fraction > 0 and planned == split and planned + 1 < epochs
+        one_more = [planned + 1] if may_add else []
         fitting = [e for e in (planned, *one_more) if plan_seconds(epoch_s, sizes, (epochs, e), done) <= seconds]
         if not fitting:
             break

@@ -497,7 +497,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         if rank == 0:
             write_unreadable(cfg, unreadable)
         metrics["epoch_seconds"] = time.time() - epoch_started
-        changed = replan(cfg, metrics, metrics["epoch_seconds"], device) if cfg.get("budget") else None
+        changed = replan(cfg, history, device) if cfg.get("budget") else None
         report_epoch(model, optimizer, cfg, metrics, history, step, rank, scaler=scaler, ema=ema)
         if rank == 0:
             emit(epoch_line(cfg, metrics, clock))
@@ -517,38 +517,50 @@ def write_unreadable(cfg: dict, unreadable: list[str]) -> None:
     cfg["storage"].write_text(join(cfg["arch_uri"], "unreadable.txt"), "".join(p + "\n" for p in unreadable))
 
 
-def replan(cfg: dict, metrics: dict, seconds: float, device: torch.device) -> str | None:
-    """Re-size a budgeted run from the real pace after every epoch.  While it still trains at the
-    early size, up or down: that epoch's pace re-predicts every size from the plan's predictions
+def replan(cfg: dict, history: list[dict], device: torch.device) -> str | None:
+    """Re-size a budgeted run from the real pace after every epoch (``history[-1]``, its
+    ``epoch_seconds`` set).  While it still trains at the early size, up or down: the recent pace
+    (:func:`recent_pace`) re-predicts every size from the plan's predictions
     (:func:`budget.paced_epoch_seconds`).  Once at the final size, only ever fewer epochs, that
-    size's seconds now the last epoch's: the schedule's tail must not climb back.  One epoch's pace
+    size's seconds now its recent pace: the schedule's tail must not climb back.  One epoch's pace
     is not the run's: on a Xeon with AMX ResNet18's first 96 px epoch took 147 s and the next seven
     90-132 s, and a plan fixed after the first left 9 of its 35 minutes unused (bench/NOTES.md).
     Rank 0 decides for every rank; the plan rides in ``cfg`` (and so in each checkpoint).  Returns
     a line for the console when the plan changed."""
-    plan = cfg["budget"]
+    plan, metrics = cfg["budget"], history[-1]
     size, epoch = metrics["train_image_size"], metrics["epoch"]
     shrink_only = epoch > 1 and epoch > cfg["early_epochs"]
-    # The first epoch's first batch waited for the pipeline to start: a one-off, not the pace.
-    steady = seconds - (metrics["first_batch_seconds"] if epoch == 1 else 0.0)
+    pace, paced_epochs = recent_pace(history, size)
     if shrink_only:
-        epoch_s = {**plan_epoch_seconds(cfg), size: steady}
+        epoch_s = {**plan_epoch_seconds(cfg), size: pace}
     else:
-        epoch_s = budget.paced_epoch_seconds(plan_epoch_seconds(cfg, "predicted_epoch_seconds"), size, steady)
+        epoch_s = budget.paced_epoch_seconds(plan_epoch_seconds(cfg, "predicted_epoch_seconds"), size, pace)
     plan["epoch_seconds"] = epoch_s
     left = (plan["deadline"] - time.time()) * budget.SAFETY
     done = (epoch, min(epoch, cfg["early_epochs"]))
     epochs, early = budget.fit_epochs(left, epoch_s, plan_sizes(cfg), plan["early_fraction"], done)
-    if shrink_only:
-        epochs = min(epochs, cfg["epochs"])
+    if shrink_only or epochs == cfg["epochs"] + 1:
+        # One epoch more is within one pace's noise: growing by it now and shrinking back an epoch
+        # later reshapes the schedule twice for nothing.
+        epochs, early = (cfg["epochs"], cfg["early_epochs"]) if epochs > cfg["epochs"] else (epochs, early)
     epochs, early = broadcast_from_rank0([epochs, early], device)
     before = (cfg["epochs"], cfg["early_epochs"])
     cfg.update(epochs=epochs, early_epochs=early)
     if (epochs, early) == before:
         return None
     early_text = f" ({early} at {plan_sizes(cfg)[0]} px)" if early else ""
-    pace = f"epoch {epoch}'s pace ({seconds:.0f} s)"
-    return f"{cfg['arch']}: time budget: re-planned to {epochs} epochs{early_text} from {pace}"
+    which = f"epoch {paced_epochs[0]}'s" if len(paced_epochs) == 1 else f"epochs {paced_epochs[0]}-{paced_epochs[-1]}'s"
+    return f"{cfg['arch']}: time budget: re-planned to {epochs} epochs{early_text} from {which} pace ({pace:.0f} s)"
+
+
+def recent_pace(history: list[dict], size: int) -> tuple[float, list[int]]:
+    """Steady seconds of an epoch at ``size`` now, and the epochs it comes from: the mean of the last
+    ``budget.PACE_EPOCHS`` at that size, leaving out the run's first epoch (a warm-up) once another is
+    there.  Steady: without the first epoch's wait for its first batch (the pipeline's start)."""
+    at_size = [m for m in history if m["train_image_size"] == size]
+    recent = ([m for m in at_size if m["epoch"] > 1] or at_size)[-budget.PACE_EPOCHS :]
+    steady = [m["epoch_seconds"] - (m["first_batch_seconds"] if m["epoch"] == 1 else 0.0) for m in recent]
+    return sum(steady) / len(steady), [m["epoch"] for m in recent]
 
 
 def broadcast_from_rank0(values: list[int], device: torch.device) -> list[int]:
