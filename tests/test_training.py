@@ -25,7 +25,7 @@ from catdog.images import decode_image
 from catdog.models import build_model, split_parameters
 from catdog.presets import EvalPreset
 from catdog.storage import Storage
-from catdog.train_job import run_fingerprint, run_training
+from catdog.train_job import best_reported, run_fingerprint, run_training
 from catdog.training import autocast, input_size_for_epoch, lr_factor, to_model_input
 
 STORAGE = Storage()
@@ -388,3 +388,21 @@ def test_init_from_state_dict_with_frozen_backbone_warm_up(small_real_data, tmp_
     assert {g["name"]: g["lr"] for g in optimizer.param_groups}["backbone"] == 0
     backbone, head = split_parameters(build_model("mobilenet_v2"), "mobilenet_v2")
     assert len(head) == 2 and len(backbone) > 100
+
+
+def test_the_best_checkpoint_breaks_an_accuracy_tie_by_log_loss_then_the_later_epoch():
+    """Ray keeps checkpoints by val_acc alone; the one catdog records and predicts with is the better
+    on log loss among equal accuracies (ResNet18's epochs 12 and 14 tied at 0.9353, 0.1700 and 0.1626)."""
+    kept = [
+        ("epoch_012", {"epoch": 12, "val_acc": 0.9353, "val_log_loss": 0.1700}),
+        ("epoch_014", {"epoch": 14, "val_acc": 0.9353, "val_log_loss": 0.1626}),
+        ("epoch_011", {"epoch": 11, "val_acc": 0.9306, "val_log_loss": 0.1500}),
+    ]
+    assert best_reported(kept)[0] == "epoch_014"
+    assert best_reported(kept[::-1])[0] == "epoch_014"
+    same = [
+        ("epoch_003", {"epoch": 3, "val_acc": 0.9, "val_log_loss": 0.2}),
+        ("epoch_004", {"epoch": 4, "val_acc": 0.9, "val_log_loss": 0.2}),
+    ]
+    assert best_reported(same)[0] == "epoch_004"  # a full tie: the later, further along its schedule
+    assert best_reported([*kept, ("epoch_009", {"epoch": 9, "val_acc": 0.94, "val_log_loss": 0.3})])[0] == "epoch_009"
