@@ -37,7 +37,7 @@ from catdog.presets import EvalPreset, TrainPreset
 from catdog.report import PLAN_FILE, RUN_SUMMARY_FILE, validation_study, write_report
 from catdog.runtime import check_predict_resources, check_train_resources, cpu_model, init_ray, run_on_worker_nodes
 from catdog.storage import Storage, join
-from catdog.training import measure_speeds, train_loop_per_worker, write_json
+from catdog.training import measure_speeds, train_loop_per_worker, validation_rank, write_json
 from catdog.worker_split import ShardConfig
 
 logger = logging.getLogger(__name__)
@@ -308,7 +308,7 @@ def best_reported(checkpoints: list[tuple]) -> tuple:
     ``val_log_loss``, then the later epoch.  Ray ranks them by ``val_acc`` alone, and a tie went to
     the earlier epoch: ResNet18's epochs 12 and 14 both scored 0.9353 on a Xeon with AMX, epoch 14
     with 0.1626 log loss against 0.1700, and epoch 12 was the one used (bench/NOTES.md)."""
-    return max(checkpoints, key=lambda pair: (pair[1]["val_acc"], -pair[1]["val_log_loss"], pair[1]["epoch"]))
+    return max(checkpoints, key=lambda pair: (*validation_rank(pair[1]), pair[1]["epoch"]))
 
 
 def leaderboard_csv(rows: list[dict]) -> str:
@@ -321,7 +321,7 @@ def leaderboard_csv(rows: list[dict]) -> str:
 
 def rank_results(rows: list[dict]) -> list[dict]:
     """Best first: higher validation accuracy, then lower validation log loss."""
-    return sorted(rows, key=lambda r: (-r["val_acc"], r["val_log_loss"]))
+    return sorted(rows, key=validation_rank, reverse=True)
 
 
 def init_problems(pairs: list[tuple[str, str]], storage: Storage) -> list[str]:

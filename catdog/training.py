@@ -413,12 +413,18 @@ def validate(model: nn.Module, ema: ModelEma | None, shard, cfg: dict, device: t
     return pick_weights(raw, evaluate(ema.module, shard, cfg, device))
 
 
+def validation_rank(metrics: dict) -> tuple[float, float]:
+    """What "better on validation" means everywhere (weights, checkpoints, leaderboard): higher
+    ``val_acc``, then lower ``val_log_loss``."""
+    return (metrics["val_acc"], -metrics["val_log_loss"])
+
+
 def pick_weights(raw: dict, ema: dict) -> dict:
     """The better of two validations of the same images: higher ``val_acc``, then lower ``val_log_loss``;
     the raw weights on a tie.  The chosen one's metrics, plus ``weights`` (which one) and both
     variants' accuracy and log loss under explicit names.  Every rank sees the same all-reduced
     metrics, so every rank chooses alike."""
-    ema_wins = (ema["val_acc"], -ema["val_log_loss"]) > (raw["val_acc"], -raw["val_log_loss"])
+    ema_wins = validation_rank(ema) > validation_rank(raw)
     return {
         **(ema if ema_wins else raw),
         "weights": "ema" if ema_wins else "raw",
@@ -539,10 +545,10 @@ def replan(cfg: dict, history: list[dict], device: torch.device) -> str | None:
     left = (plan["deadline"] - time.time()) * budget.SAFETY
     done = (epoch, min(epoch, cfg["early_epochs"]))
     epochs, early = budget.fit_epochs(left, epoch_s, plan_sizes(cfg), plan["early_fraction"], done)
-    if shrink_only or epochs == cfg["epochs"] + 1:
-        # One epoch more is within one pace's noise: growing by it now and shrinking back an epoch
-        # later reshapes the schedule twice for nothing.
-        epochs, early = (cfg["epochs"], cfg["early_epochs"]) if epochs > cfg["epochs"] else (epochs, early)
+    # Never longer once at the final size; and one epoch more is within one pace's noise: growing by
+    # it now and shrinking back an epoch later reshapes the schedule twice for nothing.
+    if epochs > cfg["epochs"] and (shrink_only or epochs == cfg["epochs"] + 1):
+        epochs, early = cfg["epochs"], cfg["early_epochs"]
     epochs, early = broadcast_from_rank0([epochs, early], device)
     before = (cfg["epochs"], cfg["early_epochs"])
     cfg.update(epochs=epochs, early_epochs=early)
