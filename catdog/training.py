@@ -356,13 +356,22 @@ def evaluate(model: nn.Module, shard, cfg: dict, device: torch.device) -> dict:
     ``val_log_loss_calibrated``; ``val_log_loss`` stays the model's own).  The temperature is
     fitted from per-temperature log-loss sums over a fixed grid, accumulated in this same pass and
     all-reduced with the other sums: no second pass, and no rank holds more than its batch."""
-    net = getattr(model, "module", model)  # no DDP collectives: ranks may see unequal val shares
-    net.eval()
-    # loss, correct, log loss: summed on the device, read once at the end; the image count on the host
-    sums, n_images, unreadable = torch.zeros(3, dtype=torch.float64, device=device), 0, []
+    return evaluate_models([model], shard, cfg, device)[0]
+
+
+@torch.inference_mode()
+def evaluate_models(models: list[nn.Module], shard, cfg: dict, device: torch.device) -> list[dict]:
+    """:func:`evaluate` for several models in one pass over the shard: each batch is read and
+    decoded once and scored by every model, so the raw weights and their EMA cost one read of the
+    validation split, not two."""
+    nets = [getattr(model, "module", model) for model in models]  # no DDP collectives: ranks may see unequal val shares
+    for net in nets:
+        net.eval()
     temperatures = torch.tensor(TEMPERATURES, dtype=torch.float64, device=device)
-    calibration_sums = torch.zeros(len(TEMPERATURES), dtype=torch.float64, device=device)
-    collate = Collate()
+    # per model: loss, correct, log loss, then the log-loss sum at each temperature; summed on the
+    # device and read once at the end; the image count on the host
+    sums = torch.zeros(len(nets), 3 + len(TEMPERATURES), dtype=torch.float64, device=device)
+    n_images, unreadable, collate = 0, [], Collate()
     for batch in iter_batches(shard, cfg["batch_size"] * 2, collate, device):
         unreadable += unreadable_paths(collate.paths(batch), batch)
         valid = batch["valid"]
@@ -372,22 +381,33 @@ def evaluate(model: nn.Module, shard, cfg: dict, device: torch.device) -> dict:
             (batch["image"], batch["label"]) if valid.all() else (batch["image"][valid], batch["label"][valid])
         )
         x, y = to_model_input(images, device), labels.to(device, non_blocking=True)
-        with autocast(device, cfg["amp"]):
-            logits = net(x).float()
-        prob_dog = torch.softmax(logits, dim=1)[:, 1].clamp(*CLIP)
-        sums += torch.stack(
-            [
-                nn.functional.cross_entropy(logits, y, reduction="sum"),
-                (logits.argmax(1) == y).sum(),
-                nn.functional.binary_cross_entropy(prob_dog, y.float(), reduction="sum"),
-            ]
-        ).double()
-        calibration_sums += log_loss_sums(logits[:, 1] - logits[:, 0], y, temperatures)
+        for row, net in zip(sums, nets):
+            with autocast(device, cfg["amp"]):
+                logits = net(x).float()
+            row += batch_sums(logits, y, temperatures)
         n_images += len(labels)
-    loss, correct, log_loss, n, *calibration = all_reduce_sum(
-        [*sums.tolist(), n_images, *calibration_sums.tolist()], device
-    )
-    n = max(n, 1)
+    *totals, n = all_reduce_sum([*sums.flatten().tolist(), n_images], device)
+    width = sums.shape[1]
+    return [validation_metrics(totals[i * width : (i + 1) * width], max(n, 1), unreadable) for i in range(len(nets))]
+
+
+def batch_sums(logits: torch.Tensor, y: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
+    """One batch's summed loss, correct count and clipped log loss, then its log-loss sum at each
+    temperature, as one float64 row."""
+    prob_dog = torch.softmax(logits, dim=1)[:, 1].clamp(*CLIP)
+    metrics = torch.stack(
+        [
+            nn.functional.cross_entropy(logits, y, reduction="sum"),
+            (logits.argmax(1) == y).sum(),
+            nn.functional.binary_cross_entropy(prob_dog, y.float(), reduction="sum"),
+        ]
+    ).double()
+    return torch.cat([metrics, log_loss_sums(logits[:, 1] - logits[:, 0], y, temperatures)])
+
+
+def validation_metrics(totals: list[float], n: float, unreadable: list[str]) -> dict:
+    """:func:`evaluate`'s dict from one model's all-reduced sums (see :func:`batch_sums`) over ``n`` images."""
+    loss, correct, log_loss, *calibration = totals
     temperature, calibrated = pick_temperature(TEMPERATURES, calibration, n)
     return {
         "val_loss": loss / n,
@@ -402,15 +422,14 @@ def evaluate(model: nn.Module, shard, cfg: dict, device: torch.device) -> dict:
 
 def validate(model: nn.Module, ema: ModelEma | None, shard, cfg: dict, device: torch.device) -> dict:
     """The epoch's validation: the raw model's metrics, or with an EMA, those of the better of the two
-    (:func:`pick_weights`).  Buffers first come from rank 0, so that every rank validates, and rank 0
-    checkpoints, one and the same model."""
+    (:func:`pick_weights`), both scored in one pass over the shard.  Buffers first come from rank 0,
+    so that every rank validates, and rank 0 checkpoints, one and the same model."""
     sync_buffers_from_rank0(model)
-    raw = evaluate(model, shard, cfg, device)
     if ema is None:
-        return raw
+        return evaluate(model, shard, cfg, device)
     # DDP keeps the parameters, hence their average, identical; each rank's BatchNorm statistics differ.
     sync_buffers_from_rank0(ema.module)
-    return pick_weights(raw, evaluate(ema.module, shard, cfg, device))
+    return pick_weights(*evaluate_models([model, ema.module], shard, cfg, device))
 
 
 def validation_rank(metrics: dict) -> tuple[float, float]:

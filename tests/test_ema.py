@@ -14,7 +14,7 @@ from catdog.checkpoints import load_checkpoint, metrics_csv, save_checkpoint
 from catdog.config import TrainConfig
 from catdog.ema import ModelEma
 from catdog.models import MODEL_FILE, build_model, sequential_cnn
-from catdog.training import build_optimizer, pick_weights, train_one_epoch, validate
+from catdog.training import build_optimizer, evaluate, pick_weights, train_one_epoch, validate
 
 
 def take_steps(model: torch.nn.Module, optimizer, steps: int, after_step) -> None:
@@ -137,6 +137,40 @@ class ArrayShard:
             rows = slice(start, start + batch_size)
             paths = np.array([f"{self.prefix}/{i}.jpg" for i in range(len(self.images))[rows]])
             yield collate_fn({"image": self.images[rows], "label": self.labels[rows], "path": paths})
+
+
+class CountingShard(ArrayShard):
+    """An :class:`ArrayShard` that counts how often it is read."""
+
+    reads = 0
+
+    def iter_torch_batches(self, **options):
+        self.reads += 1
+        yield from super().iter_torch_batches(**options)
+
+
+def test_validation_reads_the_shard_once_for_the_raw_weights_and_their_ema():
+    torch.manual_seed(0)
+    model = sequential_cnn(width=4)
+    ema = ModelEma(model, 0.5)
+    take_steps(model, torch.optim.SGD(model.parameters(), lr=0.5), 3, lambda: ema.update(model))
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8), rng.integers(0, 2, 20)
+    cfg, cpu = {"batch_size": 4, "amp": False}, torch.device("cpu")
+    shard = CountingShard(images, labels, "val")
+    val = validate(model, ema, shard, cfg, cpu)
+    assert shard.reads == 1  # batches of 8: both models scored each batch
+    alone = {
+        name: evaluate(net, ArrayShard(images, labels, "val"), cfg, cpu)
+        for name, net in (("raw", model), ("ema", ema.module))
+    }
+    assert alone["raw"]["val_log_loss"] != alone["ema"]["val_log_loss"]  # two different models
+    for name, metrics in alone.items():
+        assert val[f"val_acc_{name}"] == metrics["val_acc"]
+        assert val[f"val_log_loss_{name}"] == pytest.approx(metrics["val_log_loss"], rel=1e-12)
+    chosen = alone[val["weights"]]
+    for key in ("val_loss", "temperature", "val_log_loss_calibrated", "val_images"):
+        assert val[key] == pytest.approx(chosen[key], rel=1e-12), key
 
 
 def random_shard(rng: np.random.Generator, n: int, prefix: str) -> ArrayShard:
