@@ -400,7 +400,7 @@ class RunBudget:
         speeds = measure_speeds_on_a_worker(cfg)
         world = cfg.train.num_workers
         n_train, n_val = -(-len(split.train) // world), -(-len(split.val) // world)
-        n_val *= 2 if cfg.train.ema_decay else 1  # with an EMA, every epoch validates both weights
+        n_val *= 2 if cfg.train.ema_decay else 1  # with an EMA, every epoch scores the validation images twice
         self.deadline = started + cfg.train.time_budget_minutes * 60
         self.arch_fixed = budget.ARCH_FIXED_S
         self.archs = [
@@ -454,8 +454,7 @@ class RunBudget:
     def start(self, index: int) -> dict:
         """Loop-config entries for architecture ``index``, planned from the time left now."""
         arch = self.archs[index]
-        later = [a["share"] for a in self.archs[index + 1 :]]
-        seconds = budget.arch_seconds(self.training_left(), later, arch["share"], self.arch_fixed)
+        seconds = budget.arch_seconds(self.training_left(), self.archs[index + 1 :], arch["share"], self.arch_fixed)
         plan = budget.arch_plan(arch, seconds, self.arch_fixed)
         self.record["archs"][arch["arch"]].update(
             allotted_minutes=budget.minutes(seconds), predicted_minutes=budget.minutes(plan["predicted_s"])

@@ -70,6 +70,24 @@ def test_plan_run_shares_the_time_and_fits_it():
         assert plan["predicted_s"] <= plan["allotted_s"]
 
 
+def test_a_later_model_whose_share_cannot_pay_its_one_epoch_has_it_reserved_first():
+    # The last model's share (1 of 15 of 1,140 s: 76 s) is below its one obligatory epoch (240 s,
+    # a 2-core EPYC without AVX-512's sequential_cnn): the first model leaves it that epoch.
+    slow = {"share": 1 / 15, "sizes": (64, 64), "early_fraction": 0.0, "epoch_s": {64: 240.0}}
+    first = {"share": 14 / 15, "sizes": (48, 64), "early_fraction": 0.5, "epoch_s": EPOCH_S}
+    plans = budget.plan_run([first, slow], 1200.0, arch_fixed=30.0)
+    assert plans[1]["epochs"] == 1
+    assert sum(p["predicted_s"] for p in plans) <= 1200.0
+    # All but the slow one's fixed cost and epoch (the first one's fixed cost is in its allotment).
+    assert plans[0]["allotted_s"] == pytest.approx(1200.0 - 30.0 - 240.0)
+    # A share that does pay for its epoch is not cut: the plain share rule, as before.
+    cheap = {**slow, "epoch_s": {64: 20.0}}
+    assert budget.arch_seconds(1170.0, [cheap], 14 / 15, 30.0) == pytest.approx((1170.0 - 30.0) * 14 / 15)
+    # Not even the least plans fit: nothing is left to share, and each still gets its one epoch.
+    assert budget.arch_seconds(200.0, [slow], 14 / 15, 30.0) == 0.0
+    assert [p["epochs"] for p in budget.plan_run([first, slow], 200.0, arch_fixed=30.0)] == [1, 1]
+
+
 def test_study_reserve_grows_with_the_validation_set_the_members_and_the_test_sizes():
     one = budget.study_seconds([0.01], 1000, [1.0])
     assert budget.study_seconds([0.01], 2000, [1.0]) > one
