@@ -146,8 +146,8 @@ def arch_seconds(left: float, later: list[dict], share: float, arch_fixed: float
     """Seconds for the next architecture from ``left`` (what the run has left for training): its
     share of what remains after the later architectures' fixed costs and the least plan of any later
     one whose share would not pay for it.  Without that reservation a later model's one obligatory
-    epoch lands past the budget: on a 2-core AMD EPYC without AVX-512, sequential_cnn's single epoch
-    at 64 px took 4.7 minutes, its 0.5 share paid for 1.3.  ``later``: share, sizes and epoch_s of each."""
+    epoch lands past the budget: on a 2-core AMD EPYC without AVX-512, sequential_cnn's one 64 px
+    epoch was predicted at 4.0 minutes, its 0.5 share worth 1.3.  ``later``: share, sizes and epoch_s of each."""
     spendable = max(0.0, left - arch_fixed * len(later))
     sharing = list(later)
     while True:
