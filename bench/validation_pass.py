@@ -4,10 +4,10 @@
     python bench/validation_pass.py [--config configs/local.yaml] [--data DIR] [--size 128] [--repeats 2]
 
 The validation split of the config (``configs/local.yaml``: 3,200 of the shared training images),
-read by Ray Data as ``train_job.train_datasets`` reads it (eval preset, the config's decode
-settings, Ray sized by the config), scored in this process with the config's ``train.torch_threads``
-by a ResNet18 and a copy of it standing in for the EMA (the same compute).  The two ways alternate,
-``--repeats`` times each; prints seconds per way and a Markdown line.
+read by Ray Data through ``train_job.train_datasets`` (Ray sized by the config), scored in this
+process with the config's ``train.torch_threads`` by a ResNet18 and a copy of it standing in for
+the EMA (the same compute).  The two ways alternate, ``--repeats`` times each; prints seconds per
+way and a Markdown line.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 from catdog.config import load_config
-from catdog.data import image_dataset, load_split
+from catdog.data import load_split
 from catdog.models import build_model
-from catdog.presets import EvalPreset
 from catdog.runtime import init_ray
 from catdog.storage import Storage
+from catdog.train_job import train_datasets
 from catdog.training import evaluate, evaluate_models
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -45,8 +45,7 @@ def main() -> None:
     init_ray(cfg)
     storage = Storage.from_config(cfg.storage)
     split = load_split(storage, args.data, cfg.data.val_fraction, cfg.data.seed)
-    reader = {"batch_size": cfg.data.decode_batch_size, "shards": split.shards, "threads": cfg.data.decode_threads}
-    val = image_dataset(storage, split.val, EvalPreset(args.size), **reader)
+    val = train_datasets(cfg, split, storage, args.size)["val"]
     raw = build_model("resnet18", "scratch").to(memory_format=torch.channels_last)
     ema = copy.deepcopy(raw)
     loop = {"batch_size": cfg.train.batch_size, "amp": False}
@@ -63,11 +62,9 @@ def main() -> None:
             seconds[name].append(time.perf_counter() - start)
             print(f"{name}: {seconds[name][-1]:.1f} s", flush=True)
     one, each = (statistics.median(seconds[name]) for name in ways)
-    print(
-        f"| {cpu_line()} | {len(split.val)} images at {args.size} px, fp32, {loop['batch_size'] * 2} per batch | "
-        f"{one:.1f} s ({min(seconds['one read for both']):.1f}-{max(seconds['one read for both']):.1f}) | "
-        f"{each:.1f} s ({min(seconds['one read each']):.1f}-{max(seconds['one read each']):.1f}) | {each / one:.2f}x |"
-    )
+    cells = [f"{statistics.median(t):.1f} s ({min(t):.1f}-{max(t):.1f})" for t in seconds.values()]
+    work = f"{len(split.val)} images at {args.size} px, fp32, {loop['batch_size'] * 2} per batch"
+    print(f"| {cpu_line()} | {work} | {' | '.join(cells)} | {each / one:.2f}x |")
 
 
 if __name__ == "__main__":
