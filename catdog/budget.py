@@ -181,3 +181,22 @@ def plan_run(archs: list[dict], seconds: float, arch_fixed: float) -> list[dict]
         plans.append(plan)
         left -= plan["predicted_s"]
     return plans
+
+
+def choose_sizes(archs: list[dict], seconds: float, arch_fixed: float) -> list[dict]:
+    """Every architecture at the sizes it will train at, in training order, from ``seconds`` of
+    training time: the first of its ``rungs`` (each ``sizes`` and ``epoch_s``, largest first) whose
+    plan reaches ``min_epochs``, else the one where the most epochs fit (the earlier of a tie).  Each
+    gets its share of what the earlier ones, at their chosen sizes, are predicted to leave; the later
+    ones are counted at their first rung, the dearest.  Returns ``archs`` with ``sizes``, ``epoch_s``
+    and ``rung`` (its index) set."""
+    chosen, left = [], seconds
+    for index, arch in enumerate(archs):
+        allotted = arch_seconds(left, archs[index + 1 :], arch["share"], arch_fixed)
+        options = [{**arch, **rung, "rung": i} for i, rung in enumerate(arch["rungs"])]
+        plans = [arch_plan(option, allotted, arch_fixed) for option in options]
+        enough = [i for i, plan in enumerate(plans) if plan["epochs"] >= arch["min_epochs"]]
+        pick = enough[0] if enough else max(range(len(plans)), key=lambda i: (plans[i]["epochs"], -i))
+        chosen.append(options[pick])
+        left -= plans[pick]["predicted_s"]
+    return chosen

@@ -67,6 +67,13 @@ class ModelSpec(_Section):
     # shares are normalised), and the fraction of its planned epochs at ``early_image_size``.
     budget_share: PositiveFloat | None = None
     early_fraction: float | None = Field(None, ge=0, lt=1)
+    # With train.time_budget_minutes: where fewer than ``min_epochs`` epochs fit at the sizes above,
+    # the plan tries each of ``smaller_sizes`` in turn, [early_image_size, image_size] each ([image_size]
+    # without progressive resizing), and trains at the first where they fit, else where the most fit.
+    # Where few epochs fit, smaller images pay: 4 epochs at 96>128 px scored 0.854, 8 at 64>96 0.890
+    # (bench/NOTES.md).  The sizes chosen are the model's: validation, checkpoint and predict use them.
+    smaller_sizes: list[list[PositiveInt]] = []
+    min_epochs: PositiveInt | None = None
     # Overrides train.amp for this architecture: bf16's gain depends on the model (MobileNetV2's
     # depthwise convolutions gain little; bench/NOTES.md, "Model compute").
     amp: bool | None = None
@@ -203,8 +210,8 @@ class CatdogConfig(_Section):
         if self.train.time_budget_minutes is not None:
             self._check_budgeted(index, spec)
             return
-        for key in ("budget_share", "early_fraction"):
-            if getattr(spec, key) is not None:
+        for key in ("budget_share", "early_fraction", "min_epochs", "smaller_sizes"):
+            if getattr(spec, key) not in (None, []):
                 raise ValueError(f"models.{index}.{key}: only applies with train.time_budget_minutes")
         if not spec.early_epochs:
             return
@@ -232,6 +239,21 @@ class CatdogConfig(_Section):
             raise ValueError(f"models.{index}: early_image_size and early_fraction go together under a time budget")
         if spec.early_image_size is not None and spec.early_image_size >= size:
             raise ValueError(f"models.{index}.early_image_size: needs a size below image_size ({size})")
+        self._check_smaller_sizes(index, spec, size)
+
+    def _check_smaller_sizes(self, index: int, spec: ModelSpec, size: int) -> None:
+        if bool(spec.smaller_sizes) != (spec.min_epochs is not None):
+            raise ValueError(f"models.{index}: smaller_sizes and min_epochs go together")
+        shape = "[early_image_size, image_size]" if spec.early_image_size else "[image_size]"
+        for rung, sizes in enumerate(spec.smaller_sizes):
+            where = f"models.{index}.smaller_sizes.{rung}"
+            if len(sizes) != (2 if spec.early_image_size else 1):
+                raise ValueError(f"{where}: expected {shape}, as the sizes above it (got {sizes})")
+            if sizes[-1] >= size:
+                raise ValueError(f"{where}: image_size {sizes[-1]} must be below the size before it ({size})")
+            if len(sizes) == 2 and sizes[0] >= sizes[1]:
+                raise ValueError(f"{where}: early_image_size {sizes[0]} must be below its image_size {sizes[1]}")
+            size = sizes[-1]
 
     def image_size_for(self, spec: ModelSpec) -> int:
         return spec.image_size or self.data.image_size

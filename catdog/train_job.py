@@ -370,6 +370,35 @@ def train_sizes(cfg: CatdogConfig, spec: ModelSpec) -> tuple[int, int]:
     return (spec.early_image_size or size, size)
 
 
+def size_rungs(cfg: CatdogConfig, spec: ModelSpec) -> list[tuple[int, int]]:
+    """The (early, final) sizes a time budget may train ``spec`` at, largest first: its own, then
+    each of ``smaller_sizes``."""
+    return [train_sizes(cfg, spec), *((sizes[0], sizes[-1]) for sizes in spec.smaller_sizes)]
+
+
+def at_sizes(spec: ModelSpec, sizes: tuple[int, int]) -> ModelSpec:
+    """``spec`` trained at (early, final) ``sizes``, with no smaller sizes left to choose from."""
+    early = sizes[0] if spec.early_image_size else None
+    return spec.model_copy(
+        update={"image_size": sizes[1], "early_image_size": early, "smaller_sizes": [], "min_epochs": None}
+    )
+
+
+def with_recorded_sizes(cfg: CatdogConfig, storage: Storage) -> CatdogConfig:
+    """A rerun keeps the sizes its run's plan chose (``plan.json``) instead of choosing again: the
+    models it reuses or resumes were trained at them."""
+    plan_uri = join(cfg.run_uri, PLAN_FILE)
+    if not any(spec.smaller_sizes for spec in cfg.models) or not storage.exists(plan_uri):
+        return cfg
+    recorded = json.loads(storage.read_text(plan_uri)).get("archs", {})
+    models = []
+    for spec in cfg.models:
+        planned = recorded.get(spec.arch, {})
+        sizes = (planned.get("early_image_size") or planned.get("image_size"), planned.get("image_size"))
+        models.append(at_sizes(spec, sizes) if spec.smaller_sizes and sizes in size_rungs(cfg, spec) else spec)
+    return cfg.model_copy(update={"models": models})
+
+
 def measure_speeds_on_a_worker(cfg: CatdogConfig) -> dict[str, dict]:
     """Each architecture's seconds per image at each size it trains at, measured in one Ray task
     holding what a Train worker holds (its CPUs, its GPU), so the figures are a worker's."""
@@ -383,11 +412,25 @@ def measure_speeds_on_a_worker(cfg: CatdogConfig) -> dict[str, dict]:
             "torch_threads": cfg.train.torch_threads,
             "use_gpu": cfg.train.use_gpu,
         }
-        jobs.append((spec.arch, sorted(set(train_sizes(cfg, spec))), cfg.image_size_for(spec), loop))
+        sizes = sorted({size for rung in size_rungs(cfg, spec) for size in rung})
+        jobs.append((spec.arch, sizes, cfg.image_size_for(spec), loop))
     task = ray.remote(measure_speeds).options(
         num_cpus=cfg.train.cpus_per_worker, num_gpus=1 if cfg.train.use_gpu else 0, max_retries=1
     )
     return ray.get(task.remote(jobs))
+
+
+def size_rung_seconds(cfg: CatdogConfig, spec: ModelSpec, speed: dict, n_train: int, n_val: int) -> list[dict]:
+    """Each of ``spec``'s size rungs with its predicted epoch seconds by training size.  Validation was
+    timed at the model's own size; a smaller rung's is scaled by its pixels (the first epoch's real
+    pace corrects it)."""
+    size = cfg.image_size_for(spec)
+    rungs = []
+    for sizes in size_rungs(cfg, spec):
+        rung_speed = {**speed, "val": speed["val"] * (sizes[1] / size) ** 2}
+        epoch_s = {s: budget.epoch_seconds(rung_speed, s, n_train, n_val) for s in sorted(set(sizes))}
+        rungs.append({"sizes": sizes, "epoch_s": epoch_s})
+    return rungs
 
 
 class RunBudget:
@@ -403,19 +446,18 @@ class RunBudget:
         n_val *= 2 if cfg.train.ema_decay else 1  # with an EMA, every epoch scores the validation images twice
         self.deadline = started + cfg.train.time_budget_minutes * 60
         self.arch_fixed = budget.ARCH_FIXED_S
-        self.archs = [
+        candidates = [
             {
                 "arch": spec.arch,
                 "share": share,
-                "sizes": train_sizes(cfg, spec),
                 "early_fraction": spec.early_fraction or 0.0,
                 "amp": speeds[spec.arch]["amp"],
-                "epoch_s": {
-                    size: budget.epoch_seconds(speeds[spec.arch], size, n_train, n_val)
-                    for size in train_sizes(cfg, spec)
-                },
+                "min_epochs": spec.min_epochs or 1,
+                **rungs[0],
+                "rungs": rungs,
             }
             for spec, share in zip(cfg.models, budget.shares([spec.budget_share for spec in cfg.models]))
+            for rungs in [size_rung_seconds(cfg, spec, speeds[spec.arch], n_train, n_val)]
         ]
         study = (
             budget.study_seconds(
@@ -425,6 +467,7 @@ class RunBudget:
             else 0
         )
         self.reserve = study + budget.ARCH_TAIL_S
+        self.archs = budget.choose_sizes(candidates, self.training_left(), self.arch_fixed)
         first = budget.plan_run(self.archs, self.training_left(), self.arch_fixed)
         # The whole run as planned, from the job's start: over the budget only when even the least
         # plan (one epoch at the final size each) does not fit.
@@ -439,6 +482,9 @@ class RunBudget:
                 a["arch"]: {
                     "share": round(a["share"], 4),
                     "image_sizes": image_sizes_text(a["sizes"], plan["early_epochs"]),
+                    # The sizes chosen (models.*.smaller_sizes): what a rerun of this run trains at.
+                    "image_size": a["sizes"][1],
+                    "early_image_size": a["sizes"][0] if a["sizes"][0] != a["sizes"][1] else None,
                     "precision": precision_text(speeds[a["arch"]]),
                     "planned_epochs": plan["epochs"],
                     "planned_early_epochs": plan["early_epochs"],
@@ -447,6 +493,12 @@ class RunBudget:
                 for a, plan in zip(self.archs, first)
             },
         }
+
+    def sized(self, cfg: CatdogConfig) -> CatdogConfig:
+        """``cfg`` with every model at the sizes this plan chose: what the run trains, validates,
+        checkpoints and writes to ``config.yaml``."""
+        models = [at_sizes(spec, a["sizes"]) if spec.smaller_sizes else spec for spec, a in zip(cfg.models, self.archs)]
+        return cfg.model_copy(update={"models": models})
 
     def training_left(self) -> float:
         return self.deadline - time.time() - self.reserve
@@ -513,6 +565,7 @@ def run_training(cfg: CatdogConfig, restart: bool = False) -> str:
         check_init(spec.arch, cfg.init_for(spec), storage)
     storage.check_bucket(cfg.run_uri)  # a missing bucket / wrong endpoint fails before Ray starts
     if not restart:
+        cfg = with_recorded_sizes(cfg, storage)
         check_fingerprints(cfg, storage)
     with job_log(storage, cfg.run_uri, "train") as ray_log:
         logger.info(
@@ -532,6 +585,9 @@ def run_training(cfg: CatdogConfig, restart: bool = False) -> str:
         prepare_run(cfg, storage, restart)
         ray_log.settle()
         run_budget = plan_budget(cfg, split, storage, started) if cfg.train.time_budget_minutes else None
+        if run_budget is not None:
+            cfg = run_budget.sized(cfg)
+            check_fingerprints(cfg, storage)  # a run from before plan.json recorded sizes: chosen afresh
         tracker = tracking.TrainingTracker(cfg, storage, cfg.hash()) if tracking.enabled(cfg) else None
         rows = rank_results(train_all(cfg, split, storage, started, tracker, run_budget))
         leaderboard = leaderboard_csv(rows)
@@ -567,6 +623,15 @@ def run_training(cfg: CatdogConfig, restart: bool = False) -> str:
 def plan_budget(cfg: CatdogConfig, split: Split, storage: Storage, started: float) -> RunBudget:
     """Measure, plan, and say so: in the log, in ``plan.json`` and at the end of ``config.yaml``."""
     run_budget = RunBudget(cfg, split, started)
+    for spec, arch in zip(cfg.models, run_budget.archs):
+        if arch["rung"]:
+            logger.info(
+                "%s: fewer than min_epochs (%d) fit at %s px: training at %s px (models.*.smaller_sizes)",
+                spec.arch,
+                spec.min_epochs,
+                image_sizes_text(train_sizes(cfg, spec), 1),
+                image_sizes_text(arch["sizes"], 1),
+            )
     lines = [
         f"{arch}: {p['planned_epochs']} epochs at {p['image_sizes']} px in {p['precision']}, "
         f"{p['predicted_minutes']:.1f} min"
@@ -592,7 +657,9 @@ def plan_budget(cfg: CatdogConfig, split: Split, storage: Storage, started: floa
     comment = "".join(f"#   {line}\n" for line in lines)
     storage.write_text(
         join(cfg.run_uri, "config.yaml"),
-        cfg.to_yaml() + f"# Time budget plan (re-planned as the run goes; see {PLAN_FILE}):\n" + comment,
+        run_budget.sized(cfg).to_yaml()
+        + f"# Time budget plan (re-planned as the run goes; see {PLAN_FILE}):\n"
+        + comment,
     )
     return run_budget
 

@@ -88,6 +88,31 @@ def test_a_later_model_whose_share_cannot_pay_its_one_epoch_has_it_reserved_firs
     assert [p["epochs"] for p in budget.plan_run([first, slow], 200.0, arch_fixed=30.0)] == [1, 1]
 
 
+def test_choose_sizes_takes_the_first_rung_where_min_epochs_fit_else_the_most_epochs():
+    # Rung 0 (48>64 px) fits 5 epochs of 20 s in 100 s, rung 1 (32>48) 10 of 10 s, rung 2 (24>32) 20 of 5 s.
+    rungs = [
+        {"sizes": (48, 64), "epoch_s": {48: 20.0, 64: 20.0}},
+        {"sizes": (32, 48), "epoch_s": {32: 10.0, 48: 10.0}},
+        {"sizes": (24, 32), "epoch_s": {24: 5.0, 32: 5.0}},
+    ]
+    arch = {"share": 1.0, "early_fraction": 0.5, **rungs[0], "rungs": rungs}
+
+    def chosen(min_epochs: int, seconds: float = 130.0) -> tuple:
+        [pick] = budget.choose_sizes([{**arch, "min_epochs": min_epochs}], seconds, arch_fixed=30.0)
+        return pick["rung"], pick["sizes"], pick["epoch_s"]
+
+    assert chosen(1) == (0, (48, 64), rungs[0]["epoch_s"])  # enough epochs at its own sizes: kept
+    assert chosen(5)[0] == 0 and chosen(6)[0] == 1 and chosen(11)[0] == 2
+    assert chosen(100)[:2] == (2, (24, 32))  # no rung reaches it: the most epochs
+    # A tie (each fits its one obligatory epoch only) keeps the larger images.
+    assert chosen(100, seconds=0.0)[0] == 0
+    # A later model is counted at its own (dearest) sizes while the first chooses.
+    later = {"share": 1.0, "early_fraction": 0.0, "min_epochs": 1, "sizes": (64, 64), "epoch_s": {64: 50.0}}
+    later["rungs"] = [{"sizes": (64, 64), "epoch_s": {64: 50.0}}]
+    first, second = budget.choose_sizes([{**arch, "min_epochs": 6}, later], 260.0, arch_fixed=30.0)
+    assert (first["rung"], second["rung"]) == (1, 0)  # (260 - 30) / 2 = 115 s: 5 epochs at rung 0, 8 at rung 1
+
+
 def test_study_reserve_grows_with_the_validation_set_the_members_and_the_test_sizes():
     one = budget.study_seconds([0.01], 1000, [1.0])
     assert budget.study_seconds([0.01], 2000, [1.0]) > one
@@ -337,6 +362,37 @@ def test_measure_speed_trains_in_whichever_precision_steps_faster(monkeypatch, b
             ["models=[{arch: resnet18, budget_share: 2}]"],
             "models.0.budget_share: only applies with train.time_budget_minutes",
         ),
+        (
+            ["models=[{arch: resnet18, smaller_sizes: [[64]], min_epochs: 4}]"],
+            "models.0.min_epochs: only applies with train.time_budget_minutes",
+        ),
+        (
+            ["train.time_budget_minutes=10", "models=[{arch: resnet18, smaller_sizes: [[64]]}]"],
+            "models.0: smaller_sizes and min_epochs go together",
+        ),
+        (
+            [
+                "train.time_budget_minutes=10",
+                "models=[{arch: resnet18, image_size: 96, smaller_sizes: [[48, 64]], min_epochs: 4}]",
+            ],
+            "models.0.smaller_sizes.0: expected [image_size], as the sizes above it (got [48, 64])",
+        ),
+        (
+            [
+                "train.time_budget_minutes=10",
+                "models=[{arch: resnet18, image_size: 96, early_image_size: 64, early_fraction: 0.5, "
+                "smaller_sizes: [[48, 80], [48, 80]], min_epochs: 4}]",
+            ],
+            "models.0.smaller_sizes.1: image_size 80 must be below the size before it (80)",
+        ),
+        (
+            [
+                "train.time_budget_minutes=10",
+                "models=[{arch: resnet18, image_size: 96, early_image_size: 64, early_fraction: 0.5, "
+                "smaller_sizes: [[64, 48]], min_epochs: 4}]",
+            ],
+            "models.0.smaller_sizes.0: early_image_size 64 must be below its image_size 48",
+        ),
     ],
 )
 def test_budget_config_rules(tmp_path, overrides, expected):
@@ -383,6 +439,71 @@ def test_a_budget_too_short_for_one_epoch_each_says_so_and_records_the_predicted
         ]
     else:
         assert warnings == [] and run_budget.record["archs"]["resnet18"]["planned_epochs"] > 1
+
+
+LADDER = (
+    "[{arch: resnet18, image_size: 64, early_image_size: 48, early_fraction: 0.5, "
+    "smaller_sizes: [[32, 48]], min_epochs: 6}]"
+)
+
+
+def ladder_budget(tmp_path, monkeypatch, seconds_per_image: float):
+    """plan_budget for a 10-minute run of ResNet18 with one smaller rung, at a stubbed speed."""
+    from catdog import train_job
+    from catdog.data import Split
+    from catdog.storage import Storage
+
+    speed = {"amp": False, "precision": "fp32", "val": seconds_per_image / 3}
+    speed["train"] = {size: seconds_per_image * (size / 64) ** 2 for size in (32, 48, 64)}
+    monkeypatch.setattr(train_job, "measure_speeds_on_a_worker", lambda cfg: {"resnet18": speed})
+    overrides = {"models": LADDER, "train.time_budget_minutes": 10}
+    cfg = load_config(REPO / "configs" / "quick.yaml", quick_overrides(tmp_path, tmp_path, "ladder", **overrides))
+    rows = [{"path": f"{tmp_path}/cat.{i}.jpg", "label": 0} for i in range(1000)]
+    (tmp_path / "ladder").mkdir(exist_ok=True)
+    run_budget = train_job.plan_budget(cfg, Split(train=rows, val=rows[:250]), Storage(), time.time())
+    return cfg, run_budget
+
+
+@pytest.mark.parametrize("seconds_per_image,sizes", [(0.005, (48, 64)), (0.15, (32, 48))])
+def test_a_budget_trains_at_smaller_sizes_where_min_epochs_do_not_fit(
+    tmp_path, monkeypatch, caplog, seconds_per_image, sizes
+):
+    """Fast: 6 epochs fit at 48>64 px and the model keeps its sizes.  Slow (about 160 s an epoch at
+    64 px, 90 at 48): they do not, and it trains, validates and is checkpointed at 32>48, as plan.json, the
+    log and the run's config.yaml say; a rerun keeps those sizes whatever it measures."""
+    from catdog.storage import Storage
+    from catdog.train_job import loop_config, with_recorded_sizes
+
+    with caplog.at_level("INFO", logger="catdog.train_job"):
+        cfg, run_budget = ladder_budget(tmp_path, monkeypatch, seconds_per_image)
+    planned = json.loads((tmp_path / "ladder" / "plan.json").read_text())["archs"]["resnet18"]
+    assert (planned["early_image_size"], planned["image_size"]) == sizes
+    assert planned["planned_epochs"] >= 6
+    sized = run_budget.sized(cfg)
+    loop = loop_config(sized, sized.models[0], Storage(), 800)
+    assert (loop["early_image_size"], loop["image_size"]) == sizes  # what the Train worker trains and validates at
+    assert loop["fingerprint"]["image_size"] == sizes[1]
+    written = load_config(tmp_path / "ladder" / "config.yaml").models[0]
+    assert (written.early_image_size, written.image_size, written.smaller_sizes) == (*sizes, [])
+    chose_smaller = "resnet18: fewer than min_epochs (6) fit at 48>64 px: training at 32>48 px" in caplog.text
+    assert chose_smaller is (sizes == (32, 48))
+    # The rerun: the configured ladder, resolved to the sizes recorded, with nothing left to choose.
+    rerun = with_recorded_sizes(cfg, Storage()).models[0]
+    assert (rerun.early_image_size, rerun.image_size, rerun.smaller_sizes, rerun.min_epochs) == (*sizes, [], None)
+
+
+def test_a_recorded_size_that_is_not_among_the_models_sizes_is_left_to_the_settings_check(tmp_path):
+    from catdog.storage import Storage
+    from catdog.train_job import with_recorded_sizes
+
+    overrides = {"models": LADDER, "train.time_budget_minutes": 10}
+    cfg = load_config(REPO / "configs" / "quick.yaml", quick_overrides(tmp_path, tmp_path, "ladder", **overrides))
+    assert with_recorded_sizes(cfg, Storage()) == cfg  # no plan.json yet: nothing recorded
+    (tmp_path / "ladder").mkdir()
+    plan = {"archs": {"resnet18": {"image_size": 96, "early_image_size": 64}}}
+    (tmp_path / "ladder" / "plan.json").write_text(json.dumps(plan))
+    # 64>96 is none of 48>64 and 32>48: unchanged, so check_fingerprints names image_size if a model was trained.
+    assert with_recorded_sizes(cfg, Storage()) == cfg
 
 
 def test_local_config_is_budgeted_to_45_minutes():
