@@ -585,9 +585,7 @@ def run_training(cfg: CatdogConfig, restart: bool = False) -> str:
         prepare_run(cfg, storage, restart)
         ray_log.settle()
         run_budget = plan_budget(cfg, split, storage, started) if cfg.train.time_budget_minutes else None
-        if run_budget is not None:
-            cfg = run_budget.sized(cfg)
-            check_fingerprints(cfg, storage)  # a run from before plan.json recorded sizes: chosen afresh
+        cfg = run_budget.sized(cfg) if run_budget is not None else cfg
         tracker = tracking.TrainingTracker(cfg, storage, cfg.hash()) if tracking.enabled(cfg) else None
         rows = rank_results(train_all(cfg, split, storage, started, tracker, run_budget))
         leaderboard = leaderboard_csv(rows)
@@ -623,6 +621,9 @@ def run_training(cfg: CatdogConfig, restart: bool = False) -> str:
 def plan_budget(cfg: CatdogConfig, split: Split, storage: Storage, started: float) -> RunBudget:
     """Measure, plan, and say so: in the log, in ``plan.json`` and at the end of ``config.yaml``."""
     run_budget = RunBudget(cfg, split, started)
+    # Sizes chosen here, not recorded by the run's first plan (one from before plan.json recorded
+    # them), must still be those its trained models have.
+    check_fingerprints(run_budget.sized(cfg), storage)
     for spec, arch in zip(cfg.models, run_budget.archs):
         if arch["rung"]:
             logger.info(

@@ -492,6 +492,22 @@ def test_a_budget_trains_at_smaller_sizes_where_min_epochs_do_not_fit(
     assert (rerun.early_image_size, rerun.image_size, rerun.smaller_sizes, rerun.min_epochs) == (*sizes, [], None)
 
 
+def test_sizes_chosen_afresh_must_still_be_those_a_trained_model_has(tmp_path, monkeypatch):
+    """A run trained before plan.json recorded sizes: a rerun on a slower machine would choose 32>48,
+    but its ResNet18 was trained at 48>64, so it stops naming the change instead of reusing it."""
+    from catdog.config import ConfigError
+    from catdog.train_job import run_fingerprint
+
+    overrides = {"models": LADDER, "train.time_budget_minutes": 10}
+    cfg = load_config(REPO / "configs" / "quick.yaml", quick_overrides(tmp_path, tmp_path, "ladder", **overrides))
+    (tmp_path / "ladder" / "resnet18").mkdir(parents=True)
+    result = {"epochs": 6, "fingerprint": run_fingerprint(cfg, cfg.models[0])}
+    (tmp_path / "ladder" / "resnet18" / "result.json").write_text(json.dumps(result))
+    with pytest.raises(ConfigError, match=r"resnet18: image_size 64 -> 48; resnet18: early_image_size 48 -> 32"):
+        ladder_budget(tmp_path, monkeypatch, 0.15)
+    ladder_budget(tmp_path, monkeypatch, 0.005)  # a machine where it keeps 48>64: reused as it is
+
+
 def test_a_recorded_size_that_is_not_among_the_models_sizes_is_left_to_the_settings_check(tmp_path):
     from catdog.storage import Storage
     from catdog.train_job import with_recorded_sizes
