@@ -621,9 +621,11 @@ def run_training(cfg: CatdogConfig, restart: bool = False) -> str:
 def plan_budget(cfg: CatdogConfig, split: Split, storage: Storage, started: float) -> RunBudget:
     """Measure, plan, and say so: in the log, in ``plan.json`` and at the end of ``config.yaml``."""
     run_budget = RunBudget(cfg, split, started)
-    # Sizes chosen here, not recorded by the run's first plan (one from before plan.json recorded
-    # them), must still be those its trained models have.
-    check_fingerprints(run_budget.sized(cfg), storage)
+    sized = run_budget.sized(cfg)
+    if sized != cfg:
+        # Sizes chosen here, not recorded by the run's first plan (one from before plan.json recorded
+        # them), must still be those its trained models have.  Unchanged sizes were checked at start.
+        check_fingerprints(sized, storage)
     for spec, arch in zip(cfg.models, run_budget.archs):
         if arch["rung"]:
             logger.info(
@@ -658,9 +660,7 @@ def plan_budget(cfg: CatdogConfig, split: Split, storage: Storage, started: floa
     comment = "".join(f"#   {line}\n" for line in lines)
     storage.write_text(
         join(cfg.run_uri, "config.yaml"),
-        run_budget.sized(cfg).to_yaml()
-        + f"# Time budget plan (re-planned as the run goes; see {PLAN_FILE}):\n"
-        + comment,
+        sized.to_yaml() + f"# Time budget plan (re-planned as the run goes; see {PLAN_FILE}):\n" + comment,
     )
     return run_budget
 
