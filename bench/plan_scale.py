@@ -202,8 +202,13 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    (out / f"plan_scale-{stamp}.json").write_text(json.dumps({"note": args.note, "rows": rows}, indent=2) + "\n")
-    (out / "plan_scale.md").write_text((f"{args.note}\n\n" if args.note else "") + table(rows))
+    from catdog.runtime import cpu_model
+
+    # Which machine and when, as bench/run.py's table says it: make bench passes no --note.
+    machine = f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs, {cpu_model()}"
+    note = f"{machine}; {args.note}" if args.note else machine
+    (out / f"plan_scale-{stamp}.json").write_text(json.dumps({"note": note, "rows": rows}, indent=2) + "\n")
+    (out / "plan_scale.md").write_text(f"{note}\n\n" + table(rows))
     print(table(rows))
     return 0
 

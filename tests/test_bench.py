@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from conftest import REPO
+
+from catdog.runtime import cpu_model
 
 pytestmark = pytest.mark.slow
 
@@ -140,6 +143,8 @@ def test_plan_scale_smoke_measures_both_scenarios(tmp_path):
     rows = json.loads(next(tmp_path.glob("plan_scale-*.json")).read_text())["rows"]
     assert [r["scenario"] for r in rows] == ["first", "nightly"]
     assert all(0 < r["plan_total_s"] < r["job_to_first_batch_s"] and r["driver_peak_rss_gib"] > 0 for r in rows)
+    # make bench passes no --note: the table still says which machine measured it
+    assert f"{os.cpu_count()} CPUs, {cpu_model()}" in (tmp_path / "plan_scale.md").read_text().splitlines()[0]
 
 
 def test_process_cpu_counts_a_child_and_its_cpu_seconds(tmp_path):
