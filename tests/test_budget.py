@@ -527,6 +527,50 @@ def test_local_config_is_budgeted_to_45_minutes():
     assert cfg.train.time_budget_minutes == 45
 
 
+# Seconds per image that make train's speed measurement recorded in plan.json (fp32; train steps by
+# size, a validation forward pass at the model's size): the 2-core AMD EPYC without AVX-512, run rung48
+# of 2026-12-07 (bench/NOTES.md).
+EPYC_ZEN3_SPEEDS = {
+    "resnet18": {"train": {48: 0.00619, 64: 0.00840, 96: 0.01651, 128: 0.02741}, "val": 0.00765},
+    "mobilenet_v2": {"train": {64: 0.00401}, "val": 0.00067},
+    "sequential_cnn": {"train": {48: 0.00599, 64: 0.01152}, "val": 0.00353},
+}
+
+
+@pytest.mark.parametrize(
+    "speedup,sizes",
+    # 1: the EPYC as measured; 2.5: ResNet18 about as fast as in bf16 on the Xeon with AMX (model 167:
+    # 6.4 ms an image at 96 px and 8.9 at 128 against 16.5 and 27.4 here), where it fitted 14 epochs.
+    [(1.0, (48, 64)), (2.5, (96, 128))],
+)
+def test_local_config_steps_resnet18_down_only_where_12_epochs_do_not_fit(tmp_path, monkeypatch, speedup, sizes):
+    """configs/local.yaml's ladder with make train's recorded speeds: the EPYC trains ResNet18 at 48>64
+    px (9 epochs fit at 64>96), a machine 2.5x as fast keeps 96>128."""
+    from catdog import train_job
+    from catdog.data import Split
+    from catdog.storage import Storage
+
+    speeds = {
+        arch: {
+            "amp": False,
+            "precision": "fp32",
+            "val": speed["val"] / speedup,
+            "train": {size: s / speedup for size, s in speed["train"].items()},
+        }
+        for arch, speed in EPYC_ZEN3_SPEEDS.items()
+    }
+    monkeypatch.setattr(train_job, "measure_speeds_on_a_worker", lambda cfg: speeds)
+    sets = {"storage.root": str(tmp_path), "run_name": "local"}
+    cfg = load_config(REPO / "configs" / "local.yaml", [f"{k}={v}" for k, v in sets.items()])
+    rows = [{"path": f"{tmp_path}/cat.{i}.jpg", "label": 0} for i in range(16000)]
+    (tmp_path / "local").mkdir()
+    run_budget = train_job.plan_budget(cfg, Split(train=rows[:12800], val=rows[12800:]), Storage(), time.time())
+    planned = run_budget.record["archs"]["resnet18"]
+    assert (planned["early_image_size"], planned["image_size"]) == sizes
+    assert planned["planned_epochs"] >= 12
+    assert run_budget.record["predicted_minutes"] <= 45
+
+
 @pytest.mark.slow
 @pytest.mark.serial
 def test_three_minute_budget_ends_inside_it_and_says_what_the_model_got(small_real_data, tmp_path, ray_session):
