@@ -71,7 +71,7 @@ class ModelSpec(_Section):
     # the plan tries each of ``smaller_sizes`` in turn, [early_image_size, image_size] each ([image_size]
     # without progressive resizing), and trains at the first where they fit, else where the most fit.
     # Where few epochs fit, smaller images pay: 4 epochs of ResNet18 at 96>128 px scored 0.854, 9 at
-    # 64>96 0.895 and 15 at 48>64 0.902, in the same budget on one CPU (bench/NOTES.md).  The sizes
+    # 64>96 0.895 and 15 at 48>64 0.899-0.902, in the same budget on one CPU (bench/NOTES.md).  The sizes
     # chosen are the model's: validation, checkpoint, predict and the settings fingerprint use them,
     # and a rerun keeps them (plan.json).
     smaller_sizes: list[list[PositiveInt]] = []
