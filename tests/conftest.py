@@ -210,8 +210,13 @@ def ray_session(faults_dir):
     if not ray.is_initialized():
         # The fault-injection hook (tests/faults.py) is inert until a test arms a fault.  Started as
         # the jobs start theirs: again if Ray's start times out while the other xdist worker is busy.
+        # No dashboard: nothing in-process reads Ray's State API, and Train's placement-group cleaner
+        # cannot reach it anyway while two xdist workers each run a Ray ("Found multiple active Ray
+        # instances").  Idle, the dashboard process costs 0.87 CPU-s a minute (bench/idle_ray.py), in
+        # each of the two session Rays for the whole run.  The jobs' own Rays keep their choice.
         start_local_ray(
             num_cpus=4,
+            include_dashboard=False,
             log_to_driver=True,
             runtime_env={
                 "env_vars": {

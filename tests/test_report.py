@@ -79,7 +79,13 @@ def test_train_writes_the_validation_study(quick_run):
     assert study["best+tta"]["log_loss"] == pytest.approx(best["tta"]["log_loss"], abs=1e-9)
     at_64 = tried[board[0][0], 64]["plain"]
     assert at_64["accuracy"] == pytest.approx(float(board[0][1]), abs=1.5 / n_val)
-    assert at_64["log_loss"] <= best_meta["metrics"]["val_log_loss_calibrated"] + 1e-4
+    # Seen once (2026-12-07, pass 1 under load): the 64 px pass gave the small CNN temperature 16 and
+    # log loss 0.6958 against training's 1.569 and 0.6812; the 80 px pass and a rerun of the study on
+    # the same checkpoints agreed with training.  Every fit goes into the message for the next time.
+    assert at_64["log_loss"] <= best_meta["metrics"]["val_log_loss_calibrated"] + 1e-4, (
+        f"{board[0][0]} at its training size: study {at_64}, training {best_meta['metrics']}; "
+        f"every fit: {json.dumps(study['test_sizes'])}"
+    )
     assert study["best"]["log_loss"] <= best_meta["metrics"]["val_log_loss_calibrated"] + 1e-4
     # The ensemble: weights on the leaderboard's checkpoints, never worse than its best member.
     ensemble = study["ensemble"]
