@@ -5,36 +5,25 @@
 
 Starts Ray as the jobs and the test session do (``catdog.runtime.start_local_ray``, 4 logical CPUs),
 runs one tiny Ray Data pass (so Ray Data's helper actors exist, as in a job), waits 10 s, then reads
-every process's CPU time from /proc twice, ``--window`` seconds apart.  The machine should be otherwise
+every process's CPU time (psutil) twice, ``--window`` seconds apart.  The machine should be otherwise
 idle: the total is the whole machine's busy time over the window (``/proc/stat``).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import time
-from pathlib import Path
 
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def machine_busy_seconds() -> float:
-    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / TICK
+import psutil
+from process_cpu import busy_seconds, title  # bench/ is this script's folder, so on sys.path
 
 
 def process_seconds() -> dict[int, tuple[str, float]]:
-    """pid → (command line, user + system CPU seconds so far)."""
+    """pid → (title, user + system CPU seconds so far) of every process now running."""
     out = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                command = (entry / "cmdline").read_text().replace("\0", " ").strip()
-            except OSError:
-                continue
-            out[int(entry.name)] = (command[:80], (int(stat[11]) + int(stat[12])) / TICK)
+    for p in psutil.process_iter(["pid", "name", "cmdline", "cpu_times"]):
+        if p.info["cpu_times"] is not None:
+            out[p.info["pid"]] = (title(p), p.info["cpu_times"].user + p.info["cpu_times"].system)
     return out
 
 
@@ -50,9 +39,9 @@ def main() -> None:
     start_local_ray(num_cpus=4, include_dashboard=args.dashboard)
     ray.data.range(1000).map_batches(lambda batch: batch).materialize()
     time.sleep(10)
-    before, busy = process_seconds(), machine_busy_seconds()
+    before, busy = process_seconds(), busy_seconds()
     time.sleep(args.window)
-    after, busy = process_seconds(), machine_busy_seconds() - busy
+    after, busy = process_seconds(), busy_seconds() - busy
     per_minute = 60 / args.window
     used = sorted(((after[p][1] - before[p][1], after[p][0]) for p in after if p in before), reverse=True)
     print(f"machine busy: {busy * per_minute:.2f} CPU-s per minute ({args.window:.0f} s window)")
