@@ -207,6 +207,7 @@ def catdog_train(a: dict) -> dict:
             f"train.amp={str(bf16(a)).lower()}",  # the plain loop runs the same precision
             "train.measure_amp=false",
             "ray.num_cpus=4",
+            *a.get("sets", []),
         ],
     )
     start = time.perf_counter()
@@ -278,6 +279,7 @@ def catdog_predict(a: dict) -> dict:
             # One pass per image, as the plain loop scores: local.yaml's flip TTA would double the compute.
             "predict.tta=false",
             f"ray.num_cpus={actors + 2}",
+            *a.get("sets", []),
         ],
     )
     checkpoint, storage = _checkpoint_for(a["arch"], a["size"]), Storage()

@@ -2,11 +2,14 @@
 
     python bench/run.py [--smoke] [--full] [--data DIR] [--repeats N] [--groups ingest,train,predict]
                         [--archs resnet18,...] [--paths catdog_folder,...] [--no-scaling]
+                        [--set predict.fold_batchnorm=false ...]
 
 Prints a table and writes bench/results/<timestamp>.json and bench/results/latest.md.  Every
 figure is the median of several runs (``--repeats``, else the mode's count per group), with the
 spread (min-max).  Each measurement runs in a fresh subprocess so that peak RSS and warm caches
 of one path do not leak into the next; a training run times each epoch after the first as a run.
+``--set`` overrides catdog's config in the catdog train and predict rows (one lever's A/B); the
+results then go to a file named for the overrides, never to ``latest.md``.
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ SIZES = {
 
 # Paths that time several runs in one process (one Ray start-up): they take ``repeats`` and return ``runs``.
 IN_PROCESS_REPEATS = {"catdog_train"}
+# Paths that load a catdog config: --set reaches these.
+CATDOG_CONFIG_PATHS = {"catdog_train", "catdog_predict"}
 
 
 def measure_runs(name: str, args: dict, repeats: int) -> list[dict]:
@@ -140,7 +145,8 @@ def markdown(results: list[dict], meta: dict) -> str:
     lines = [
         f"# Benchmark results ({meta['when']}, {meta['machine']})",
         "",
-        f"Mode: {meta['mode']}; precisions {', '.join(meta['precisions'])} (the same on both sides of a ratio). "
+        f"Mode: {meta['mode']}; precisions {', '.join(meta['precisions'])} (the same on both sides of a ratio)"
+        f"{'; catdog overrides ' + ', '.join(meta['sets']) if meta.get('sets') else ''}. "
         "Every figure is the median of the row's runs (min-max). Train runs are "
         "epochs 2+ of one training run; predict's steady state is the median of three chunks of a second pass.",
         "",
@@ -229,6 +235,9 @@ def main() -> int:
     parser.add_argument("--paths", default=None, help="comma-separated subset of the paths (rows), e.g. catdog_train")
     parser.add_argument("--no-scaling", action="store_true", help="leave out the 1-worker scaling rows")
     parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="catdog config override for the catdog rows"
+    )
     args = parser.parse_args()
     from catdog.runtime import cpu_model
     from catdog.training import cpu_has_fast_bf16
@@ -251,6 +260,8 @@ def main() -> int:
         rows = [row for row in rows if row[1] in args.paths.split(",")]
     for group, name, path_args in rows:
         path_args.setdefault("ray_workers", 2)
+        if args.set and name in CATDOG_CONFIG_PATHS:
+            path_args["sets"] = args.set
         runs = measure_runs(name, path_args, args.repeats or sizes["repeats"][group])
         results.append({"group": group, "path": name, "args": path_args, "summary": summarise(runs), "runs": runs})
         s = results[-1]["summary"]
@@ -270,6 +281,7 @@ def main() -> int:
         "machine": f"{os.cpu_count()} CPUs, {os.uname().machine}, {cpu_model()}",
         "precisions": list(precisions),
         "groups": sorted(groups),
+        "sets": args.set,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -284,6 +296,8 @@ def main() -> int:
         name += "-" + "-".join(args.archs.split(","))
     if args.paths or args.no_scaling:
         name += "-partial"
+    if args.set:
+        name += "-set-" + "-".join(item.replace("=", "-") for item in args.set)
     (out / f"{name}.md").write_text(table)
     print(table)
     return 0

@@ -26,6 +26,7 @@ from catdog.checkpoints import load_model, read_meta
 from catdog.config import CatdogConfig
 from catdog.console import emit
 from catdog.data import image_dataset
+from catdog.models import batchnorm_folded
 from catdog.presets import MEAN, STD, EvalPreset
 from catdog.storage import Storage, basename
 from catdog.training import BF16_MIN_SPEEDUP, autocast, bf16_speedup, cpu_has_fast_bf16, to_model_input
@@ -105,7 +106,8 @@ class Predictor:
     averaged with their refs' weights (normalised), and each one's own probability is kept in
     ``member_prob_dog`` (in ``models`` order).  ``margins``: also keep every model's raw margins,
     per view, in ``member_margins`` (models x views per row), from which the validation study fits
-    each model's temperatures and test size in one pass."""
+    each model's temperatures and test size in one pass.  ``fold_batchnorm``: score copies of the
+    models with BatchNorm folded into the convolutions (:func:`catdog.models.batchnorm_folded`)."""
 
     def __init__(
         self,
@@ -118,11 +120,15 @@ class Predictor:
         amp: bool = False,
         measure_amp: bool = False,
         margins: bool = False,
+        fold_batchnorm: bool = False,
     ):
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.models = [(ref, load_model(storage, ref.checkpoint)[0].to(self.device)) for ref in models]
+        loaded = [load_model(storage, ref.checkpoint)[0] for ref in models]
+        if fold_batchnorm:
+            loaded = [batchnorm_folded(model) for model in loaded]
+        self.models = [(ref, model.to(self.device)) for ref, model in zip(models, loaded, strict=True)]
         weights = np.array([ref.weight for ref in models], dtype=np.float32)
         self.weights = weights / weights.sum()
         self.temperatures = torch.tensor([ref.temperature for ref in models], dtype=torch.float32)[:, None, None]
@@ -254,6 +260,7 @@ def predictions_dataset(
             cfg.predict.amp,
             cfg.predict.measure_amp,
             margins,
+            cfg.predict.fold_batchnorm,
         ),
         batch_size=cfg.predict.batch_size,
         batch_format="numpy",

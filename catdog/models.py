@@ -157,6 +157,20 @@ def build_model(arch: str, init: str = "scratch", num_classes: int = 2, storage:
     return model
 
 
+def batchnorm_folded(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``model`` with each BatchNorm folded into the convolution before it
+    (torch.fx): the same function with fewer ops.  On 2 cores in fp32 it scored ResNet18 at 128 px
+    about 12% faster and MobileNetV2 15-50% (bench/NOTES.md, "Folding BatchNorm for scoring").
+    A model that fx cannot trace is returned unchanged, with a warning: slower, never wrong."""
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(model.eval())  # a deep copy: ``model`` keeps its BatchNorm layers
+    except Exception as exc:  # noqa: BLE001 - any tracing failure leaves the model as it was
+        logger.warning("scoring %s without folding BatchNorm: %s", type(model).__name__, exc)
+        return model
+
+
 def check_init(arch: str, init: str, storage: Storage) -> None:
     """Fail before any training when initial weights cannot be had."""
     if init == "scratch":

@@ -335,7 +335,7 @@ class StubPredictor(Predictor):
     }
 
     def __init__(self, storage, models, threshold, tta, use_gpu, torch_threads=None, amp=False, measure_amp=False,
-                 margins=False):  # fmt: skip
+                 margins=False, fold_batchnorm=False):  # fmt: skip
         self.threshold, self.tta, self.name, self.models, self.margins = threshold, tta, "stub", [], margins
         self.weights = np.ones(1, dtype=np.float32)
         self.temperatures = torch.ones(1, 1, 1)

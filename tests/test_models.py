@@ -11,6 +11,7 @@ import torchvision
 from catdog.models import (
     ARCHITECTURES,
     InitError,
+    batchnorm_folded,
     build_model,
     head_prefix,
     load_weights_file,
@@ -28,6 +29,44 @@ def test_every_architecture_outputs_two_logits(arch):
     backbone, head = split_parameters(model, arch)
     assert head and backbone
     assert head[-1].shape == (2,)  # the replaced classifier's bias
+
+
+def batchnorm_layers(model: torch.nn.Module) -> int:
+    return sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_folding_batchnorm_keeps_the_scores_and_leaves_the_model_it_copied(arch):
+    """Statistics and affine parameters far from BatchNorm's initial ones (a fold of mean 0, variance 1
+    is nearly the identity and would hide a wrong formula); 1e-4 of the logits' scale is float rounding."""
+    model = build_model(arch, "scratch").eval()
+    generator = torch.Generator().manual_seed(0)
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.running_mean.normal_(0, 0.5, generator=generator)
+        bn.running_var.uniform_(0.2, 2.0, generator=generator)
+        bn.weight.data.normal_(1, 0.3, generator=generator)
+        bn.bias.data.normal_(0, 0.3, generator=generator)
+    before = batchnorm_layers(model)
+    folded = batchnorm_folded(model)
+    assert before > 0 and batchnorm_layers(folded) == 0 and batchnorm_layers(model) == before
+    x = torch.randn(4, 3, 64, 64, generator=generator).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        expected, got = model(x), folded(x)
+    assert expected.abs().max() > 0.1 and torch.allclose(got, expected, rtol=0, atol=1e-4 * expected.abs().max())
+
+
+def test_a_model_fx_cannot_trace_is_scored_unfolded_with_a_warning(caplog):
+    class DataDependent(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 2, 3), torch.nn.BatchNorm2d(2)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) if x.sum() > 0 else x  # control flow on a value: fx cannot trace it
+
+    model = DataDependent()
+    assert batchnorm_folded(model) is model and not model.training
+    assert "scoring DataDependent without folding BatchNorm" in caplog.text
 
 
 def test_sequential_cnn_is_a_plain_sequential_with_a_linear_head():
