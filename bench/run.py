@@ -239,6 +239,8 @@ def main() -> int:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="catdog config override for the catdog rows"
     )
     args = parser.parse_args()
+    if not all(Path(args.data, folder).is_dir() for folder in ("train", "test1")):
+        parser.error(f"--data {args.data}: no train/ and test1/ folders there (pass --data or set CATDOG_DATA)")
     from catdog.runtime import cpu_model
     from catdog.training import cpu_has_fast_bf16
 

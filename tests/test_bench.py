@@ -45,6 +45,19 @@ def test_bench_smoke_one_catdog_row_per_group(data_dir, tmp_path):
     assert scored_as.startswith("mobilenet_v2:") and not scored_as.endswith("+tta"), scored_as
 
 
+def test_bench_set_reaches_the_catdog_rows_config_and_only_theirs(data_dir, tmp_path):
+    """An override that catdog's config refuses fails the catdog row (before any Ray starts), so
+    ``--set`` reaches the config that row loads; the plain row beside it never reads it."""
+    cmd = [sys.executable, str(REPO / "bench" / "run.py"), "--smoke", "--data", str(data_dir), "--out", str(tmp_path)]
+    cmd += ["--groups", "predict", "--no-scaling", "--set", "predict.no_such_lever=1"]
+    plain = subprocess.run([*cmd, "--paths", "plain_predict"], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert (tmp_path / "smoke-predict-partial-set-predict.no_such_lever-1.md").exists()
+    proc = subprocess.run([*cmd, "--paths", "catdog_predict"], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode != 0 and "catdog_predict failed" in proc.stderr
+    assert "predict.no_such_lever" in proc.stderr, proc.stderr[-3000:]
+
+
 @pytest.mark.bench
 def test_bench_smoke_prints_every_row(data_dir, tmp_path):
     table = bench_smoke(data_dir, tmp_path)
@@ -115,6 +128,16 @@ def test_levers_smoke_prints_every_lever(data_dir):
     rates = lever_rates(data_dir)
     assert set(rates) == {*levers.LEVERS, *levers.RAY_LEVERS}
     assert all(rate > 0 for rate in rates.values()), rates
+
+
+def test_fold_batchnorm_smoke_times_both_models_and_compares_their_logits():
+    out = run_script(str(REPO / "bench" / "fold_batchnorm.py"), "--smoke")
+    [line] = out.splitlines()
+    fields = line.split()
+    assert fields[:3] == ["sequential_cnn", "32", "px"], line
+    eager, folded, ratio = float(fields[5]), float(fields[8]), float(fields[10].rstrip("x"))
+    assert eager > 0 and folded > 0 and ratio == pytest.approx(folded / eager, abs=0.006)
+    assert float(fields[-1]) < 1e-3, line  # the same function to within float rounding
 
 
 def test_ingest_from_s3_smoke_times_folder_and_shards(data_dir):
