@@ -159,8 +159,8 @@ def build_model(arch: str, init: str = "scratch", num_classes: int = 2, storage:
 
 def batchnorm_folded(model: nn.Module) -> nn.Module:
     """An eval-mode copy of ``model`` with each BatchNorm folded into the convolution before it
-    (torch.fx): the same function with fewer ops.  On 2 cores in fp32 it scored ResNet18 at 128 px
-    about 12% faster and MobileNetV2 15-50% (bench/NOTES.md, "Folding BatchNorm for scoring").
+    (torch.fx): the same function with fewer ops.  On 2 cores in fp32 it scored ResNet18 1.15x as
+    fast at 128 px and MobileNetV2 1.27-1.90x (bench/NOTES.md, "Folding BatchNorm for scoring").
     A model that fx cannot trace is returned unchanged, with a warning: slower, never wrong."""
     from torch.fx.experimental.optimization import fuse
 
