@@ -96,16 +96,14 @@ def test_predict_amp_and_measure_amp_reach_the_predictor_actors(amp, measure_amp
 
 
 @pytest.mark.parametrize("fold", [True, False])
-def test_fold_batchnorm_reaches_the_predictor_actors_and_their_models(fold, kaggle_folder, tmp_path, ray_session):
+def test_fold_batchnorm_reaches_the_predictor_actors_and_their_models(fold, kaggle_folder, cnn_checkpoint, ray_session):
     rows = [{"path": str(p), "id": i} for i, p in enumerate(sorted(kaggle_folder.glob("*.jpg")))]
     cfg = CatdogConfig.model_validate({"predict": {"fold_batchnorm": fold}})
     args = predictor_args(
         predictions_dataset(cfg, STORAGE, rows, [ModelRef("unused", "sequential_cnn", 32, 0.875)], False)
     )
     assert args["fold_batchnorm"] is fold
-    torch.save(build_model("sequential_cnn").state_dict(), tmp_path / MODEL_FILE)
-    (tmp_path / META_FILE).write_text(json.dumps({"arch": "sequential_cnn", "image_size": 32}))
-    actor = Predictor(STORAGE, [model_ref(STORAGE, str(tmp_path))], 0.5, False, False, fold_batchnorm=fold)
+    actor = Predictor(STORAGE, [cnn_checkpoint], 0.5, False, False, fold_batchnorm=fold)
     batchnorms = [m for _, model in actor.models for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert bool(batchnorms) is not fold
 
