@@ -105,6 +105,12 @@ def warm_then_time(build, files: list[str], batch: int, column: str, startup: fl
 READER = {"batch_size": 512, "threads": 2}
 
 
+def reader(ray_workers: int) -> dict:
+    """READER on ``ray_workers`` logical CPUs: a decode task reserves a CPU per thread, so the
+    1-CPU scaling row decodes with one thread (two would never be scheduled)."""
+    return {**READER, "threads": min(READER["threads"], ray_workers)}
+
+
 def ray_read_images(a: dict) -> dict:
     import ray
 
@@ -124,7 +130,7 @@ def catdog_folder(a: dict) -> dict:
 
     def build(files):
         rows = [{"path": p, "label": 0} for p in files]
-        return image_dataset(Storage(), rows, EvalPreset(a["size"], crop_fraction=1.0), **READER)
+        return image_dataset(Storage(), rows, EvalPreset(a["size"], crop_fraction=1.0), **reader(a["ray_workers"]))
 
     files = train_files(a["data"], a["n"])
     return warm_then_time(build, files, a["batch"], "label", startup, collate_fn=Collate())
@@ -147,7 +153,8 @@ def catdog_shards(a: dict) -> dict:
 
     def build(paths):
         rows = [by_path[p] for p in paths]
-        return image_dataset(storage, rows, EvalPreset(a["size"], crop_fraction=1.0), shards=shards, **READER)
+        preset = EvalPreset(a["size"], crop_fraction=1.0)
+        return image_dataset(storage, rows, preset, shards=shards, **reader(a["ray_workers"]))
 
     return warm_then_time(build, list(by_path), a["batch"], "label", startup, collate_fn=Collate())
 

@@ -44,8 +44,9 @@ class DataConfig(_Section):
     limit: PositiveInt | None = None
     # Images decoded per Ray Data task; large batches amortise per-task overhead.
     decode_batch_size: PositiveInt = 64
-    # Threads per decode task.  Where decode is the bottleneck (GPU predict, small machines),
-    # 2 threads over 512-1024 images per task beat more single-threaded tasks (bench/NOTES.md).
+    # Threads per decode task; each task reserves as many CPUs.  Where decode is the bottleneck
+    # (GPU predict, small machines), 2 threads over 512-1024 images per task beat more
+    # single-threaded tasks (bench/NOTES.md).
     decode_threads: PositiveInt = 1
 
 

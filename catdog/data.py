@@ -259,7 +259,6 @@ def image_dataset(
     *,
     batch_size: int = 64,
     drop_errors: bool = False,
-    num_cpus: float = 1,
     shards=None,
     threads: int = 1,
     shuffle_blocks: bool = False,
@@ -268,9 +267,11 @@ def image_dataset(
 
     A single preset gives an ``image`` column.  From a folder: one block per ``batch_size`` files,
     decoded by one task (with ``threads`` decode threads): large enough to amortise task overhead,
-    small enough that several tasks run side by side.  With ``shards`` (the
-    :class:`~catdog.shards.ShardSet` the rows were listed from) the images are read from its
-    Parquet files instead, keeping only ``rows``.
+    small enough that several tasks run side by side.  Each task reserves ``threads`` CPUs, one per
+    thread it runs: reserving one let Ray start a task per CPU, each with all its threads, and on 2
+    cores that oversubscription cost a third of the ingest rate (bench/NOTES.md, "Levers").  With
+    ``shards`` (the :class:`~catdog.shards.ShardSet` the rows were listed from) the images are read
+    from its Parquet files instead, keeping only ``rows``.
 
     ``shuffle_blocks``: a new block order at every execution (each training epoch): the blocks of
     paths (or the shard files) are shuffled *before* the decode, which therefore streams.  Shuffled
@@ -292,7 +293,7 @@ def image_dataset(
                 fn_args=(storage, presets, drop_errors, threads),
                 batch_size=batch_size,
                 batch_format="numpy",
-                num_cpus=num_cpus,
+                num_cpus=threads,
             )
         )
     # Few large blocks cross the driver (one object each); streaming repartition cuts them into one
@@ -308,7 +309,7 @@ def image_dataset(
             fn_args=(storage, presets, drop_errors, threads),
             batch_size=batch_size,
             batch_format="numpy",
-            num_cpus=num_cpus,
+            num_cpus=threads,
         )
     )
 

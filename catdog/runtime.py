@@ -136,6 +136,34 @@ def _check_placement(
     return total.get("CPU", 0)
 
 
+def _check_decode_room(job: str, cfg, held_cpus: float, cluster_cpus: float, holders: str, advice: str) -> None:
+    """Each decode task reserves ``data.decode_threads`` CPUs: refuse when no node has that many, and
+    warn when the workers or actors (``held_cpus``) leave fewer free than one task needs."""
+    threads = cfg.data.decode_threads
+    if not _fits_on_one_node(threads, 0) and not os.environ.get("CATDOG_AUTOSCALING_CLUSTER"):
+        raise ResourceError(
+            f"{job} needs a node with {threads} CPUs for each decode task (data.decode_threads={threads}) "
+            "but no node of the Ray cluster has that many; lower data.decode_threads, or add larger nodes "
+            "(set CATDOG_AUTOSCALING_CLUSTER=1 on an autoscaling cluster to skip this check)"
+        )
+    if held_cpus >= cluster_cpus:
+        logger.warning(
+            "%s take all %g CPUs; Ray Data will have none left to decode images. Raise ray.num_cpus or %s.",
+            holders,
+            cluster_cpus,
+            advice,
+        )
+    elif cluster_cpus - held_cpus < threads:
+        logger.warning(
+            "%s leave %g of %g CPUs, fewer than the %d each decode task reserves (data.decode_threads); "
+            "Ray Data will not decode images. Lower data.decode_threads or raise ray.num_cpus.",
+            holders,
+            cluster_cpus - held_cpus,
+            cluster_cpus,
+            threads,
+        )
+
+
 def check_train_resources(cfg) -> None:
     """Fail instead of letting Ray Train wait forever for workers that can never be placed."""
     workers, cpus = cfg.train.num_workers, cfg.train.cpus_per_worker
@@ -149,12 +177,8 @@ def check_train_resources(cfg) -> None:
         unit="worker",
         advice="lower train.num_workers or train.cpus_per_worker, or add nodes",
     )
-    if workers * cpus >= cluster_cpus and not cfg.train.use_gpu:
-        logger.warning(
-            "Train workers take all %g CPUs; Ray Data will have none left to decode images. "
-            "Raise ray.num_cpus or lower train.cpus_per_worker.",
-            cluster_cpus,
-        )
+    held = 0 if cfg.train.use_gpu else workers * cpus
+    _check_decode_room("train", cfg, held, cluster_cpus, "Train workers", "lower train.cpus_per_worker")
 
 
 def check_predict_resources(cfg) -> None:
@@ -171,12 +195,7 @@ def check_predict_resources(cfg) -> None:
         unit="predictor actor",
         advice="lower predict.concurrency, cpus_per_actor or num_gpus, or add nodes",
     )
-    if actors * cpus >= cluster_cpus:
-        logger.warning(
-            "Predictor actors take all %g CPUs; Ray Data will have none left to decode images. "
-            "Raise ray.num_cpus or lower predict.concurrency.",
-            cluster_cpus,
-        )
+    _check_decode_room("predict", cfg, actors * cpus, cluster_cpus, "Predictor actors", "lower predict.concurrency")
 
 
 def worker_nodes(cpus: float, gpus: float) -> list[dict]:

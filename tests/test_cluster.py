@@ -301,6 +301,9 @@ print("PROBE " + json.dumps({
     "train 2x1": attempt(check_train_resources, train={"num_workers": 2}),
     "train 5x1": attempt(check_train_resources, train={"num_workers": 5}),
     "predict 5x1": attempt(check_predict_resources, predict={"concurrency": 5}),
+    "predict decode 4": attempt(check_predict_resources, data={"decode_threads": 4}),
+    "predict decode 4 autoscaling": attempt(check_predict_resources, True, data={"decode_threads": 4}),
+    "train 3x1 decode 3": attempt(check_train_resources, train={"num_workers": 3}, data={"decode_threads": 3}),
 }))
 """
 
@@ -347,6 +350,15 @@ def test_placement_checks_on_two_nodes_autoscaling_bypass_and_no_cpu_left_warnin
         assert found[case]["outcome"] == "ok"
         assert [w.split(";")[0] for w in found[case]["warnings"]] == [f"{who} take all 5 CPUs"], found[case]
         assert "Ray Data will have none left to decode images" in found[case]["warnings"][0]
+    # A decode task reserves a CPU per data.decode_threads: 4 fit neither node, 3 fit the worker node
+    # but not beside three 1-CPU workers.
+    refused = found["predict decode 4"]["outcome"]
+    assert refused.startswith("refused: predict needs a node with 4 CPUs for each decode task"), refused
+    assert "lower data.decode_threads" in refused
+    assert found["predict decode 4 autoscaling"] == {"outcome": "ok", "warnings": []}
+    [warning] = found["train 3x1 decode 3"]["warnings"]
+    assert found["train 3x1 decode 3"]["outcome"] == "ok"
+    assert warning.startswith("Train workers leave 2 of 5 CPUs, fewer than the 3 each decode task reserves"), warning
 
 
 def test_init_weights_missing_on_a_worker_node_stop_the_job_before_training(

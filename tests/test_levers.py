@@ -27,17 +27,22 @@ from catdog.storage import Storage
 from catdog.train_job import train_datasets
 
 STORAGE = Storage()
-LEVERS = {"data.decode_threads": 3, "data.decode_batch_size": 7}
+# A decode task reserves a CPU per thread: one CPU for three threads let Ray oversubscribe the cores.
+LEVERS = {"data.decode_threads": 3, "data.decode_batch_size": 7, "CPUs per decode task": 3}
 
 
 def decode_settings(ds) -> dict:
-    """The decode step's ``threads`` and batch size, as the plan will run them."""
+    """The decode step's ``threads``, batch size and CPUs reserved per task, as the plan will run them."""
     op = ds._logical_plan.dag
     while op is not None:
         if getattr(op, "fn", None) is decode_batch:
             bound = inspect.signature(decode_batch).bind({}, *op.fn_args, **(op.fn_kwargs or {}))
             bound.apply_defaults()
-            return {"data.decode_threads": bound.arguments["threads"], "data.decode_batch_size": op.batch_size}
+            return {
+                "data.decode_threads": bound.arguments["threads"],
+                "data.decode_batch_size": op.batch_size,
+                "CPUs per decode task": op.ray_remote_args.get("num_cpus"),
+            }
         op = op.input_dependencies[0] if op.input_dependencies else None
     raise AssertionError(f"no decode_batch step in the plan of {ds}")
 
