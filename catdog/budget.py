@@ -23,7 +23,7 @@ PACE_EPOCHS = 3
 # Plan to this share of the time left: the last epoch must not push the run past its budget.
 SAFETY = 0.95
 # Steps measured on a bare model run faster than inside the Ray pipeline, where decoding shares the
-# cores (Ray Train reached 0.74-0.80 of a plain loop on 2 cores, bench/results/latest.md); the
+# cores (Ray Train reached 0.65-0.85 of a plain loop on 2 cores, bench/NOTES.md "Targets"); the
 # first real epoch corrects the rest.
 PIPELINE_EFFICIENCY = 0.8
 # Per epoch beyond the steps: the data pipeline's restart, the checkpoint write and upload.
