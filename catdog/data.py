@@ -269,9 +269,9 @@ def image_dataset(
     decoded by one task (with ``threads`` decode threads): large enough to amortise task overhead,
     small enough that several tasks run side by side.  Each task reserves ``threads`` CPUs, one per
     thread it runs: reserving one let Ray start a task per CPU, each with all its threads, and on 2
-    cores that oversubscription cost a third of the ingest rate (bench/NOTES.md, "Levers").  With
-    ``shards`` (the :class:`~catdog.shards.ShardSet` the rows were listed from) the images are read
-    from its Parquet files instead, keeping only ``rows``.
+    cores that oversubscription cost a fifth to a third of the ingest rate (bench/NOTES.md, "Decode
+    tasks reserve a CPU per thread").  With ``shards`` (the :class:`~catdog.shards.ShardSet` the rows
+    were listed from) the images are read from its Parquet files instead, keeping only ``rows``.
 
     ``shuffle_blocks``: a new block order at every execution (each training epoch): the blocks of
     paths (or the shard files) are shuffled *before* the decode, which therefore streams.  Shuffled
