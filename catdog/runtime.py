@@ -140,12 +140,9 @@ def _check_decode_room(job: str, cfg, held_cpus: float, cluster_cpus: float, hol
     """Each decode task reserves ``data.decode_threads`` CPUs: refuse when no node has that many, and
     warn when the workers or actors (``held_cpus``) leave fewer free than one task needs."""
     threads = cfg.data.decode_threads
-    if not _fits_on_one_node(threads, 0) and not os.environ.get("CATDOG_AUTOSCALING_CLUSTER"):
-        raise ResourceError(
-            f"{job} needs a node with {threads} CPUs for each decode task (data.decode_threads={threads}) "
-            "but no node of the Ray cluster has that many; lower data.decode_threads, or add larger nodes "
-            "(set CATDOG_AUTOSCALING_CLUSTER=1 on an autoscaling cluster to skip this check)"
-        )
+    why = f"data.decode_threads={threads}"
+    advice = "lower data.decode_threads, or add larger nodes"
+    _check_placement(job, 1, threads, 0, cpu_why=why, gpu_why=why, unit="decode task", advice=advice)
     if held_cpus >= cluster_cpus:
         logger.warning(
             "%s take all %g CPUs; Ray Data will have none left to decode images. Raise ray.num_cpus or %s.",

@@ -353,7 +353,7 @@ def test_placement_checks_on_two_nodes_autoscaling_bypass_and_no_cpu_left_warnin
     # A decode task reserves a CPU per data.decode_threads: 4 fit neither node, 3 fit the worker node
     # but not beside three 1-CPU workers.
     refused = found["predict decode 4"]["outcome"]
-    assert refused.startswith("refused: predict needs a node with 4 CPUs for each decode task"), refused
+    assert refused.startswith("refused: predict needs a node with 4 CPUs and 0 GPUs for each decode task"), refused
     assert "lower data.decode_threads" in refused
     assert found["predict decode 4 autoscaling"] == {"outcome": "ok", "warnings": []}
     [warning] = found["train 3x1 decode 3"]["warnings"]
