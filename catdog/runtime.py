@@ -55,11 +55,20 @@ LOCAL_RAY_STARTS = 3
 _START_TIMEOUT = "timed out during startup"
 
 
+# Ray Train starts a PreemptionWatcher actor per run to log which nodes the autoscaler drains (spot
+# preemption).  An embedded Ray is one node that nothing drains, so the actor only costs: about 2 CPU-s
+# per Train run on 2 cores (bench/NOTES.md, "Embedded Ray: Train's preemption watcher").  The raylet
+# and the TrainController inherit this process's environment; a value the user set is kept.
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+
 def start_local_ray(**kwargs: Any) -> None:
     """``ray.init(address="local")``, started again (up to ``LOCAL_RAY_STARTS`` times in all) when
-    Ray's own start times out, once the half-started node's processes are stopped."""
+    Ray's own start times out, once the half-started node's processes are stopped.  Train runs on it
+    start no preemption watcher unless ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER`` says so."""
     import ray
 
+    os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     for start in range(1, LOCAL_RAY_STARTS + 1):
         try:
             ray.init(address="local", **kwargs)

@@ -252,6 +252,9 @@ def test_train_and_predict_jobs(cluster, small_real_data, tmp_path):
     tasks = api(cluster, "/api/v0/tasks?limit=10000&detail=true", token)["data"]["result"]["result"]
     on_worker = sorted({t["name"] for t in tasks if t.get("node_id") == worker_node})
     assert on_worker, "no task or actor of the train job ran on the worker node"
+    # Jobs on a cluster keep Ray Train's defaults: only an embedded Ray drops the preemption watcher.
+    actors = api(cluster, "/api/v0/actors?limit=10000&detail=true", token)["data"]["result"]["result"]
+    assert "PreemptionWatcher" in {actor["class_name"] for actor in actors}
 
     predict = submit(cluster, "predict", sets)
     assert predict.returncode == 0, "predict job did not succeed"

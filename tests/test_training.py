@@ -112,6 +112,17 @@ def test_quick_run_trains_all_three_and_picks_the_best(quick_run):
 
 
 @pytest.mark.slow
+def test_train_runs_on_an_embedded_ray_start_no_preemption_watcher(quick_run, ray_session):
+    """An embedded Ray is one node that no autoscaler drains: its Train runs skip the watcher actor
+    (catdog.runtime.start_local_ray).  The cluster keeps Ray's default: test_cluster's train job."""
+    from ray._private import state
+
+    classes = [actor["ActorClassName"] for actor in state.actors().values()]
+    assert classes.count("TrainController") >= 3, classes  # quick_run's three architectures ran here
+    assert "PreemptionWatcher" not in classes
+
+
+@pytest.mark.slow
 def test_best_checkpoint_reproduces_its_validation_accuracy(quick_run):
     cfg, best_uri = quick_run
     best = json.loads(Path(best_uri).read_text())
