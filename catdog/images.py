@@ -42,10 +42,15 @@ def label_from_path(path: str) -> int | None:
     return _FOLDER_LABELS.get(folder)
 
 
+# Ids are int64 (Parquet, the submission): a longer number, such as a 20-digit timestamp name, is no id.
+ID_MAX = 2**63 - 1
+
+
 def id_from_path(path: str) -> int | None:
-    """The numeric Kaggle id of ``test1/123.jpg``, or None for other names."""
+    """The numeric Kaggle id of ``test1/123.jpg``, or None for other names and numbers past ``ID_MAX``."""
     match = _ID_NAME.match(posixpath.basename(path))
-    return int(match.group(1)) if match else None
+    value = int(match.group(1)) if match else None
+    return value if value is not None and value <= ID_MAX else None
 
 
 def list_images(storage: Storage, uri: str) -> list[str]:
@@ -90,7 +95,12 @@ def image_listing(storage: Storage, uri: str) -> pa.Table:
 def names_to_columns(paths: pa.ChunkedArray | pa.Array) -> dict[str, pa.Array]:
     """``id`` and ``label`` columns from paths, as :func:`id_from_path` and :func:`label_from_path` read them."""
     base = pc.replace_substring_regex(paths, r"^.*/", "")
-    ids = pc.struct_field(pc.extract_regex(base, r"^(?P<id>\d+)\.[^.]+$"), [0])
+    digits = pc.utf8_ltrim(pc.struct_field(pc.extract_regex(base, r"^(?P<id>\d+)\.[^.]+$"), [0]), "0")
+    digits = pc.if_else(pc.equal(digits, ""), "0", digits)  # "000.jpg" is id 0
+    # Past ID_MAX is no id (a cast would fail the whole listing): equally long numbers compare as text.
+    length, most = pc.utf8_length(digits), str(ID_MAX)
+    fits = pc.or_(pc.less(length, len(most)), pc.and_(pc.equal(length, len(most)), pc.less_equal(digits, most)))
+    ids = pc.if_else(fits, digits, pa.scalar(None, pa.string()))
     kaggle = pc.struct_field(pc.extract_regex(base, r"(?i)^(?P<k>cat|dog)\."), [0])
     folder = pc.struct_field(pc.extract_regex(paths, r"(?i)(?:^|/)(?P<f>cats?|dogs?)/[^/]*$"), [0])
     kind = pc.utf8_lower(pc.coalesce(kaggle, folder))

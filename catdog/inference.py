@@ -36,6 +36,9 @@ logger = logging.getLogger(__name__)
 # Images per timed forward pass when an actor picks its precision: about a second in all for
 # ResNet18 at 128 px on 2 cores; the per-image speed barely depends on the batch.
 PRECISION_BATCH = 32
+# The id of a name without one, inside the pipeline: a null in an int64 column makes Ray's numpy
+# batches float64, which rounds ids past 2**53 (a nanosecond-timestamp name) to a neighbour's.
+NO_ID = -1
 
 
 @dataclass(frozen=True)
@@ -171,12 +174,13 @@ class Predictor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         bad = np.array([bool(e) for e in batch["error"]], dtype=bool)
+        ids = np.asarray(batch["id"], dtype=np.int64)
         margins = self.member_margins(batch)
         members = self.calibrated(margins)
         prob = (self.weights @ members).astype(np.float32)
         label = (prob >= self.threshold).astype(np.int8)
         columns = {
-            "id": pa.array(batch["id"], type=pa.int64(), from_pandas=True),  # NaN (no id in the name) → null
+            "id": pa.array(ids, mask=ids == NO_ID, type=pa.int64()),
             "path": pa.array(batch["path"], type=pa.string()),
             "prob_dog": pa.array(prob, mask=bad, type=pa.float32()),
             "label": pa.array(label, mask=bad, type=pa.int8()),
@@ -245,6 +249,8 @@ def predictions_dataset(
 
     presets = {ref.column: ref.preset for ref in models}
     use_gpu = cfg.predict.num_gpus > 0
+    rows = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows)
+    rows = rows.set_column(rows.schema.get_field_index("id"), "id", pc.fill_null(rows["id"].cast(pa.int64()), NO_ID))
     decoded = image_dataset(
         storage, rows, presets, batch_size=cfg.data.decode_batch_size, shards=shards, threads=cfg.data.decode_threads
     )

@@ -110,7 +110,7 @@ class ScoringPlan:
     fingerprint: str
     listing: pa.Table  # path, size, version, id (+ any other listing columns)
     to_score: pa.Table
-    reused: int  # rows of predictions/ (complete earlier runs) still valid
+    reused: int  # listed rows with a still-valid row in predictions/ (complete earlier runs)
     resumed: int  # rows committed as parts by an interrupted run
     removed: int  # rows of predictions/ whose file is gone
 
@@ -178,14 +178,15 @@ def _removed(storage: Storage, uri: str, keys: pa.Table) -> int:
 
 def _still_valid(storage: Storage, uri: str, keys: pa.Table, fingerprint: str) -> tuple[np.ndarray | None, int]:
     """Which listed rows ``predictions/`` holds a result for, made with ``fingerprint`` at the same
-    path, size and version (a mask over ``keys``), and how many of its rows are such results.
+    path, size and version (a mask over ``keys``), and how many listed rows that is.
     Only its rows with this fingerprint, and only their key columns, are read."""
     earlier = parquet_dataset(storage, uri, [*KEYS, "scoring"])
     if earlier is None:
         return None, 0
     with storage.errors(uri):
         valid = earlier.to_table(columns=KEYS, filter=pc.field("scoring") == fingerprint)
-    return member(keys, valid), int(member(valid, keys).sum())
+    done = member(keys, valid)
+    return done, int(done.sum())
 
 
 def part_name(paths: pa.Array) -> str:
@@ -249,21 +250,25 @@ def score_and_commit(ds, plan: ScoringPlan) -> Progress:
 
 
 def promote(storage: Storage, plan: ScoringPlan, threshold: float) -> int:
-    """Merge the still-valid rows of ``predictions/`` and every committed part into a new
-    ``predictions/`` (labels recomputed at ``threshold``, rows sorted by path), replace the old
-    one all-or-nothing, then drop ``predictions.partial/``.  Returns the row count."""
+    """Merge every committed part and the still-valid rows of ``predictions/`` into a new
+    ``predictions/`` (one row per path, labels recomputed at ``threshold``, rows sorted by path),
+    replace the old one all-or-nothing, then drop ``predictions.partial/``.  Returns the row count.
+
+    A part wins over an earlier row of the same path: it is this run's result (``--full`` re-scores
+    images that ``predictions/`` holds).  Earlier rows are read only when the plan reused some, and
+    repeated paths among them are dropped too: an S3 copy killed half-way leaves old and new objects
+    of ``predictions/`` side by side (:meth:`~catdog.storage.Storage.replace_dir`)."""
     columns = PREDICTION_SCHEMA.names
     keys = plan.listing.select(KEYS)
-    tables = []
-    previous = read_parquet_folder(storage, plan.predictions_uri, columns)
-    if previous is not None:
-        tables.append(_semi(previous.filter(pc.equal(previous["scoring"], plan.fingerprint)), keys, KEYS))
+    tables = [PREDICTION_SCHEMA.empty_table()]
     parts = read_parquet_folder(storage, plan.parts_uri, columns)
     if parts is not None:
-        parts = _semi(_semi(parts, keys, KEYS), tables[0] if tables else None, ["path"], anti=True)
-        tables.append(first_per_path(parts))
-    merged = pa.concat_tables([t.select(columns).cast(PREDICTION_SCHEMA) for t in tables]).sort_by("path")
-    merged = relabel(merged, threshold)
+        tables.append(_semi(parts, keys, KEYS))
+    previous = read_parquet_folder(storage, plan.predictions_uri, columns) if plan.reused else None
+    if previous is not None:
+        tables.append(_semi(previous.filter(pc.equal(previous["scoring"], plan.fingerprint)), keys, KEYS))
+    merged = first_per_path(pa.concat_tables([t.select(columns).cast(PREDICTION_SCHEMA) for t in tables]))
+    merged = relabel(merged.sort_by("path"), threshold)
     missing = _semi(keys, merged, KEYS, anti=True).num_rows
     if missing:
         raise RuntimeError(f"{plan.output_uri}: {missing} listed images have no committed result; run again")
@@ -273,10 +278,11 @@ def promote(storage: Storage, plan: ScoringPlan, threshold: float) -> int:
 
 
 def first_per_path(table: pa.Table) -> pa.Table:
-    """One row per path (a batch retried by Ray after its part was written may be committed twice)."""
+    """The first row of each path (a batch retried by Ray after its part was written may be
+    committed twice; :func:`promote` puts parts before earlier results)."""
     if pc.count_distinct(table["path"]).as_py() == table.num_rows:
         return table
-    indexed = table.append_column("_row", pa.array(range(table.num_rows), pa.int64()))
+    indexed = table.append_column("_row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
     first = indexed.group_by("path").aggregate([("_row", "min")])["_row_min"]
     return table.take(first)
 

@@ -153,7 +153,11 @@ def read_with_retries(uri: str, read, endpoint: str | None = None, retry_missing
     raise AssertionError("unreachable")
 
 
-_READ_FAILURE = re.compile(r"((?:s3://|/)\S*?): ([^\n]*?) \(" + READ_FAILED + r" (\d+) attempt\(s\)\)")
+# A ReadError's text starts a line or follows the exception's name ("catdog.storage.ReadError: ") in
+# Ray's tracebacks; the path runs to the first ": ", so it may hold spaces ("s3://b/my cat.jpg").
+_READ_FAILURE = re.compile(
+    r"(?:^|Error: )((?:s3://|/)[^\n]*?): ([^\n]*?) \(" + READ_FAILED + r" (\d+) attempt\(s\)\)", re.MULTILINE
+)
 
 
 def _error_texts(exc: BaseException, seen: set[int]) -> Iterator[str]:

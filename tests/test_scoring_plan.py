@@ -30,7 +30,7 @@ from catdog.images import LISTING_SCHEMA, id_from_path, label_from_path
 from catdog.models import build_model
 from catdog.predict_job import run_predict
 from catdog.presets import EvalPreset
-from catdog.scoring_plan import PARTIAL, PARTS, PREDICTION_SCHEMA, make_plan
+from catdog.scoring_plan import PARTIAL, PARTS, PREDICTION_SCHEMA, commit_part, make_plan, promote
 from catdog.storage import Storage
 
 STORAGE = Storage()
@@ -160,6 +160,48 @@ def test_a_changed_file_is_scored_again_even_when_key_hashes_collide(tmp_path, m
     assert (plan.reused, plan.resumed, plan.removed) == (2, 0, 1)
 
 
+def scored_rows(listing: pa.Table, prob_dog: float) -> pa.Table:
+    """What the predictor hands to ``commit_part`` for ``listing``: every row scored ``prob_dog``."""
+    n = listing.num_rows
+    columns = {
+        "id": listing["id"],
+        "path": listing["path"],
+        "prob_dog": pa.array(np.full(n, prob_dog, dtype=np.float32)),
+        "label": pa.array(np.zeros(n, dtype=np.int8)),
+        "model": pa.array(["m"] * n),
+        "error": pa.nulls(n, pa.string()),
+        "size": listing["size"],
+        "version": listing["version"],
+    }
+    return pa.table(columns, schema=pa.schema([f for f in PREDICTION_SCHEMA if f.name != "scoring"]))
+
+
+def test_full_replaces_earlier_rows_and_a_merge_keeps_one_row_per_path(tmp_path):
+    """``--full`` must keep this run's scores, not the earlier ones; and rows repeated in
+    ``predictions/`` (old and new objects side by side after an S3 copy killed half-way) must not
+    survive the next merge."""
+    listing = synthetic_listing(4).select(["path", "size", "version", "id"])
+    out = tmp_path / "out"
+    (out / "predictions").mkdir(parents=True)
+    earlier = scored_rows(listing, 0.1).append_column("scoring", pa.array(["fp"] * 4))
+    pq.write_table(earlier, out / "predictions" / "part-00000.parquet")
+    pq.write_table(earlier.slice(0, 2), out / "predictions" / "part-00001.parquet")  # the stale object
+
+    plan = make_plan(STORAGE, listing, str(out), "fp", full=False)
+    assert (plan.reused, plan.to_score.num_rows) == (4, 0)
+    assert promote(STORAGE, plan, 0.5) == 4
+    merged = pq.read_table(out / "predictions")
+    assert sorted(merged["path"].to_pylist()) == sorted(listing["path"].to_pylist())
+
+    plan = make_plan(STORAGE, listing, str(out), "fp", full=True)
+    assert (plan.reused, plan.to_score.num_rows) == (0, 4)
+    commit_part(scored_rows(plan.to_score, 0.9), STORAGE, plan.parts_uri, "fp")
+    assert promote(STORAGE, plan, 0.5) == 4
+    rescored = pq.read_table(out / "predictions")
+    assert rescored["prob_dog"].to_pylist() == pytest.approx([0.9] * 4)
+    assert rescored["label"].to_pylist() == [1] * 4
+
+
 def test_listing_columns_match_the_per_name_rules(tmp_path):
     folder = tmp_path / "in"
     for name in (
@@ -172,13 +214,22 @@ def test_listing_columns_match_the_per_name_rules(tmp_path):
         "x.txt",
         ".5.jpg",
         ".h/9.jpg",
+        "000000000000000000000042.jpg",  # leading zeros: id 42
+        "9223372036854775807.jpg",  # int64's largest
+        "9223372036854775808.jpg",  # one more: no id
+        "20240101120000123456.jpg",  # a 20-digit timestamp: no id, and no failed listing
     ):
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(b"x" * len(name))
     table, shards = list_table(STORAGE, str(folder))
     assert shards is None and table.schema.equals(LISTING_SCHEMA)
     rows = table.to_pylist()
-    assert [Path(r["path"]).name for r in rows] == ["1.jpg", "12.tar.jpg", "2.PNG", "Dog.4.jpeg", "cat.3.jpg", "a.jpg"]
+    long_ids = ["000000000000000000000042.jpg", "9223372036854775807.jpg", "9223372036854775808.jpg"]
+    names = ["1.jpg", "12.tar.jpg", "2.PNG", "20240101120000123456.jpg", "Dog.4.jpeg", "cat.3.jpg", "a.jpg"]
+    assert [Path(r["path"]).name for r in rows] == sorted(long_ids + names[:4]) + names[4:]
+    assert {Path(r["path"]).name: r["id"] for r in rows if Path(r["path"]).name in long_ids} == dict(
+        zip(long_ids, [42, 2**63 - 1, None])
+    )
     for row in rows:
         assert (row["id"], row["label"]) == (id_from_path(row["path"]), label_from_path(row["path"]))
         assert row["size"] == os.stat(row["path"]).st_size and row["version"] == str(os.stat(row["path"]).st_mtime_ns)
@@ -263,6 +314,22 @@ def previous_result(out: Path) -> dict[str, bytes]:
     """The bytes of submission.csv and of every file in predictions/, by path under ``out``."""
     files = [out / "submission.csv", *(out / "predictions").iterdir()]
     return {str(p.relative_to(out)): p.read_bytes() for p in files}
+
+
+@pytest.mark.slow
+def test_ids_past_2_to_the_53_stay_exact_beside_names_without_an_id(data_dir, checkpoints, tmp_path, ray_session):
+    """A batch holding a name without an id once went through Ray's numpy batches as float64,
+    which rounded a nanosecond-timestamp id to its neighbour."""
+    big = 2**53 + 1
+    images = tmp_path / "in"
+    images.mkdir()
+    for name in (f"{big}.jpg", "photo.jpg"):
+        Image.open(data_dir / "test1" / "1.jpg").convert("RGB").resize((64, 64)).save(images / name)
+    out = tmp_path / "out"
+    run_predict(config(tmp_path), str(checkpoints[0]), str(images), str(out))
+    ids = dict(zip(*pq.read_table(out / "predictions", columns=["path", "id"]).to_pydict().values()))
+    assert ids == {str(images / f"{big}.jpg"): big, str(images / "photo.jpg"): None}
+    assert list(submission(out / "submission.csv")) == [big]
 
 
 @pytest.mark.slow

@@ -92,6 +92,12 @@ def test_reads_are_retried_and_a_lasting_failure_names_the_object(monkeypatch):
     found = read_failure_in(wrapped)
     assert found is not None and "\n" not in str(found) and "s3://b/cat.2.jpg" in str(found)
     assert read_failure_in(RuntimeError("something else")) is None
+    # Names with spaces, as the error itself and inside a Ray traceback: the whole name, never its tail.
+    for uri in ("s3://b/my cats/cat 2.jpg", "/data/test set/7.jpg"):
+        failure = ReadError(f"{uri}: listed but gone (read failed after 5 attempt(s))")
+        for exc in (failure, RuntimeError(f"ray::ReadFiles() (pid=1)\n  File x\ncatdog.storage.ReadError: {failure}")):
+            found = read_failure_in(exc)
+            assert found is not None and f"despite retries: {uri}: listed but gone;" in str(found), found
 
 
 def test_a_file_that_cannot_be_read_fails_the_batch_and_bytes_that_do_not_decode_become_an_error_row(
