@@ -56,7 +56,7 @@ _START_TIMEOUT = "timed out during startup"
 
 
 # Ray Train starts a PreemptionWatcher actor per run to log which nodes the autoscaler drains (spot
-# preemption).  An embedded Ray is one node that nothing drains, so the actor only costs: about 2 CPU-s
+# preemption).  An embedded Ray is one node that nothing drains, so the actor only costs: 1.0-1.4 CPU-s
 # per Train run on 2 cores (bench/NOTES.md, "Embedded Ray: Train's preemption watcher").  The raylet
 # and the TrainController inherit this process's environment; a value the user set is kept.
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
